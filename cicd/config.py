@@ -1,0 +1,136 @@
+"""One settings object for every OpsCD process, read from ``CICD_*`` environment variables.
+
+Twelve-factor style: the environment is the configuration. An optional file in
+dotenv format (``CICD_CONFIG_FILE``) supplies values the environment does not
+set, so an agent host can keep its credentials in one root-readable file.
+Precedence, highest first: environment, config file, defaults below.
+
+Each field is one row of the README's configuration table; keep them in step.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import tempfile
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from cicd.errors import ConfigError
+
+__all__ = ["Settings", "load_settings"]
+
+
+class Settings(BaseSettings):
+    """Every setting OpsCD reads. Credentials are ``SecretStr`` so they never print."""
+
+    model_config = SettingsConfigDict(env_prefix="CICD_", extra="ignore", frozen=True)
+
+    database_url: str = Field(
+        description="SQLAlchemy URL of the database, e.g. mysql+pymysql://opscd:pw@db/opscd"
+    )
+    broker_url: str = Field(description="Celery broker URL, e.g. redis://127.0.0.1:6379/0")
+    webhook_secret: SecretStr | None = Field(
+        default=None,
+        description="Shared secret GitLab sends as X-Gitlab-Token; required by the web process",
+    )
+    git_username: str | None = Field(default=None, description="User for cloning over HTTP")
+    git_password: SecretStr | None = Field(
+        default=None, description="Password or access token for cloning over HTTP"
+    )
+    workspace_dir: Path = Field(
+        default=Path(tempfile.gettempdir()) / "opscd-workspaces",
+        description="Where each build gets its own folder, removed when the build ends",
+    )
+    executor: Literal["shell"] = Field(
+        default="shell", description="How build scripts run: shell (on the worker host)"
+    )
+    worker_concurrency: int = Field(default=3, ge=1, description="Builds one worker runs at once")
+    build_timeout: int = Field(
+        default=3600, ge=1, description="Seconds a build script may run when ci.yaml sets none"
+    )
+    max_build_timeout: int = Field(
+        default=4 * 3600, ge=1, description="Upper bound on any build's timeout, ci.yaml included"
+    )
+    clone_timeout: int = Field(default=600, ge=1, description="Seconds a git clone may take")
+    visibility_timeout: int | None = Field(
+        default=None,
+        description="Seconds before Redis redelivers an unacknowledged stage; "
+        "default max_build_timeout + 1 h, must exceed max_build_timeout",
+    )
+    public_url: str | None = Field(
+        default=None,
+        description="Base URL of the web process used in links; default: the request's own",
+    )
+    max_body_bytes: int = Field(
+        default=5 * 1024 * 1024, ge=1024, description="Largest webhook body accepted (413 above)"
+    )
+    log_level: str = Field(default="INFO", description="Python logging level of OpsCD's loggers")
+
+    @field_validator("database_url", "broker_url")
+    @classmethod
+    def _not_blank(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("must not be empty")
+        return value
+
+    @model_validator(mode="after")
+    def _visibility_above_timeout(self) -> Settings:
+        if (
+            self.visibility_timeout is not None
+            and self.visibility_timeout <= self.max_build_timeout
+        ):
+            raise ValueError(
+                f"CICD_VISIBILITY_TIMEOUT ({self.visibility_timeout}) must exceed "
+                f"CICD_MAX_BUILD_TIMEOUT ({self.max_build_timeout}), or Redis redelivers "
+                "a stage that is still running and it runs twice"
+            )
+        return self
+
+    @property
+    def broker_visibility_timeout(self) -> int:
+        """Seconds Redis waits for an ack before redelivering; always above any build."""
+        return self.visibility_timeout or self.max_build_timeout + 3600
+
+    def secrets(self) -> list[str]:
+        """Every credential value, so logs and errors can mask them."""
+        values = [self.git_password, self.webhook_secret]
+        return [v.get_secret_value() for v in values if v is not None and v.get_secret_value()]
+
+    def require_webhook_secret(self) -> str:
+        """The webhook secret, or a start-up error saying how to set one."""
+        if self.webhook_secret is None or not self.webhook_secret.get_secret_value():
+            raise ConfigError(
+                "CICD_WEBHOOK_SECRET is not set: the web process refuses unsigned webhooks. "
+                "Set it to a long random string and enter the same value as the GitLab "
+                "webhook's secret token."
+            )
+        return self.webhook_secret.get_secret_value()
+
+
+def _describe(error: ValidationError) -> str:
+    lines = []
+    for item in error.errors():
+        name = "CICD_" + "_".join(str(p) for p in item["loc"]).upper()
+        if item["type"] == "missing":
+            lines.append(f"{name} is not set: {Settings.model_fields[item['loc'][0]].description}")
+        elif item["loc"]:
+            lines.append(f"{name}: {item['msg']}")
+        else:
+            lines.append(item["msg"].removeprefix("Value error, "))
+    return "invalid configuration:\n  " + "\n  ".join(lines)
+
+
+@functools.cache
+def load_settings() -> Settings:
+    """Read the settings once per process; a missing or bad value is a :class:`ConfigError`."""
+    config_file = os.environ.get("CICD_CONFIG_FILE")
+    if config_file and not Path(config_file).is_file():
+        raise ConfigError(f"CICD_CONFIG_FILE={config_file} does not exist or is not a file")
+    try:
+        return Settings(_env_file=config_file or None)
+    except ValidationError as error:
+        raise ConfigError(_describe(error)) from None

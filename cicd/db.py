@@ -1,0 +1,58 @@
+"""Database engine and sessions, created on first use and never at import time.
+
+Each process (gunicorn worker, Celery pool child) builds its own engine: a
+connection pool must not cross a ``fork``. :func:`reset` is called after a fork.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from sqlalchemy import Engine, create_engine
+from sqlalchemy.orm import Session, sessionmaker
+
+from cicd.config import load_settings
+from cicd.models import Base
+
+__all__ = ["engine", "session", "reset", "create_schema"]
+
+
+@functools.cache
+def engine() -> Engine:
+    """The process's engine; ``pool_pre_ping`` survives a database restart."""
+    url = load_settings().database_url
+    options: dict = {"pool_pre_ping": True, "future": True}
+    if url.startswith(("mysql", "mariadb")):
+        options.update(pool_recycle=3600, pool_size=5, max_overflow=10)
+    return create_engine(url, **options)
+
+
+@functools.cache
+def _sessionmaker() -> sessionmaker[Session]:
+    return sessionmaker(engine(), expire_on_commit=False)
+
+
+@contextmanager
+def session() -> Iterator[Session]:
+    """A session that rolls back on error; callers commit explicitly."""
+    with _sessionmaker()() as db:
+        try:
+            yield db
+        except BaseException:
+            db.rollback()
+            raise
+
+
+def reset() -> None:
+    """Forget the engine of the parent process after a fork, without closing its sockets."""
+    if engine.cache_info().currsize:
+        engine().dispose(close=False)
+    engine.cache_clear()
+    _sessionmaker.cache_clear()
+
+
+def create_schema() -> None:
+    """Create every table that does not exist yet (``cicd init-db``)."""
+    Base.metadata.create_all(engine())

@@ -1,0 +1,61 @@
+"""One exception family for OpsCD; every message says what is wrong and how to fix it.
+
+Errors raised inside a build end up in ``task_states.error`` and in the build log,
+so their text must be useful to the person who pushed, and must never contain a
+credential (callers mask secrets before raising; see :mod:`workers.logs`).
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "OpsCDError",
+    "ConfigError",
+    "PayloadError",
+    "PipelineError",
+    "StageError",
+    "BuildFailed",
+]
+
+
+class OpsCDError(Exception):
+    """Base class of every error OpsCD raises on purpose."""
+
+
+class ConfigError(OpsCDError):
+    """A setting is missing or invalid; raised at start-up, before serving anything."""
+
+
+class PayloadError(OpsCDError):
+    """A webhook body cannot be understood; answered with HTTP 400 and this message."""
+
+
+class PipelineError(OpsCDError):
+    """The repository's ``ci.yaml`` is missing or invalid; the message names line and field."""
+
+
+class StageError(OpsCDError):
+    """A stage could not do its work for a reason other than the build script failing.
+
+    ``operation`` names what was being done ("git clone"), ``hint`` how to fix it.
+    """
+
+    def __init__(self, operation: str, message: str, hint: str | None = None) -> None:
+        self.operation = operation
+        self.message = message
+        self.hint = hint
+        text = f"{operation}: {message}"
+        if hint:
+            text += f" (hint: {hint})"
+        super().__init__(text)
+
+
+class BuildFailed(OpsCDError):
+    """The build script ran and failed: a non-zero exit code, or the timeout killed it.
+
+    This is the user's build failing, not OpsCD failing: the task ends ``failed``
+    with ``exit_code`` recorded and the log kept.
+    """
+
+    def __init__(self, exit_code: int | None, message: str) -> None:
+        self.exit_code = exit_code
+        super().__init__(message)

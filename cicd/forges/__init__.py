@@ -1,0 +1,79 @@
+"""Forge webhooks: one module per forge turns a delivery into a PushEvent or an Ignored.
+
+Forge modules only parse and validate; they never touch the database or the
+broker (that is :mod:`cicd.webhook`). Everything in a payload comes from outside,
+so fields that later reach git, paths or image names are validated here.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass
+
+from cicd.errors import PayloadError
+
+__all__ = ["PushEvent", "Ignored", "validate_ref_name", "validate_sha", "validate_clone_url"]
+
+
+@dataclass(frozen=True)
+class PushEvent:
+    """A push that should be built: the exact commit of one branch or tag of one project."""
+
+    forge: str
+    delivery_id: str | None
+    project: str
+    clone_url: str
+    web_url: str | None
+    ref_type: str  # "branch" or "tag"
+    ref_name: str  # full name after refs/heads/ or refs/tags/, slashes kept
+    commit_sha: str
+    before_sha: str | None
+    commit_message: str | None
+    commit_author: str | None
+    pusher: str | None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Ignored:
+    """A delivery that is valid but builds nothing; ``reason`` is sent back to the forge."""
+
+    reason: str
+
+
+_SHA = re.compile(r"\A(?:[0-9a-f]{40}|[0-9a-f]{64})\Z")
+# git check-ref-format, the parts that matter for safety: no control characters,
+# no space, none of ~^:?*[\, no "..", no "@{", no leading "-" or "/", no ".lock" ends.
+_BAD_REF = re.compile(r"[\x00-\x20\x7f~^:?*\[\\]|\.\.|@\{|//|/\.|\.lock(?:/|\Z)")
+MAX_REF_NAME = 255
+
+
+def validate_ref_name(name: str) -> str:
+    """Return ``name`` if git itself could have created it, else raise :class:`PayloadError`."""
+    if not name or len(name) > MAX_REF_NAME:
+        raise PayloadError(f"ref name must be 1 to {MAX_REF_NAME} characters long")
+    if name.startswith(("-", "/", ".")) or name.endswith(("/", ".")) or name == "@":
+        raise PayloadError(f"ref name {name!r} is not a valid git ref name")
+    if _BAD_REF.search(name):
+        raise PayloadError(f"ref name {name!r} is not a valid git ref name")
+    return name
+
+
+def validate_sha(value: object, field: str) -> str:
+    if not isinstance(value, str) or not _SHA.match(value):
+        raise PayloadError(f"{field} must be a 40 or 64 character lowercase hex commit id")
+    return value
+
+
+def validate_clone_url(value: object, field: str) -> str:
+    """Only http(s) URLs without credentials: git's other transports (ext::, file) run code."""
+    if not isinstance(value, str) or not re.match(r"\Ahttps?://[^\s@/]+/\S+\Z", value):
+        raise PayloadError(
+            f"{field} must be an http:// or https:// URL without user or password "
+            "(OpsCD clones over HTTP with its own credentials)"
+        )
+    if len(value) > 1024:
+        raise PayloadError(f"{field} is longer than 1024 characters")
+    return value

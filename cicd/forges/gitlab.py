@@ -1,0 +1,133 @@
+"""GitLab webhooks: verify ``X-Gitlab-Token`` and parse push and tag push events.
+
+Payload format: https://docs.gitlab.com/user/project/integrations/webhook_events/
+(push events, tag events, and system hooks carrying the same push payload).
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+from collections.abc import Mapping
+from typing import Any
+
+from cicd.errors import PayloadError
+from cicd.forges import (
+    Ignored,
+    PushEvent,
+    validate_clone_url,
+    validate_ref_name,
+    validate_sha,
+)
+
+__all__ = ["FORGE", "verify", "delivery_id", "parse"]
+
+FORGE = "gitlab"
+ZERO_SHA = "0" * 40
+_BUILD_EVENTS = {"Push Hook": "push", "Tag Push Hook": "tag_push", "System Hook": None}
+_PREFIXES = {"push": ("refs/heads/", "branch"), "tag_push": ("refs/tags/", "tag")}
+
+
+def verify(headers: Mapping[str, str], secret: str) -> bool:
+    """True when ``X-Gitlab-Token`` equals the secret, compared in constant time."""
+    token = headers.get("X-Gitlab-Token")
+    if token is None:
+        return False
+    return hmac.compare_digest(token.encode(), secret.encode())
+
+
+def delivery_id(headers: Mapping[str, str]) -> str | None:
+    """The id GitLab keeps when it redelivers an event, or the client's ``Idempotency-Key``."""
+    value = headers.get("X-Gitlab-Event-UUID") or headers.get("Idempotency-Key")
+    if value is None:
+        return None
+    value = value.strip()
+    if not value or len(value) > 128 or not value.isprintable():
+        raise PayloadError("X-Gitlab-Event-UUID / Idempotency-Key must be 1 to 128 printable chars")
+    return value
+
+
+def parse(headers: Mapping[str, str], body: bytes) -> PushEvent | Ignored:
+    """Turn one delivery into a build to run, or the reason it builds nothing.
+
+    Raises :class:`PayloadError` when the body is not JSON or lacks what a push
+    event must carry; the message names the field.
+    """
+    event = headers.get("X-Gitlab-Event", "")
+    if event not in _BUILD_EVENTS:
+        return Ignored(f"event {event or '(no X-Gitlab-Event header)'!r} does not start builds")
+    try:
+        payload = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise PayloadError(f"body is not valid JSON: {error}") from None
+    if not isinstance(payload, dict):
+        raise PayloadError("body must be a JSON object")
+
+    kind = payload.get("object_kind") or payload.get("event_name")
+    if kind not in _PREFIXES:
+        return Ignored(f"{event} of kind {str(kind)[:64]!r} does not start builds")
+    prefix, ref_type = _PREFIXES[kind]
+
+    ref = _string(payload, "ref")
+    if not ref.startswith(prefix):
+        return Ignored(f"ref {ref[:300]!r} is not under {prefix}")
+    after = _string(payload, "after")
+    if after == ZERO_SHA:
+        return Ignored(f"{ref_type} {ref[len(prefix) :]!r} was deleted")
+    ref_name = validate_ref_name(ref[len(prefix) :])
+    sha = validate_sha(payload.get("checkout_sha") or after, "checkout_sha")
+    before = payload.get("before")
+
+    project = _object(payload, "project")
+    path = _string(project, "path_with_namespace", "project.path_with_namespace")
+    if len(path) > 255 or not path.isprintable():
+        raise PayloadError("project.path_with_namespace must be at most 255 printable characters")
+    repository = payload.get("repository") if isinstance(payload.get("repository"), dict) else {}
+    clone_url = project.get("git_http_url") or repository.get("git_http_url")
+    clone_url = validate_clone_url(clone_url, "project.git_http_url")
+
+    commit = _head_commit(payload, sha)
+    author = commit.get("author") if isinstance(commit.get("author"), dict) else {}
+    return PushEvent(
+        forge=FORGE,
+        delivery_id=delivery_id(headers),
+        project=path,
+        clone_url=clone_url,
+        web_url=_optional(project.get("web_url"), 1024),
+        ref_type=ref_type,
+        ref_name=ref_name,
+        commit_sha=sha,
+        before_sha=before if isinstance(before, str) and len(before) <= 64 else None,
+        commit_message=_optional(commit.get("message"), 16000),
+        commit_author=_optional(author.get("name"), 255),
+        pusher=_optional(payload.get("user_username") or payload.get("user_name"), 255),
+    )
+
+
+def _head_commit(payload: dict[str, Any], sha: str) -> dict[str, Any]:
+    """The pushed commit's entry in ``commits``; tag pushes and big pushes may lack it."""
+    commits = payload.get("commits")
+    if not isinstance(commits, list):
+        return {}
+    for commit in commits:
+        if isinstance(commit, dict) and commit.get("id") == sha:
+            return commit
+    return {}
+
+
+def _string(data: dict[str, Any], key: str, name: str | None = None) -> str:
+    value = data.get(key)
+    if not isinstance(value, str) or not value:
+        raise PayloadError(f"field {name or key!r} is missing or not a non-empty string")
+    return value
+
+
+def _object(data: dict[str, Any], key: str) -> dict[str, Any]:
+    value = data.get(key)
+    if not isinstance(value, dict):
+        raise PayloadError(f"field {key!r} is missing or not an object")
+    return value
+
+
+def _optional(value: object, limit: int) -> str | None:
+    return value[:limit] if isinstance(value, str) else None

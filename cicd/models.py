@@ -1,0 +1,201 @@
+"""The database schema as SQLAlchemy 2.0 models; ``sql/schema.sql`` is the same schema as DDL.
+
+A test creates the schema from ``sql/schema.sql`` in MariaDB and compares it with
+these models, so change both together. Timestamps are naive UTC with microseconds.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import enum
+
+from sqlalchemy import (
+    BigInteger,
+    DateTime,
+    Enum,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.dialects import mysql
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+__all__ = [
+    "Base",
+    "TaskState",
+    "Stage",
+    "StageState",
+    "RefType",
+    "TaskDetail",
+    "TaskStatus",
+    "TaskStage",
+    "TaskLog",
+    "AgentState",
+    "utcnow",
+    "STAGES",
+]
+
+# MySQL keeps microseconds only when asked to; elsewhere a plain DateTime does.
+Timestamp = DateTime().with_variant(mysql.DATETIME(fsp=6), "mysql", "mariadb")
+LongText = Text().with_variant(mysql.MEDIUMTEXT(), "mysql", "mariadb")
+Id = BigInteger().with_variant(Integer(), "sqlite")  # SQLite autoincrements INTEGER only
+
+TABLE_ARGS = {"mysql_engine": "InnoDB", "mysql_charset": "utf8mb4", "mysql_collate": "utf8mb4_bin"}
+
+
+def utcnow() -> dt.datetime:
+    """Now in UTC, naive, the way every timestamp column stores it."""
+    return dt.datetime.now(dt.UTC).replace(tzinfo=None)
+
+
+class TaskState(enum.StrEnum):
+    """Where a build is in its life; ``queued`` until a worker starts its first stage."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCESS = "success"
+    FAILED = "failed"
+    CANCELED = "canceled"
+
+    @property
+    def finished(self) -> bool:
+        return self in (TaskState.SUCCESS, TaskState.FAILED, TaskState.CANCELED)
+
+
+class Stage(enum.StrEnum):
+    """The fixed, ordered stages of every build."""
+
+    CLONE = "clone"
+    BUILD = "build"
+    PUBLISH = "publish"
+
+
+STAGES = tuple(Stage)
+
+
+class StageState(enum.StrEnum):
+    RUNNING = "running"
+    SUCCESS = "success"
+    FAILED = "failed"
+    SKIPPED = "skipped"
+
+
+class RefType(enum.StrEnum):
+    BRANCH = "branch"
+    TAG = "tag"
+
+
+def _enum(cls: type[enum.Enum], name: str) -> Enum:
+    return Enum(cls, name=name, values_callable=lambda e: [m.value for m in e], length=16)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class TaskDetail(Base):
+    """What to build: one row per accepted push, written once by the webhook."""
+
+    __tablename__ = "task_details"
+    __table_args__ = (
+        UniqueConstraint("forge", "delivery_id", name="uq_task_details_delivery"),
+        Index("ix_task_details_project_ref", "project", "ref_name"),
+        TABLE_ARGS,
+    )
+
+    id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
+    forge: Mapped[str] = mapped_column(String(32))
+    delivery_id: Mapped[str | None] = mapped_column(String(128))
+    project: Mapped[str] = mapped_column(String(255))
+    clone_url: Mapped[str] = mapped_column(String(1024))
+    web_url: Mapped[str | None] = mapped_column(String(1024))
+    ref_type: Mapped[RefType] = mapped_column(_enum(RefType, "ref_type"))
+    ref_name: Mapped[str] = mapped_column(String(255))
+    commit_sha: Mapped[str] = mapped_column(String(64))
+    before_sha: Mapped[str | None] = mapped_column(String(64))
+    commit_message: Mapped[str | None] = mapped_column(Text)
+    commit_author: Mapped[str | None] = mapped_column(String(255))
+    pusher: Mapped[str | None] = mapped_column(String(255))
+    created_at: Mapped[dt.datetime] = mapped_column(Timestamp, default=utcnow)
+
+    status: Mapped[TaskStatus] = relationship(back_populates="detail", lazy="joined")
+
+    @property
+    def ref(self) -> str:
+        """The full git ref, e.g. ``refs/heads/feature/login``."""
+        prefix = "refs/heads/" if self.ref_type is RefType.BRANCH else "refs/tags/"
+        return prefix + self.ref_name
+
+
+class TaskStatus(Base):
+    """Where the build is: one row per task, kept current by the workers' Celery signals."""
+
+    __tablename__ = "task_states"
+    __table_args__ = (Index("ix_task_states_state", "state"), TABLE_ARGS)
+
+    task_id: Mapped[int] = mapped_column(
+        Id, ForeignKey("task_details.id", ondelete="CASCADE"), primary_key=True
+    )
+    state: Mapped[TaskState] = mapped_column(_enum(TaskState, "task_state"))
+    stage: Mapped[Stage | None] = mapped_column(_enum(Stage, "task_stage"))
+    worker: Mapped[str | None] = mapped_column(String(255))
+    queued_at: Mapped[dt.datetime] = mapped_column(Timestamp, default=utcnow)
+    enqueued_at: Mapped[dt.datetime | None] = mapped_column(Timestamp)
+    started_at: Mapped[dt.datetime | None] = mapped_column(Timestamp)
+    finished_at: Mapped[dt.datetime | None] = mapped_column(Timestamp)
+    exit_code: Mapped[int | None] = mapped_column(Integer)
+    error: Mapped[str | None] = mapped_column(Text)
+    image: Mapped[str | None] = mapped_column(String(512))
+    image_digest: Mapped[str | None] = mapped_column(String(100))
+    updated_at: Mapped[dt.datetime] = mapped_column(Timestamp, default=utcnow, onupdate=utcnow)
+
+    detail: Mapped[TaskDetail] = relationship(back_populates="status")
+
+
+class TaskStage(Base):
+    """One row per stage that started (or was skipped): the build's timeline."""
+
+    __tablename__ = "task_stages"
+    __table_args__ = (TABLE_ARGS,)
+
+    task_id: Mapped[int] = mapped_column(
+        Id, ForeignKey("task_details.id", ondelete="CASCADE"), primary_key=True
+    )
+    stage: Mapped[Stage] = mapped_column(_enum(Stage, "task_stage"), primary_key=True)
+    state: Mapped[StageState] = mapped_column(_enum(StageState, "stage_state"))
+    worker: Mapped[str | None] = mapped_column(String(255))
+    started_at: Mapped[dt.datetime] = mapped_column(Timestamp, default=utcnow)
+    finished_at: Mapped[dt.datetime | None] = mapped_column(Timestamp)
+
+
+class TaskLog(Base):
+    """Build output in chunks, in order of ``id``; read from any host through the database."""
+
+    __tablename__ = "task_logs"
+    __table_args__ = (Index("ix_task_logs_task", "task_id", "id"), TABLE_ARGS)
+
+    id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
+    task_id: Mapped[int] = mapped_column(Id, ForeignKey("task_details.id", ondelete="CASCADE"))
+    stage: Mapped[Stage | None] = mapped_column(_enum(Stage, "task_stage"))
+    created_at: Mapped[dt.datetime] = mapped_column(Timestamp, default=utcnow)
+    content: Mapped[str] = mapped_column(LongText)
+
+
+class AgentState(Base):
+    """One row per worker node, kept current by its heartbeats."""
+
+    __tablename__ = "agent_states"
+    __table_args__ = (Index("ix_agent_states_last_heartbeat", "last_heartbeat"), TABLE_ARGS)
+
+    hostname: Mapped[str] = mapped_column(String(255), primary_key=True)
+    online: Mapped[bool] = mapped_column(default=True)
+    concurrency: Mapped[int] = mapped_column(Integer)
+    active: Mapped[int] = mapped_column(Integer, default=0)
+    processed: Mapped[int] = mapped_column(BigInteger, default=0)
+    loadavg: Mapped[str | None] = mapped_column(String(64))
+    sw_version: Mapped[str | None] = mapped_column(String(64))
+    first_seen: Mapped[dt.datetime] = mapped_column(Timestamp, default=utcnow)
+    last_heartbeat: Mapped[dt.datetime] = mapped_column(Timestamp, default=utcnow)

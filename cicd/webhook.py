@@ -1,0 +1,115 @@
+"""``POST /webhooks/<forge>``: verify → parse → record → commit → enqueue, and answer fast.
+
+GitLab waits a few seconds and redelivers what it thinks failed, keeping the
+``X-Gitlab-Event-UUID``; a delivery id seen before returns the first task.
+The rows are committed before the chain is sent: if the broker is down the
+task is marked failed and the answer is 503, and GitLab's redelivery (same
+id) sends that same task again instead of recording a second one.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from flask import Blueprint, Response, current_app, jsonify, request, url_for
+from sqlalchemy import select, update
+from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.orm import Session
+
+from cicd import db
+from cicd.errors import PayloadError
+from cicd.forges import Ignored, PushEvent, gitlab
+from cicd.models import RefType, TaskDetail, TaskState, TaskStatus, utcnow
+from cicd.queue import BrokerUnavailable, enqueue_build
+
+__all__ = ["bp"]
+
+log = logging.getLogger(__name__)
+bp = Blueprint("webhook", __name__)
+
+BROKER_DOWN = "not sent to the broker (unavailable); waiting for the forge to redeliver"
+
+
+def _answer(status: int, **body: object) -> tuple[Response, int]:
+    return jsonify(body), status
+
+
+@bp.post("/webhooks/gitlab")
+def gitlab_webhook() -> tuple[Response, int]:
+    """Receive one GitLab delivery."""
+    if not gitlab.verify(request.headers, current_app.config["WEBHOOK_SECRET"]):
+        return _answer(401, error="invalid or missing X-Gitlab-Token")
+    try:
+        event = gitlab.parse(request.headers, request.get_data())
+    except PayloadError as error:
+        return _answer(400, error=str(error))
+    if isinstance(event, Ignored):
+        return _answer(200, ignored=event.reason)
+    try:
+        return _record_and_enqueue(event)
+    except OperationalError as error:
+        log.error("webhook: database unavailable: %s", error.orig)
+        return _answer(503, error="database unavailable; retry later")
+
+
+def _record_and_enqueue(event: PushEvent) -> tuple[Response, int]:
+    with db.session() as session:
+        task = TaskDetail(**{**event.to_dict(), "ref_type": RefType(event.ref_type)})
+        task.status = TaskStatus(state=TaskState.QUEUED, queued_at=utcnow())
+        session.add(task)
+        try:
+            session.commit()
+        except IntegrityError as error:
+            session.rollback()
+            return _redelivery(session, event, error)
+        task_id = task.id
+    return _enqueue(task_id, status=202)
+
+
+def _redelivery(session: Session, event: PushEvent, error: IntegrityError) -> tuple[Response, int]:
+    """A delivery id seen before: the first task stands; send it again only if it never left."""
+    task = session.scalar(
+        select(TaskDetail).where(
+            TaskDetail.forge == event.forge, TaskDetail.delivery_id == event.delivery_id
+        )
+    )
+    if task is None:  # the unique key is not what failed
+        raise error
+    # Claim the resend atomically: of two concurrent redeliveries only one sends.
+    claimed = session.execute(
+        update(TaskStatus)
+        .where(
+            TaskStatus.task_id == task.id,
+            TaskStatus.state == TaskState.FAILED,
+            TaskStatus.enqueued_at.is_(None),
+        )
+        .values(state=TaskState.QUEUED, error=None, finished_at=None, updated_at=utcnow())
+    ).rowcount
+    session.commit()
+    if claimed:
+        return _enqueue(task.id, status=202)
+    return _answer(200, task_id=task.id, url=_task_url(task.id), duplicate=True)
+
+
+def _enqueue(task_id: int, status: int) -> tuple[Response, int]:
+    try:
+        enqueue_build(task_id)
+    except BrokerUnavailable as error:
+        log.error("webhook: %s", error)
+        _set_status(task_id, state=TaskState.FAILED, error=BROKER_DOWN, finished_at=utcnow())
+        return _answer(503, task_id=task_id, error="broker unavailable; redeliver later")
+    _set_status(task_id, enqueued_at=utcnow())
+    return _answer(status, task_id=task_id, url=_task_url(task_id), state="queued")
+
+
+def _set_status(task_id: int, **values: object) -> None:
+    with db.session() as session:
+        session.execute(update(TaskStatus).where(TaskStatus.task_id == task_id).values(**values))
+        session.commit()
+
+
+def _task_url(task_id: int) -> str:
+    base = current_app.config.get("PUBLIC_URL")
+    if base:
+        return base.rstrip("/") + url_for("api.get_task", task_id=task_id)
+    return url_for("api.get_task", task_id=task_id, _external=True)

@@ -1,0 +1,277 @@
+"""Real services for the tests: MariaDB, Redis, git over HTTP, gunicorn and celery workers.
+
+Every process is real and talks over loopback. The test script
+(``scripts/test``) makes sure MariaDB and Redis answer; this file creates a
+database of its own, a Redis database number of its own, a git server, a web
+server and two worker nodes, and removes them all at the end.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pymysql
+import pytest
+import redis
+import requests
+from gitserver import GitHttpServer, GitRepo
+
+ROOT = Path(__file__).resolve().parent.parent
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+MYSQL_HOST = os.environ.get("OPSCD_TEST_MYSQL_HOST", "127.0.0.1")
+MYSQL_PORT = int(os.environ.get("OPSCD_TEST_MYSQL_PORT", "3306"))
+MYSQL_USER = os.environ.get("OPSCD_TEST_MYSQL_USER", "root")
+REDIS_URL = os.environ.get("OPSCD_TEST_REDIS_URL", "redis://127.0.0.1:6379/13")
+WEBHOOK_SECRET = "test-webhook-secret-" + uuid.uuid4().hex
+GIT_USER, GIT_PASSWORD = "ci-bot", "git-pass-" + uuid.uuid4().hex[:12]
+FINISHED = {"success", "failed", "canceled"}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_until(predicate, timeout: float, what: str, interval: float = 0.1) -> Any:  # noqa: ANN001
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+# --- databases ------------------------------------------------------------------------------
+
+
+def mysql_admin(sql: str, database: str | None = None) -> list[tuple]:
+    connection = pymysql.connect(
+        host=MYSQL_HOST, port=MYSQL_PORT, user=MYSQL_USER, database=database, autocommit=True
+    )
+    with connection, connection.cursor() as cursor:
+        cursor.execute(sql)
+        return list(cursor.fetchall())
+
+
+@pytest.fixture(scope="session")
+def make_database() -> Iterator:
+    """Factory of fresh MariaDB databases, all dropped at the end of the session."""
+    created: list[str] = []
+
+    def make(prefix: str = "opscd_test") -> tuple[str, str]:
+        name = f"{prefix}_{uuid.uuid4().hex[:10]}"
+        mysql_admin(f"CREATE DATABASE {name} CHARACTER SET utf8mb4 COLLATE utf8mb4_bin")
+        created.append(name)
+        url = f"mysql+pymysql://{MYSQL_USER}@{MYSQL_HOST}:{MYSQL_PORT}/{name}?charset=utf8mb4"
+        return name, url
+
+    yield make
+    for name in created:
+        mysql_admin(f"DROP DATABASE IF EXISTS {name}")
+
+
+@pytest.fixture(scope="session")
+def database_url(make_database) -> str:  # noqa: ANN001
+    return make_database()[1]
+
+
+@pytest.fixture(scope="session")
+def broker_url() -> Iterator[str]:
+    client = redis.Redis.from_url(REDIS_URL)
+    client.flushdb()
+    yield REDIS_URL
+    client.flushdb()
+
+
+# --- git server -----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def git_server(tmp_path_factory) -> Iterator[GitHttpServer]:  # noqa: ANN001
+    with GitHttpServer(tmp_path_factory.mktemp("git"), GIT_USER, GIT_PASSWORD) as server:
+        yield server
+
+
+@pytest.fixture
+def repo(git_server: GitHttpServer) -> GitRepo:
+    """A new project on the git server, e.g. ``group/app-1a2b3c``, with nothing pushed yet.
+
+    ``repo.clone_url`` is its HTTP URL on the server.
+    """
+    created = GitRepo.create(git_server.root, f"group/app-{uuid.uuid4().hex[:8]}")
+    created.clone_url = git_server.repo_url(created.project_path)
+    return created
+
+
+# --- OpsCD processes ------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def opscd_env(database_url: str, broker_url: str, tmp_path_factory) -> dict[str, str]:  # noqa: ANN001
+    """The environment of every OpsCD process the tests start; the schema is created once."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CICD_")}
+    env.update(
+        CICD_DATABASE_URL=database_url,
+        CICD_BROKER_URL=broker_url,
+        CICD_WEBHOOK_SECRET=WEBHOOK_SECRET,
+        CICD_GIT_USERNAME=GIT_USER,
+        CICD_GIT_PASSWORD=GIT_PASSWORD,
+        CICD_WORKSPACE_DIR=str(tmp_path_factory.mktemp("workspaces")),
+        CICD_EXECUTOR="shell",
+        PYTHONUNBUFFERED="1",
+    )
+    subprocess.run([sys.executable, "-m", "cicd.cli", "init-db"], env=env, check=True, cwd=ROOT)
+    return env
+
+
+class Process:
+    """A child process whose output goes to a file; stopped with SIGTERM, then SIGKILL."""
+
+    def __init__(self, name: str, args: list[str], env: dict[str, str], log_dir: Path) -> None:
+        self.name = name
+        self.log_path = log_dir / f"{name}.log"
+        self._log = self.log_path.open("wb")
+        self.popen = subprocess.Popen(
+            args, env=env, cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )  # fmt: skip
+
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20) -> None:
+        if self.popen.poll() is None:
+            os.killpg(self.popen.pid, sig)
+            try:
+                self.popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.popen.pid, signal.SIGKILL)
+                self.popen.wait()
+        self._log.close()
+
+
+@pytest.fixture(scope="session")
+def start_web(opscd_env: dict[str, str], tmp_path_factory) -> Iterator:  # noqa: ANN001
+    """Factory: a gunicorn serving ``cicd:create_app()``; returns its base URL."""
+    processes: list[Process] = []
+    log_dir = tmp_path_factory.mktemp("web-logs")
+
+    def start(**overrides: str) -> str:
+        port = free_port()
+        args = [sys.executable, "-m", "gunicorn", "--no-control-socket", "--bind", f"127.0.0.1:{port}",
+                "--workers", "2", "cicd:create_app()"]  # fmt: skip
+        process = Process(f"web-{port}", args, {**opscd_env, **overrides}, log_dir)
+        processes.append(process)
+        base = f"http://127.0.0.1:{port}"
+
+        def up() -> bool:
+            if process.popen.poll() is not None:
+                raise AssertionError(f"web exited:\n{process.output()}")
+            try:
+                return requests.get(base + "/healthz", timeout=1).ok
+            except requests.ConnectionError:
+                return False
+
+        wait_until(up, 30, "gunicorn to answer")
+        return base
+
+    yield start
+    for process in processes:
+        process.stop()
+
+
+@pytest.fixture(scope="session")
+def web(start_web) -> str:  # noqa: ANN001
+    return start_web()
+
+
+@pytest.fixture(scope="session")
+def workers(opscd_env: dict[str, str], tmp_path_factory) -> Iterator[list[Process]]:  # noqa: ANN001
+    """Two real worker nodes, ``node1@<host>`` and ``node2@<host>``, concurrency 3 each."""
+    log_dir = tmp_path_factory.mktemp("worker-logs")
+    nodes = []
+    for name in ("node1", "node2"):
+        args = [sys.executable, "-m", "celery", "-A", "workers.celery_app", "worker",
+                "-n", f"{name}@%h", "--loglevel", "INFO", "-E"]  # fmt: skip
+        nodes.append(Process(name, args, opscd_env, log_dir))
+    for node in nodes:
+        wait_until(
+            lambda node=node: "ready." in node.output() or node.popen.poll() is not None,
+            60,
+            f"{node.name} to be ready",
+        )
+        assert node.popen.poll() is None, node.output()
+    yield nodes
+    for node in nodes:
+        node.stop()
+
+
+# --- webhooks -------------------------------------------------------------------------------
+
+
+def gitlab_payload(
+    name: str, repo: GitRepo, ref: str, after: str, before: str | None = None
+) -> dict:
+    """A recorded GitLab payload with its URLs and commit ids pointed at ``repo``."""
+    payload = copy.deepcopy(json.loads((FIXTURES / "gitlab" / name).read_text()))
+    url = repo.clone_url
+    web_url = url.removesuffix(".git")
+    for section in ("project", "repository"):
+        if section in payload:
+            payload[section].update(git_http_url=url, http_url=url, homepage=web_url)
+            if section == "project":
+                payload[section].update(web_url=web_url, path_with_namespace=repo.project_path)
+    payload["ref"] = ref
+    payload["after"] = after
+    payload["checkout_sha"] = None if set(after) == {"0"} else after
+    if before is not None:
+        payload["before"] = before
+    if payload.get("commits"):
+        payload["commits"][-1]["id"] = after
+    return payload
+
+
+def post_gitlab(
+    base: str,
+    payload: dict | bytes,
+    event: str = "Push Hook",
+    token: str | None = WEBHOOK_SECRET,
+    delivery: str | None = None,
+    **headers: str,
+) -> requests.Response:
+    all_headers = {"Content-Type": "application/json", "X-Gitlab-Event": event, **headers}
+    if token is not None:
+        all_headers["X-Gitlab-Token"] = token
+    all_headers["X-Gitlab-Event-UUID"] = delivery or str(uuid.uuid4())
+    body = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+    return requests.post(base + "/webhooks/gitlab", data=body, headers=all_headers, timeout=10)
+
+
+def wait_for_task(base: str, task_id: int, timeout: float = 60) -> dict:
+    """Poll the API until the task is finished; return it."""
+
+    def finished() -> dict | None:
+        task = requests.get(f"{base}/api/tasks/{task_id}", timeout=5).json()
+        return task if task["state"] in FINISHED else None
+
+    return wait_until(finished, timeout, f"task {task_id} to finish", interval=0.2)
+
+
+def task_log(base: str, task_id: int) -> str:
+    response = requests.get(f"{base}/api/tasks/{task_id}/log", timeout=5)
+    assert response.status_code == 200
+    assert response.headers["Content-Type"].startswith("text/plain")
+    return response.text

@@ -1,0 +1,1 @@
+"""OpsCD's data plane: the Celery app, the build stages, the executors and the signal handlers."""

@@ -1,0 +1,82 @@
+"""The Celery app every OpsCD process shares: web (to send), workers (to run), Flower (to watch).
+
+Start a worker node with ``celery -A workers.celery_app worker -n NAME@%h``.
+Options come from :mod:`cicd.config` on first use (``add_defaults`` takes a
+promise), so importing this module reads nothing and connects nowhere.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import Celery
+
+from cicd.config import Settings, load_settings
+
+__all__ = ["app", "BUILD_QUEUE", "STAGE_TASKS", "celery_options"]
+
+#: The queue every build's first stage goes to; any node may take it.
+BUILD_QUEUE = "opscd.builds"
+
+#: Celery task name of each stage, in the order a build runs them.
+STAGE_TASKS = {"clone": "opscd.clone", "build": "opscd.build", "publish": "opscd.publish"}
+
+
+def celery_options(settings: Settings) -> dict[str, Any]:
+    """Celery configuration derived from OpsCD's settings; each option says why it is set."""
+    return {
+        "broker_url": settings.broker_url,
+        "broker_connection_retry_on_startup": True,
+        "broker_transport_options": {
+            # Redis redelivers an unacknowledged message after this many seconds.
+            # With acks_late a stage is acknowledged when it ends, so this must
+            # exceed the longest build or a running build is delivered twice.
+            "visibility_timeout": settings.broker_visibility_timeout,
+            # The webhook must answer within GitLab's few seconds even when the
+            # broker is unreachable: fail the connect fast and answer 503.
+            "socket_connect_timeout": 2,
+        },
+        # A broker that is down must not hold a webhook request: two quick
+        # retries, then the caller gets the error (and GitLab redelivers).
+        "task_publish_retry_policy": {
+            "max_retries": 2,
+            "interval_start": 0,
+            "interval_step": 0.2,
+            "interval_max": 0.5,
+        },
+        # Stages report through task_states (signals), not a result backend.
+        "task_ignore_result": True,
+        "task_serializer": "json",
+        "accept_content": ["json"],
+        "task_default_queue": BUILD_QUEUE,
+        # At most this many builds run at once on one node (CICD_WORKER_CONCURRENCY).
+        "worker_concurrency": settings.worker_concurrency,
+        # Reserve no more than the node runs, so a queued build waits in Redis
+        # where an idle node can take it, not in a busy node's prefetch buffer.
+        "worker_prefetch_multiplier": 1,
+        # Acknowledge a stage only when it ends, and requeue it if its pool
+        # process dies: a build is never lost with a crashed process. Risk: a
+        # stage may run twice, so every stage starts from a clean state.
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        # Every node also consumes its own queue, "<nodename>.dq2"; the clone
+        # stage routes the rest of its chain there (the checkout is local).
+        "worker_direct": True,
+        # Backstop behind the executors' own timeouts: a stage stuck outside
+        # its script (e.g. a hung git) is killed, never holds a slot forever.
+        "task_time_limit": settings.max_build_timeout + settings.clone_timeout + 600,
+        # Task events let Flower follow builds.
+        "worker_send_task_events": True,
+        "task_send_sent_event": True,
+        "worker_hijack_root_logger": False,
+    }
+
+
+app = Celery(
+    "opscd",
+    include=["workers.stages.clone", "workers.stages.build", "workers.stages.publish"],
+)
+app.add_defaults(lambda: celery_options(load_settings()))
+
+# Signal handlers must be connected in every worker process.
+import workers.signals  # noqa: E402, F401

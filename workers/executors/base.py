@@ -1,0 +1,63 @@
+"""The one executor interface: run a build step somewhere and report how it ended.
+
+Like Woodpecker's backends: a step is plain data the stage builds from
+``ci.yaml``; executors never see the YAML. A failing script is not an executor
+error: it is a :class:`StepResult` with a non-zero exit code.
+"""
+
+from __future__ import annotations
+
+import shlex
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+__all__ = ["Step", "StepResult", "Executor", "OutputSink", "shell_script"]
+
+#: Receives output as it arrives; called often, also with ``b""`` as a clock tick.
+OutputSink = Callable[[bytes], None]
+
+
+@dataclass(frozen=True)
+class Step:
+    """One build step: commands to run in a workspace, with an environment and a time limit."""
+
+    name: str
+    commands: list[str]
+    workspace: Path  # host folder holding the checkout
+    workdir: str  # where the commands see the checkout (a container path for docker)
+    environment: dict[str, str] = field(default_factory=dict)
+    image: str | None = None
+    timeout: float = 3600
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """How a step ended: ``exit_code`` as a shell reports it (128 + signal when killed)."""
+
+    exit_code: int
+    timed_out: bool = False
+
+    @property
+    def ok(self) -> bool:
+        return self.exit_code == 0 and not self.timed_out
+
+
+class Executor(ABC):
+    """Runs steps. Implementations: :mod:`workers.executors.shell` (docker arrives later)."""
+
+    name: str
+
+    @abstractmethod
+    def run(self, step: Step, output: OutputSink) -> StepResult:
+        """Run ``step`` to its end or its timeout, streaming its output to ``output``."""
+
+
+def shell_script(commands: list[str]) -> str:
+    """A POSIX sh script that echoes each command, runs it, and stops at the first failure."""
+    lines = ["set -e"]
+    for command in commands:
+        lines.append(f"printf '%s\\n' {shlex.quote('$ ' + command)}")
+        lines.append(command)
+    return "\n".join(lines) + "\n"

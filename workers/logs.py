@@ -1,0 +1,108 @@
+"""Build log writer: masks secrets and appends the output to ``task_logs`` while the build runs.
+
+Logs go to the database, not a local file, so a build run on host A is readable
+on host B through the API. Output is written in chunks: complete lines at most
+every :data:`FLUSH_SECONDS`, so a busy build costs a few inserts a second.
+"""
+
+from __future__ import annotations
+
+import codecs
+import logging
+import time
+from collections.abc import Iterable
+
+from cicd import db
+from cicd.models import Stage, TaskLog
+
+__all__ = ["Masker", "LogWriter"]
+
+log = logging.getLogger(__name__)
+
+FLUSH_SECONDS = 0.5
+#: Hold an unfinished line at most this long (or this big) waiting for its end,
+#: so a secret split across two reads is still seen whole by the masker.
+PARTIAL_LINE_SECONDS = 1.0
+MAX_PENDING_CHARS = 64 * 1024
+MASK = "[MASKED]"
+
+
+class Masker:
+    """Replaces each known secret value with ``[MASKED]``, longest first."""
+
+    def __init__(self, secrets: Iterable[str]) -> None:
+        self.secrets = sorted({s for s in secrets if s and len(s) >= 3}, key=len, reverse=True)
+
+    def __call__(self, text: str) -> str:
+        for secret in self.secrets:
+            text = text.replace(secret, MASK)
+        return text
+
+
+class LogWriter:
+    """Collects one stage's output and appends it, masked, to the task's log rows."""
+
+    def __init__(self, task_id: int, stage: Stage, masker: Masker) -> None:
+        self.task_id = task_id
+        self.stage = stage
+        self.mask = masker
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._pending = ""
+        self._partial_since: float | None = None
+        self._last_flush = time.monotonic()
+
+    def write(self, data: bytes | str) -> None:
+        """Add output; it reaches the database within about a second."""
+        text = self._decoder.decode(data) if isinstance(data, bytes) else data
+        if text:
+            self._pending += text
+        self.tick()
+
+    def line(self, text: str) -> None:
+        """Add one line of OpsCD's own (not the build's) and store it now."""
+        self.write(text.rstrip("\n") + "\n")
+        self.flush()
+
+    def tick(self) -> None:
+        """Flush if due; executors call this while they wait for output."""
+        now = time.monotonic()
+        if self._pending and not self._pending.endswith("\n"):
+            self._partial_since = self._partial_since or now
+        else:
+            self._partial_since = None
+        if now - self._last_flush >= FLUSH_SECONDS or len(self._pending) > MAX_PENDING_CHARS:
+            force = (
+                self._partial_since is not None
+                and now - self._partial_since >= PARTIAL_LINE_SECONDS
+            ) or len(self._pending) > MAX_PENDING_CHARS
+            self.flush(partial=force)
+
+    def flush(self, partial: bool = True) -> None:
+        """Store what is pending: everything, or only complete lines."""
+        self._last_flush = time.monotonic()
+        if partial:
+            text, self._pending = self._pending, ""
+            self._partial_since = None
+        else:
+            cut = self._pending.rfind("\n") + 1
+            text, self._pending = self._pending[:cut], self._pending[cut:]
+        if text:
+            self._store(self.mask(text))
+
+    def close(self) -> None:
+        self._pending += self._decoder.decode(b"", final=True)
+        self.flush()
+
+    def __enter__(self) -> LogWriter:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def _store(self, text: str) -> None:
+        try:
+            with db.session() as session:
+                session.add(TaskLog(task_id=self.task_id, stage=self.stage, content=text))
+                session.commit()
+        except Exception:  # the build goes on; its result still reaches task_states
+            log.exception("task %s: could not store %d characters of log", self.task_id, len(text))

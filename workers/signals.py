@@ -1,0 +1,120 @@
+"""Celery signal handlers that keep ``task_states`` and ``task_stages`` current.
+
+Grouped by subject, the way Celery declares its own signals. They run in the
+worker process that runs the stage, right before and after it, so the
+database says which node runs which stage of which build, and how it ended.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from celery import signals
+from sqlalchemy import update
+
+from cicd import db
+from cicd.errors import BuildFailed
+from cicd.models import Stage, StageState, TaskStage, TaskState, TaskStatus, utcnow
+from workers.celery_app import STAGE_TASKS
+
+__all__: list[str] = []
+
+log = logging.getLogger(__name__)
+_STAGE_BY_TASK = {name: Stage(stage) for stage, name in STAGE_TASKS.items()}
+
+
+def _build_of(sender: Any, args: Any) -> tuple[int, Stage] | None:
+    """(task id, stage) when ``sender`` is one of our stage tasks, else None."""
+    stage = _STAGE_BY_TASK.get(getattr(sender, "name", None))
+    if stage is None or not args or not isinstance(args[0], dict) or "task_id" not in args[0]:
+        return None
+    return int(args[0]["task_id"]), stage
+
+
+def _record(
+    task_id: int, stage: Stage, stage_state: StageState, worker: str | None, task: dict[str, Any]
+) -> None:
+    """Write the stage row and the task row in one transaction; a failure is logged, not raised."""
+    now = utcnow()
+    try:
+        with db.session() as session:
+            row = session.get(TaskStage, (task_id, stage)) or TaskStage(
+                task_id=task_id, stage=stage, started_at=now
+            )
+            if stage_state is StageState.RUNNING:
+                row.started_at, row.finished_at = now, None
+            else:
+                row.finished_at = now
+            row.state, row.worker = stage_state, worker or row.worker
+            session.add(row)
+            if task:
+                # A canceled build stays canceled whatever its stages report.
+                session.execute(
+                    update(TaskStatus)
+                    .where(TaskStatus.task_id == task_id, TaskStatus.state != TaskState.CANCELED)
+                    .values(updated_at=now, **task)
+                )
+            session.commit()
+    except Exception:
+        log.exception("task %s: could not record %s %s", task_id, stage, stage_state)
+
+
+# --- task lifecycle -----------------------------------------------------------
+
+
+@signals.task_prerun.connect
+def on_stage_start(sender: Any = None, args: Any = None, **_: Any) -> None:
+    build = _build_of(sender, args)
+    if build is None:
+        return
+    task_id, stage = build
+    hostname = sender.request.hostname
+    values: dict[str, Any] = {"state": TaskState.RUNNING, "stage": stage, "worker": hostname}
+    if stage is Stage.CLONE:
+        values.update(started_at=utcnow(), finished_at=None, exit_code=None, error=None)
+    _record(task_id, stage, StageState.RUNNING, hostname, values)
+
+
+@signals.task_success.connect
+def on_stage_success(sender: Any = None, result: Any = None, **_: Any) -> None:
+    build = _build_of(sender, [result])
+    if build is None:
+        return
+    task_id, stage = build
+    skipped = isinstance(result, dict) and result.get("skipped") == stage.value
+    values: dict[str, Any] = {}
+    if stage is Stage.PUBLISH:
+        values = {"state": TaskState.SUCCESS, "finished_at": utcnow(), "exit_code": 0}
+    state = StageState.SKIPPED if skipped else StageState.SUCCESS
+    _record(task_id, stage, state, sender.request.hostname, values)
+
+
+@signals.task_failure.connect
+def on_stage_failure(
+    sender: Any = None, exception: BaseException | None = None, args: Any = None, **_: Any
+) -> None:
+    build = _build_of(sender, args)
+    if build is None:
+        return
+    from workers.stages import describe_error  # stages import this module's app
+
+    task_id, stage = build
+    values: dict[str, Any] = {
+        "state": TaskState.FAILED,
+        "stage": stage,
+        "finished_at": utcnow(),
+        "error": describe_error(exception)[:10000] if exception else "unknown error",
+    }
+    if isinstance(exception, BuildFailed):
+        values["exit_code"] = exception.exit_code
+    _record(task_id, stage, StageState.FAILED, sender.request.hostname, values)
+
+
+# --- worker processes ---------------------------------------------------------
+
+
+@signals.worker_process_init.connect
+def on_pool_process_start(**_: Any) -> None:
+    """A forked pool process must not reuse its parent's database connections."""
+    db.reset()

@@ -1,0 +1,67 @@
+"""The build stages, one module each: clone → build → publish.
+
+Each stage is a Celery task taking and returning a plain ``ctx`` dict (JSON
+through the broker: ``task_id``, ``workspace``, and what later stages need).
+:class:`StageTask` holds what they share: on failure the error is written to the
+build log and the workspace is removed; state changes are the signals' job
+(:mod:`workers.signals`).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from typing import Any
+
+from celery import Task
+
+from cicd.config import load_settings
+from cicd.errors import OpsCDError
+from cicd.models import Stage
+from workers.logs import LogWriter, Masker
+from workers.workspace import remove_workspace
+
+__all__ = ["StageTask", "masker", "describe_error"]
+
+log = logging.getLogger(__name__)
+
+
+@functools.cache
+def masker() -> Masker:
+    """Masks every credential this worker knows (and the Basic auth header made from them)."""
+    settings = load_settings()
+    secrets = settings.secrets()
+    if settings.git_username and settings.git_password:
+        from workers.stages.clone import basic_auth
+
+        secrets.append(basic_auth(settings.git_username, settings.git_password.get_secret_value()))
+    return Masker(secrets)
+
+
+def describe_error(error: BaseException) -> str:
+    """The text recorded for a failed stage: ours as written, anything else with its type."""
+    text = str(error) if isinstance(error, OpsCDError) else f"{type(error).__name__}: {error}"
+    return masker()(text)
+
+
+class StageTask(Task):
+    """Base of the three stage tasks; ``stage`` says which one it is."""
+
+    stage: Stage
+    #: Stages are acknowledged when they end and requeued if the process dies
+    #: (``task_acks_late`` / ``task_reject_on_worker_lost`` in the app config);
+    #: a stage that raises is not retried: a failed build is a result.
+    max_retries = 0
+
+    def log_writer(self, ctx: dict[str, Any]) -> LogWriter:
+        return LogWriter(int(ctx["task_id"]), self.stage, masker())
+
+    def on_failure(self, exc, task_id, args, kwargs, einfo) -> None:
+        ctx = args[0] if args and isinstance(args[0], dict) else {}
+        if "task_id" in ctx:
+            with self.log_writer(ctx) as writer:
+                writer.line(f"ERROR: {self.stage} failed: {describe_error(exc)}")
+        try:
+            remove_workspace(ctx.get("workspace"))
+        except ValueError:
+            log.exception("task %s: workspace not removed", ctx.get("task_id"))

@@ -1,0 +1,54 @@
+"""Stage 2, build: read ``ci.yaml`` from the checkout and run its script with the executor.
+
+The exit code decides: non-zero, or killed at the timeout, fails the task with
+that code (:class:`~cicd.errors.BuildFailed`); the log keeps the output.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from cicd.ciyaml import load_pipeline
+from cicd.config import load_settings
+from cicd.errors import BuildFailed
+from cicd.models import Stage
+from workers.celery_app import STAGE_TASKS, app
+from workers.executors import Step, get_executor
+from workers.stages import StageTask
+
+__all__ = ["build"]
+
+
+@app.task(name=STAGE_TASKS["build"], base=StageTask, bind=True, stage=Stage.BUILD)
+def build(self: StageTask, ctx: dict[str, Any]) -> dict[str, Any]:
+    """Run the build script; pass the parsed pipeline on to publish."""
+    settings = load_settings()
+    checkout = Path(ctx["checkout"])
+    pipeline = load_pipeline(checkout)
+    spec = pipeline.build
+    timeout = min(spec.timeout or settings.build_timeout, settings.max_build_timeout)
+    executor = get_executor(settings.executor)
+    environment = {**spec.env, **ctx.get("variables", {})}
+    step = Step(
+        name="build",
+        commands=list(spec.script),
+        workspace=checkout,
+        workdir=spec.workdir if executor.name != "shell" else str(checkout),
+        environment=environment,
+        image=spec.image,
+        timeout=timeout,
+    )
+    with self.log_writer(ctx) as log:
+        log.line(
+            f"Running {len(step.commands)} command(s) with the {executor.name} executor "
+            f"on {self.request.hostname}, timeout {timeout}s"
+        )
+        result = executor.run(step, log.write)
+        if result.timed_out:
+            log.line(f"Build timed out after {timeout}s; its processes were killed")
+            raise BuildFailed(result.exit_code, f"build timed out after {timeout}s")
+        if not result.ok:
+            raise BuildFailed(result.exit_code, f"build script exited with code {result.exit_code}")
+        log.line("Build succeeded")
+    return {**ctx, "pipeline": pipeline.to_dict()}

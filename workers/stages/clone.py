@@ -1,0 +1,161 @@
+"""Stage 1, clone: fetch the exact pushed commit over HTTP into a fresh workspace.
+
+Credentials go to git as an ``http.extraHeader`` through the environment
+(``GIT_CONFIG_*``), never in the URL, the arguments, the log or an error.
+Only http(s) transports are allowed (``GIT_ALLOW_PROTOCOL``): the URL comes
+from a webhook, and git's ``ext::`` transport would run a command.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import signal
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from celery.utils.nodenames import worker_direct
+
+from cicd import db
+from cicd.config import load_settings
+from cicd.errors import StageError
+from cicd.models import Stage, TaskDetail
+from workers.celery_app import STAGE_TASKS, app
+from workers.logs import LogWriter
+from workers.stages import StageTask, masker
+from workers.workspace import checkout_dir, create_workspace
+
+__all__ = ["clone", "basic_auth", "build_variables", "fetch_commit"]
+
+
+def basic_auth(username: str, password: str) -> str:
+    """The value of an HTTP Basic ``Authorization`` header."""
+    return "Basic " + base64.b64encode(f"{username}:{password}".encode()).decode()
+
+
+@app.task(name=STAGE_TASKS["clone"], base=StageTask, bind=True, stage=Stage.CLONE)
+def clone(self: StageTask, ctx: dict[str, Any]) -> dict[str, Any]:
+    """Check out the task's commit; the rest of the chain then runs on this node."""
+    task_id = int(ctx["task_id"])
+    with db.session() as session:
+        task = session.get(TaskDetail, task_id)
+        if task is None:
+            raise StageError("clone", f"task {task_id} is not in the database")
+        url, sha, ref = task.clone_url, task.commit_sha, task.ref
+        variables = build_variables(task)
+
+    workspace = create_workspace(task_id)
+    ctx = {
+        **ctx,
+        "workspace": str(workspace),
+        "checkout": str(checkout_dir(workspace)),
+        "variables": variables,
+    }
+    with self.log_writer(ctx) as log:
+        log.line(f"Cloning {url} at {sha[:12]} ({ref}) on {self.request.hostname}")
+        fetch_commit(Path(ctx["checkout"]), url, ref, sha, log)
+        log.line(f"Checked out {sha}")
+
+    # The checkout is on this host's disk: send build and publish to this
+    # node's own queue (worker_direct), whatever queue the chain came from.
+    if self.request.hostname:
+        queue = worker_direct(self.request.hostname).name
+        for step in self.request.chain or ():
+            step.setdefault("options", {})["queue"] = queue
+    return ctx
+
+
+def build_variables(task: TaskDetail) -> dict[str, str]:
+    """The ``CI_*`` variables every build sees, named as GitLab CI names them."""
+    variables = {
+        "CI": "true",
+        "OPSCD": "true",
+        "CI_TASK_ID": str(task.id),
+        "CI_PROJECT_PATH": task.project,
+        "CI_COMMIT_SHA": task.commit_sha,
+        "CI_COMMIT_SHORT_SHA": task.commit_sha[:8],
+        "CI_COMMIT_REF_NAME": task.ref_name,
+    }
+    variables["CI_COMMIT_TAG" if task.ref_type == "tag" else "CI_COMMIT_BRANCH"] = task.ref_name
+    return variables
+
+
+def fetch_commit(checkout: Path, url: str, ref: str, sha: str, log: LogWriter) -> None:
+    """Fetch exactly ``sha``; if the server refuses a fetch by id, fetch ``ref`` and find it."""
+    env = _git_environment(checkout.parent / "home")
+    _git(["init", "-q"], checkout, env, log)
+    _git(["remote", "add", "origin", url], checkout, env, log)
+    try:
+        _git(["fetch", "-q", "--no-tags", "--depth=1", "origin", sha], checkout, env, log)
+    except StageError as by_id:
+        if "Authentication failed" in by_id.message:
+            raise
+        log.line(f"Server refused a fetch by commit id; fetching {ref} instead")
+        _git(["fetch", "-q", "--no-tags", "origin", f"+{ref}:refs/opscd/build"], checkout, env, log)
+        try:
+            _git(["cat-file", "-e", f"{sha}^{{commit}}"], checkout, env, log)
+        except StageError:
+            raise StageError(
+                "git fetch",
+                f"commit {sha} is not reachable from {ref} any more",
+                "the branch was force-pushed; push again to build its new head",
+            ) from None
+    _git(["-c", "advice.detachedHead=false", "checkout", "-q", "--detach", sha], checkout, env, log)
+
+
+def _git_environment(home: Path) -> dict[str, str]:
+    settings = load_settings()
+    home.mkdir(exist_ok=True)
+    env = {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "HOME": str(home),
+        "GIT_TERMINAL_PROMPT": "0",
+        "GIT_ASKPASS": "/bin/true",
+        "GIT_CONFIG_NOSYSTEM": "1",
+        "GIT_CONFIG_GLOBAL": "/dev/null",
+        "GIT_ALLOW_PROTOCOL": "http:https",
+        "GIT_CONFIG_COUNT": "1",
+        "GIT_CONFIG_KEY_0": "protocol.version",
+        "GIT_CONFIG_VALUE_0": "2",
+    }
+    if settings.git_username and settings.git_password:
+        password = settings.git_password.get_secret_value()
+        env.update(
+            GIT_CONFIG_COUNT="2",
+            GIT_CONFIG_KEY_1="http.extraHeader",
+            GIT_CONFIG_VALUE_1="Authorization: " + basic_auth(settings.git_username, password),
+        )
+    return env
+
+
+def _git(args: list[str], cwd: Path, env: dict[str, str], log: LogWriter) -> None:
+    """Run one git command; its output goes to the log, a failure is a masked StageError."""
+    timeout = load_settings().clone_timeout
+    operation = f"git {args[0] if args[0] != '-c' else args[2]}"
+    process = subprocess.Popen(
+        ["git", *args],
+        cwd=cwd,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    try:
+        output, _ = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.communicate()
+        raise StageError(
+            operation, f"timed out after {timeout}s", "raise CICD_CLONE_TIMEOUT"
+        ) from None
+    text = masker()(output.decode("utf-8", "replace"))
+    if text:
+        log.write(text)
+    if process.returncode != 0:
+        last = text.strip().splitlines()[-1] if text.strip() else f"exit code {process.returncode}"
+        hint = None
+        if "Authentication failed" in text or "could not read Username" in text:
+            hint = "check CICD_GIT_USERNAME and CICD_GIT_PASSWORD"
+        raise StageError(operation, last, hint)
