@@ -48,6 +48,9 @@ class StageError(OpsCDError):
             text += f" (hint: {hint})"
         super().__init__(text)
 
+    def __reduce__(self) -> tuple:  # Celery pickles task errors for its signals
+        return type(self), (self.operation, self.message, self.hint)
+
 
 class BuildFailed(OpsCDError):
     """The build script ran and failed: a non-zero exit code, or the timeout killed it.
@@ -59,3 +62,6 @@ class BuildFailed(OpsCDError):
     def __init__(self, exit_code: int | None, message: str) -> None:
         self.exit_code = exit_code
         super().__init__(message)
+
+    def __reduce__(self) -> tuple:
+        return type(self), (self.exit_code, str(self))

@@ -255,7 +255,8 @@ def post_gitlab(
     all_headers = {"Content-Type": "application/json", "X-Gitlab-Event": event, **headers}
     if token is not None:
         all_headers["X-Gitlab-Token"] = token
-    all_headers["X-Gitlab-Event-UUID"] = delivery or str(uuid.uuid4())
+    if delivery != "":  # "" sends no X-Gitlab-Event-UUID at all
+        all_headers["X-Gitlab-Event-UUID"] = delivery or str(uuid.uuid4())
     body = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
     return requests.post(base + "/webhooks/gitlab", data=body, headers=all_headers, timeout=10)
 
