@@ -32,6 +32,7 @@ FIXTURES = Path(__file__).resolve().parent / "fixtures"
 MYSQL_HOST = os.environ.get("OPSCD_TEST_MYSQL_HOST", "127.0.0.1")
 MYSQL_PORT = int(os.environ.get("OPSCD_TEST_MYSQL_PORT", "3306"))
 MYSQL_USER = os.environ.get("OPSCD_TEST_MYSQL_USER", "root")
+MYSQL_PASSWORD = os.environ.get("OPSCD_TEST_MYSQL_PASSWORD", "")
 REDIS_URL = os.environ.get("OPSCD_TEST_REDIS_URL", "redis://127.0.0.1:6379/13")
 WEBHOOK_SECRET = "test-webhook-secret-" + uuid.uuid4().hex
 GIT_USER, GIT_PASSWORD = "ci-bot", "git-pass-" + uuid.uuid4().hex[:12]
@@ -44,7 +45,7 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def wait_until(predicate, timeout: float, what: str, interval: float = 0.1) -> Any:  # noqa: ANN001
+def wait_until(predicate, timeout: float, what: str, interval: float = 0.1) -> Any:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = predicate()
@@ -57,10 +58,15 @@ def wait_until(predicate, timeout: float, what: str, interval: float = 0.1) -> A
 # --- databases ------------------------------------------------------------------------------
 
 
+def mysql_connect(database: str | None = None, **options: Any) -> pymysql.Connection:
+    return pymysql.connect(
+        host=MYSQL_HOST, port=MYSQL_PORT, user=MYSQL_USER, password=MYSQL_PASSWORD,
+        database=database, **options,
+    )  # fmt: skip
+
+
 def mysql_admin(sql: str, database: str | None = None) -> list[tuple]:
-    connection = pymysql.connect(
-        host=MYSQL_HOST, port=MYSQL_PORT, user=MYSQL_USER, database=database, autocommit=True
-    )
+    connection = mysql_connect(database, autocommit=True)
     with connection, connection.cursor() as cursor:
         cursor.execute(sql)
         return list(cursor.fetchall())
@@ -75,7 +81,8 @@ def make_database() -> Iterator:
         name = f"{prefix}_{uuid.uuid4().hex[:10]}"
         mysql_admin(f"CREATE DATABASE {name} CHARACTER SET utf8mb4 COLLATE utf8mb4_bin")
         created.append(name)
-        url = f"mysql+pymysql://{MYSQL_USER}@{MYSQL_HOST}:{MYSQL_PORT}/{name}?charset=utf8mb4"
+        credentials = MYSQL_USER + (f":{MYSQL_PASSWORD}" if MYSQL_PASSWORD else "")
+        url = f"mysql+pymysql://{credentials}@{MYSQL_HOST}:{MYSQL_PORT}/{name}?charset=utf8mb4"
         return name, url
 
     yield make
@@ -84,7 +91,7 @@ def make_database() -> Iterator:
 
 
 @pytest.fixture(scope="session")
-def database_url(make_database) -> str:  # noqa: ANN001
+def database_url(make_database) -> str:
     return make_database()[1]
 
 
@@ -100,7 +107,7 @@ def broker_url() -> Iterator[str]:
 
 
 @pytest.fixture(scope="session")
-def git_server(tmp_path_factory) -> Iterator[GitHttpServer]:  # noqa: ANN001
+def git_server(tmp_path_factory) -> Iterator[GitHttpServer]:
     with GitHttpServer(tmp_path_factory.mktemp("git"), GIT_USER, GIT_PASSWORD) as server:
         yield server
 
@@ -120,7 +127,7 @@ def repo(git_server: GitHttpServer) -> GitRepo:
 
 
 @pytest.fixture(scope="session")
-def opscd_env(database_url: str, broker_url: str, tmp_path_factory) -> dict[str, str]:  # noqa: ANN001
+def opscd_env(database_url: str, broker_url: str, tmp_path_factory) -> dict[str, str]:
     """The environment of every OpsCD process the tests start; the schema is created once."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("CICD_")}
     env.update(
@@ -164,15 +171,15 @@ class Process:
 
 
 @pytest.fixture(scope="session")
-def start_web(opscd_env: dict[str, str], tmp_path_factory) -> Iterator:  # noqa: ANN001
+def start_web(opscd_env: dict[str, str], tmp_path_factory) -> Iterator:
     """Factory: a gunicorn serving ``cicd:create_app()``; returns its base URL."""
     processes: list[Process] = []
     log_dir = tmp_path_factory.mktemp("web-logs")
 
     def start(**overrides: str) -> str:
         port = free_port()
-        args = [sys.executable, "-m", "gunicorn", "--no-control-socket", "--bind", f"127.0.0.1:{port}",
-                "--workers", "2", "cicd:create_app()"]  # fmt: skip
+        args = [sys.executable, "-m", "gunicorn", "--no-control-socket",
+                "--bind", f"127.0.0.1:{port}", "--workers", "2", "cicd:create_app()"]  # fmt: skip
         process = Process(f"web-{port}", args, {**opscd_env, **overrides}, log_dir)
         processes.append(process)
         base = f"http://127.0.0.1:{port}"
@@ -194,12 +201,12 @@ def start_web(opscd_env: dict[str, str], tmp_path_factory) -> Iterator:  # noqa:
 
 
 @pytest.fixture(scope="session")
-def web(start_web) -> str:  # noqa: ANN001
+def web(start_web) -> str:
     return start_web()
 
 
 @pytest.fixture(scope="session")
-def workers(opscd_env: dict[str, str], tmp_path_factory) -> Iterator[list[Process]]:  # noqa: ANN001
+def workers(opscd_env: dict[str, str], tmp_path_factory) -> Iterator[list[Process]]:
     """Two real worker nodes, ``node1@<host>`` and ``node2@<host>``, concurrency 3 each."""
     log_dir = tmp_path_factory.mktemp("worker-logs")
     nodes = []

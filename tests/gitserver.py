@@ -170,6 +170,8 @@ class GitHttpServer:
         self.username = username
         self.password = password
         self.requests_seen: list[tuple[str, str, int]] = []
+        #: False makes the server speak protocol v0 only, like an old or strict forge.
+        self.protocol_v2 = True
         self.auth_failures = 0
         self.backend_errors: list[str] = []
         self.port = 0
@@ -336,6 +338,8 @@ class GitHttpServer:
             "CONTENT_LENGTH": str(len(body)),
         }
         for header in ("HTTP_GIT_PROTOCOL", "HTTP_CONTENT_ENCODING"):
+            if header == "HTTP_GIT_PROTOCOL" and not self.protocol_v2:
+                continue  # an old server: protocol v0, no fetch of unadvertised commits
             if environ.get(header):
                 env[header] = environ[header]
 

@@ -53,7 +53,7 @@ build:
 """
 
 
-def push(web: str, repo: GitRepo, files: dict[str, str], branch: str = "main", **kwargs):  # noqa: ANN201
+def push(web: str, repo: GitRepo, files: dict[str, str], branch: str = "main", **kwargs):
     """Commit ``files`` on ``branch`` and send GitLab's push hook; return (response, sha)."""
     sha = repo.commit(files, message=f"change on {branch}", branch=branch)
     payload = gitlab_payload("push-event.json", repo, f"refs/heads/{branch}", sha)
@@ -183,6 +183,21 @@ def test_exact_commit_is_built_not_the_branch_head(web, repo):
     task = wait_for_task(web, response.json()["task_id"])
     assert task["state"] == "success" and task["commit_sha"] == first
     log = task_log(web, task["task_id"])
+    assert "version one" in log and "version two" not in log
+
+
+def test_exact_commit_from_a_server_that_refuses_fetch_by_id(web, tmp_path):
+    with GitHttpServer(tmp_path, GIT_USER, GIT_PASSWORD) as old_server:
+        old_server.protocol_v2 = False
+        repo = GitRepo.create(old_server.root, "group/old-forge")
+        repo.clone_url = old_server.repo_url("group/old-forge")
+        first = repo.commit({"ci.yaml": "build:\n  script: echo version one\n"})
+        repo.commit({"ci.yaml": "build:\n  script: echo version two\n"})
+        payload = gitlab_payload("push-event.json", repo, "refs/heads/main", first)
+        task = wait_for_task(web, post_gitlab(web, payload).json()["task_id"])
+    assert task["state"] == "success", task
+    log = task_log(web, task["task_id"])
+    assert "fetching refs/heads/main instead" in log
     assert "version one" in log and "version two" not in log
 
 

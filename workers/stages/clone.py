@@ -29,6 +29,10 @@ from workers.workspace import checkout_dir, create_workspace
 __all__ = ["clone", "basic_auth", "build_variables", "fetch_commit"]
 
 
+#: What git says when a server (protocol v0/v1, or a strict v2) will not serve a bare commit id.
+_FETCH_BY_ID_REFUSED = ("not our ref", "unadvertised object", "couldn't find remote ref")
+
+
 def basic_auth(username: str, password: str) -> str:
     """The value of an HTTP Basic ``Authorization`` header."""
     return "Basic " + base64.b64encode(f"{username}:{password}".encode()).decode()
@@ -89,7 +93,7 @@ def fetch_commit(checkout: Path, url: str, ref: str, sha: str, log: LogWriter) -
     try:
         _git(["fetch", "-q", "--no-tags", "--depth=1", "origin", sha], checkout, env, log)
     except StageError as by_id:
-        if "Authentication failed" in by_id.message:
+        if not any(refusal in by_id.message for refusal in _FETCH_BY_ID_REFUSED):
             raise
         log.line(f"Server refused a fetch by commit id; fetching {ref} instead")
         _git(["fetch", "-q", "--no-tags", "origin", f"+{ref}:refs/opscd/build"], checkout, env, log)

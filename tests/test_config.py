@@ -1,0 +1,58 @@
+"""Start-up configuration: a missing or bad setting stops the process and says what to set."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from conftest import ROOT, free_port
+
+
+def run(args: list[str], **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", *args], env={"PATH": "/usr/bin:/bin", **env},
+        cwd=ROOT, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+
+
+def test_missing_database_and_broker_urls_are_named():
+    result = run(["cicd.cli", "init-db"])
+    assert result.returncode != 0
+    assert "CICD_DATABASE_URL is not set" in result.stderr
+    assert "CICD_BROKER_URL is not set" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_bad_values_are_explained():
+    base = {"CICD_DATABASE_URL": "sqlite://", "CICD_BROKER_URL": "redis://x"}
+    result = run(["cicd.cli", "init-db"], **base, CICD_WORKER_CONCURRENCY="zero")
+    assert result.returncode != 0
+    assert "CICD_WORKER_CONCURRENCY: Input should be a valid integer" in result.stderr
+    result = run(["cicd.cli", "init-db"], **base, CICD_VISIBILITY_TIMEOUT="60")
+    assert result.returncode != 0
+    assert "CICD_VISIBILITY_TIMEOUT (60) must exceed CICD_MAX_BUILD_TIMEOUT" in result.stderr
+
+
+def test_missing_config_file_is_named(tmp_path):
+    result = run(["cicd.cli", "init-db"], CICD_CONFIG_FILE=str(tmp_path / "nope.env"))
+    assert result.returncode != 0 and "nope.env does not exist" in result.stderr
+
+
+def test_config_file_supplies_what_the_environment_does_not(tmp_path):
+    database = tmp_path / "opscd.db"
+    config = tmp_path / "opscd.env"
+    config.write_text(f"CICD_DATABASE_URL=sqlite:///{database}\nCICD_BROKER_URL=redis://x\n")
+    result = run(["cicd.cli", "init-db"], CICD_CONFIG_FILE=str(config))
+    assert result.returncode == 0, result.stderr
+    assert database.stat().st_size > 0
+
+
+@pytest.mark.parametrize("command", [["cicd.cli", "web"], ["gunicorn", "cicd:create_app()"]])
+def test_web_refuses_to_start_without_a_webhook_secret(command):
+    if command[0] == "gunicorn":
+        command = ["gunicorn", "--no-control-socket", "--bind", f"127.0.0.1:{free_port()}",
+                   *command[1:]]  # fmt: skip
+    result = run(command, CICD_DATABASE_URL="sqlite://", CICD_BROKER_URL="redis://x")
+    assert result.returncode != 0
+    assert "CICD_WEBHOOK_SECRET is not set" in result.stderr
