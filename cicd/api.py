@@ -4,17 +4,25 @@ from __future__ import annotations
 
 from typing import Any
 
-from flask import Blueprint, Response, jsonify, request, url_for
+from flask import Blueprint, Response, current_app, jsonify, request, url_for
 from sqlalchemy import select
 
 from cicd import db
 from cicd.models import STAGES, TaskDetail, TaskLog, TaskStage, TaskState, TaskStatus
 
-__all__ = ["bp", "task_to_dict"]
+__all__ = ["bp", "task_to_dict", "external_url"]
 
 bp = Blueprint("api", __name__, url_prefix="/api")
 
 MAX_LIMIT = 500
+
+
+def external_url(endpoint: str, **values: Any) -> str:
+    """An absolute link: under ``CICD_PUBLIC_URL`` when set, else the request's own host."""
+    base = current_app.config.get("PUBLIC_URL")
+    if base:
+        return base.rstrip("/") + url_for(endpoint, **values)
+    return url_for(endpoint, **values, _external=True)
 
 
 def _iso(value: Any) -> str | None:
@@ -29,8 +37,8 @@ def task_to_dict(task: TaskDetail, stages: list[TaskStage] | None = None) -> dic
         duration = round((status.finished_at - status.started_at).total_seconds(), 3)
     data = {
         "task_id": task.id,
-        "url": url_for("api.get_task", task_id=task.id, _external=True),
-        "log_url": url_for("api.get_log", task_id=task.id, _external=True),
+        "url": external_url("api.get_task", task_id=task.id),
+        "log_url": external_url("api.get_log", task_id=task.id),
         "forge": task.forge,
         "project": task.project,
         "clone_url": task.clone_url,

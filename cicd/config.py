@@ -10,6 +10,7 @@ Each field is one row of the README's configuration table; keep them in step.
 
 from __future__ import annotations
 
+import base64
 import functools
 import os
 import tempfile
@@ -95,10 +96,19 @@ class Settings(BaseSettings):
         """Seconds Redis waits for an ack before redelivering; always above any build."""
         return self.visibility_timeout or self.max_build_timeout + 3600
 
+    def git_authorization(self) -> str | None:
+        """The HTTP ``Authorization`` value git sends when cloning, if credentials are set."""
+        if not (self.git_username and self.git_password):
+            return None
+        pair = f"{self.git_username}:{self.git_password.get_secret_value()}"
+        return "Basic " + base64.b64encode(pair.encode()).decode()
+
     def secrets(self) -> list[str]:
-        """Every credential value, so logs and errors can mask them."""
+        """Every credential value (and what is derived from one), so logs can mask them."""
         values = [self.git_password, self.webhook_secret]
-        return [v.get_secret_value() for v in values if v is not None and v.get_secret_value()]
+        found = [v.get_secret_value() for v in values if v is not None and v.get_secret_value()]
+        authorization = self.git_authorization()
+        return [*found, authorization.removeprefix("Basic ")] if authorization else found
 
     def require_webhook_secret(self) -> str:
         """The webhook secret, or a start-up error saying how to set one."""

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import logging
 
-from flask import Blueprint, Response, current_app, jsonify, request, url_for
+from flask import Blueprint, Response, current_app, jsonify, request
 from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session
 
 from cicd import db
+from cicd.api import external_url
 from cicd.errors import PayloadError
 from cicd.forges import Ignored, PushEvent, gitlab
 from cicd.models import RefType, TaskDetail, TaskState, TaskStatus, utcnow
@@ -109,7 +110,4 @@ def _set_status(task_id: int, **values: object) -> None:
 
 
 def _task_url(task_id: int) -> str:
-    base = current_app.config.get("PUBLIC_URL")
-    if base:
-        return base.rstrip("/") + url_for("api.get_task", task_id=task_id)
-    return url_for("api.get_task", task_id=task_id, _external=True)
+    return external_url("api.get_task", task_id=task_id)

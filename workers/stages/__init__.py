@@ -28,14 +28,8 @@ log = logging.getLogger(__name__)
 
 @functools.cache
 def masker() -> Masker:
-    """Masks every credential this worker knows (and the Basic auth header made from them)."""
-    settings = load_settings()
-    secrets = settings.secrets()
-    if settings.git_username and settings.git_password:
-        from workers.stages.clone import basic_auth
-
-        secrets.append(basic_auth(settings.git_username, settings.git_password.get_secret_value()))
-    return Masker(secrets)
+    """Masks every credential this worker knows."""
+    return Masker(load_settings().secrets())
 
 
 def describe_error(error: BaseException) -> str:

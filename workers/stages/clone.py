@@ -8,7 +8,6 @@ from a webhook, and git's ``ext::`` transport would run a command.
 
 from __future__ import annotations
 
-import base64
 import os
 import signal
 import subprocess
@@ -26,16 +25,11 @@ from workers.logs import LogWriter
 from workers.stages import StageTask, masker
 from workers.workspace import checkout_dir, create_workspace
 
-__all__ = ["clone", "basic_auth", "build_variables", "fetch_commit"]
+__all__ = ["clone", "build_variables", "fetch_commit"]
 
 
 #: What git says when a server (protocol v0/v1, or a strict v2) will not serve a bare commit id.
 _FETCH_BY_ID_REFUSED = ("not our ref", "unadvertised object", "couldn't find remote ref")
-
-
-def basic_auth(username: str, password: str) -> str:
-    """The value of an HTTP Basic ``Authorization`` header."""
-    return "Basic " + base64.b64encode(f"{username}:{password}".encode()).decode()
 
 
 @app.task(name=STAGE_TASKS["clone"], base=StageTask, bind=True, stage=Stage.CLONE)
@@ -123,12 +117,11 @@ def _git_environment(home: Path) -> dict[str, str]:
         "GIT_CONFIG_KEY_0": "protocol.version",
         "GIT_CONFIG_VALUE_0": "2",
     }
-    if settings.git_username and settings.git_password:
-        password = settings.git_password.get_secret_value()
+    if authorization := settings.git_authorization():
         env.update(
             GIT_CONFIG_COUNT="2",
             GIT_CONFIG_KEY_1="http.extraHeader",
-            GIT_CONFIG_VALUE_1="Authorization: " + basic_auth(settings.git_username, password),
+            GIT_CONFIG_VALUE_1="Authorization: " + authorization,
         )
     return env
 
