@@ -31,10 +31,12 @@ from pydantic import (
     Field,
     ValidationError,
     field_validator,
+    model_validator,
 )
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from cicd.errors import PipelineError
+from cicd.languages import LANGUAGES
 
 __all__ = [
     "CI_FILENAME",
@@ -235,14 +237,36 @@ class BuildSpec(_Spec):
     language: _Text | None = None
     image: _Image | None = None
     workdir: _Workdir = "/workspace"
-    script: list[_Command]
+    script: list[_Command] | None = None
     env: _Env = Field(default_factory=dict)
     timeout: int | None = None
+
+    @model_validator(mode="after")
+    def _script_or_language(self) -> BuildSpec:
+        """A known language brings a default script; without one, the script is required."""
+        if self.script is None and self.language not in LANGUAGES:
+            known = ", ".join(sorted(LANGUAGES))
+            if self.language is None:
+                raise ValueError(f"needs a script (or a language with a default script: {known})")
+            raise ValueError(
+                f"needs a script: language {self.language!r} has no default script "
+                f"(languages with one: {known})"
+            )
+        return self
+
+    @property
+    def commands(self) -> list[str]:
+        """The script to run: the one written, else the language's default."""
+        if self.script is not None:
+            return list(self.script)
+        return list(LANGUAGES[self.language].script)
 
     @field_validator("script", mode="before")
     @classmethod
     def _one_or_many(cls, value: object) -> object:
         """``script: make`` is the common case, so a single string is a one-command list."""
+        if value is None:
+            raise ValueError(f"must be a command or a list of commands, not {_kind(value)}")
         if isinstance(value, str):
             return [value]
         if isinstance(value, list | tuple):

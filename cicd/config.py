@@ -46,9 +46,51 @@ class Settings(BaseSettings):
         default=Path(tempfile.gettempdir()) / "opscd-workspaces",
         description="Where each build gets its own folder, removed when the build ends",
     )
-    executor: Literal["shell"] = Field(
-        default="shell", description="How build scripts run: shell (on the worker host)"
+    executor: Literal["docker", "shell"] = Field(
+        default="docker",
+        description="How build scripts run: docker (in a container of build.image) or shell "
+        "(on the worker host, for hosts without a container engine)",
     )
+    docker_host: str | None = Field(
+        default=None,
+        description="Docker Engine API of this agent; default: DOCKER_HOST, else the local socket",
+    )
+    docker_network: str = Field(
+        default="bridge", description="Network mode of build containers and image builds"
+    )
+    docker_memory: str | None = Field(
+        default=None, description="Memory limit of a build container, e.g. 2g"
+    )
+    docker_cpus: float | None = Field(
+        default=None, gt=0, description="CPU limit of a build container, e.g. 1.5"
+    )
+    docker_volumes: str = Field(
+        default="",
+        description="Extra host folders for build containers, comma-separated "
+        "HOST:CONTAINER[:ro|rw], like a runner's volumes",
+    )
+    docker_pull: Literal["if-not-present", "always", "never"] = Field(
+        default="if-not-present", description="When to pull build.image before a build"
+    )
+    maven_settings: Path | None = Field(
+        default=None,
+        description="Host path of a Maven settings.xml mounted read-only into build containers",
+    )
+    maven_settings_target: str = Field(
+        default="/root/.m2/settings.xml",
+        description="Where build containers see CICD_MAVEN_SETTINGS (Maven's user settings)",
+    )
+    registry: str | None = Field(
+        default=None,
+        description="Registry and namespace images are pushed to, e.g. registry.example.com/team",
+    )
+    registry_username: str | None = Field(default=None, description="User for pushing images")
+    registry_password: SecretStr | None = Field(
+        default=None, description="Password or token for pushing images"
+    )
+    image_java: str | None = Field(default=None, description="Image for language: java builds")
+    image_go: str | None = Field(default=None, description="Image for language: go builds")
+    image_python: str | None = Field(default=None, description="Image for language: python builds")
     worker_concurrency: int = Field(default=3, ge=1, description="Builds one worker runs at once")
     build_timeout: int = Field(
         default=3600, ge=1, description="Seconds a build script may run when ci.yaml sets none"
@@ -96,6 +138,26 @@ class Settings(BaseSettings):
         """Seconds Redis waits for an ack before redelivering; always above any build."""
         return self.visibility_timeout or self.max_build_timeout + 3600
 
+    @field_validator("docker_volumes")
+    @classmethod
+    def _volumes(cls, value: str) -> str:
+        for volume in _split_volumes(value):
+            parts = volume.split(":")
+            if len(parts) not in (2, 3) or not all(p.startswith("/") for p in parts[:2]):
+                raise ValueError(f"{volume!r} is not HOST:CONTAINER[:ro|rw] with absolute paths")
+            if len(parts) == 3 and parts[2] not in ("ro", "rw"):
+                raise ValueError(f"{volume!r}: the mode must be ro or rw")
+        return value
+
+    @property
+    def volumes(self) -> list[str]:
+        """``CICD_DOCKER_VOLUMES`` as a list of ``HOST:CONTAINER[:MODE]``."""
+        return _split_volumes(self.docker_volumes)
+
+    def language_image(self, language: str | None) -> str | None:
+        """This agent's image for a language (``CICD_IMAGE_<LANGUAGE>``), if it sets one."""
+        return getattr(self, f"image_{language}", None) if language else None
+
     def git_authorization(self) -> str | None:
         """The HTTP ``Authorization`` value git sends when cloning, if credentials are set."""
         if not (self.git_username and self.git_password):
@@ -105,7 +167,7 @@ class Settings(BaseSettings):
 
     def secrets(self) -> list[str]:
         """Every credential value (and what is derived from one), so logs can mask them."""
-        values = [self.git_password, self.webhook_secret]
+        values = [self.git_password, self.webhook_secret, self.registry_password]
         found = [v.get_secret_value() for v in values if v is not None and v.get_secret_value()]
         authorization = self.git_authorization()
         return [*found, authorization.removeprefix("Basic ")] if authorization else found
@@ -119,6 +181,10 @@ class Settings(BaseSettings):
                 "webhook's secret token."
             )
         return self.webhook_secret.get_secret_value()
+
+
+def _split_volumes(value: str) -> list[str]:
+    return [v.strip() for v in value.split(",") if v.strip()]
 
 
 def _describe(error: ValidationError) -> str:

@@ -138,6 +138,9 @@ def opscd_env(database_url: str, broker_url: str, tmp_path_factory) -> dict[str,
         CICD_GIT_PASSWORD=GIT_PASSWORD,
         CICD_WORKSPACE_DIR=str(tmp_path_factory.mktemp("workspaces")),
         CICD_EXECUTOR="shell",
+        # This stack has no container engine: publishing must fail clearly.
+        CICD_DOCKER_HOST="unix:///nonexistent/docker.sock",
+        CICD_REGISTRY="127.0.0.1:9/opscd",
         PYTHONUNBUFFERED="1",
     )
     subprocess.run([sys.executable, "-m", "cicd.cli", "init-db"], env=env, check=True, cwd=ROOT)

@@ -392,13 +392,25 @@ def test_several_problems_are_listed_in_file_order() -> None:
         """
     )
     assert message.splitlines() == [
-        "ci.yaml is invalid (4 problems):",
+        "ci.yaml is invalid (3 problems):",
         "  ci.yaml line 1: stages: unknown field; allowed fields: build, publish",
-        "  ci.yaml line 2: build.script: this field is required",
         "  ci.yaml line 3: build.scirpt: unknown field (did you mean script?); "
         "allowed fields: language, image, workdir, script, env, timeout",
         '  ci.yaml line 4: build.workdir: must be an absolute path such as "/workspace", not "src"',
     ]
+
+
+def test_language_alone_brings_its_default_script() -> None:
+    for language in ("java", "go", "python"):
+        spec = parse_pipeline(f"build:\n  language: {language}\n").build
+        assert spec.script is None
+        assert spec.commands and all(isinstance(c, str) and c for c in spec.commands)
+    spec = parse_pipeline("build:\n  language: java\n  script: make\n").build
+    assert spec.commands == ["make"]
+    assert error_of("build:\n  language: cobol\n") == (
+        "ci.yaml line 1: build: needs a script: language 'cobol' has no default script "
+        "(languages with one: go, java, python)"
+    )
 
 
 def test_problems_are_capped_at_ten() -> None:
@@ -417,7 +429,10 @@ def test_missing_build() -> None:
 
 def test_missing_script_points_at_build() -> None:
     message = error_of("# comment\nbuild:\n  image: alpine\n")
-    assert message == "ci.yaml line 2: build.script: this field is required"
+    assert message == (
+        "ci.yaml line 2: build: needs a script (or a language with a default script: "
+        "go, java, python)"
+    )
 
 
 def test_build_that_is_not_a_mapping() -> None:

@@ -240,10 +240,12 @@ def test_missing_ci_yaml_fails_clearly(web, repo):
     assert "ci.yaml" in task["error"]
 
 
-def test_publish_request_without_engine_fails_clearly(web, repo):
+def test_publish_with_an_unreachable_engine_fails_clearly(web, repo, opscd_env):
     task = build(web, repo, {"ci.yaml": "build:\n  script: 'true'\npublish: true\n"})
     assert task["state"] == "failed" and task["stage"] == "publish"
-    assert "CICD_EXECUTOR=docker" in task["error"]
+    engine = opscd_env["CICD_DOCKER_HOST"]
+    assert f"cannot reach the container engine at {engine}" in task["error"]
+    assert "CICD_DOCKER_HOST" in task["error"]  # the hint
 
 
 def test_clone_of_missing_repository_fails_with_hint(web, repo, git_server):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import codecs
 import logging
+import threading
 import time
 from collections.abc import Iterable
 
@@ -50,13 +51,16 @@ class LogWriter:
         self._pending = ""
         self._partial_since: float | None = None
         self._last_flush = time.monotonic()
+        # An executor may read output on one thread while another ticks the clock.
+        self._lock = threading.RLock()
 
     def write(self, data: bytes | str) -> None:
         """Add output; it reaches the database within about a second."""
-        text = self._decoder.decode(data) if isinstance(data, bytes) else data
-        if text:
-            self._pending += text
-        self.tick()
+        with self._lock:
+            text = self._decoder.decode(data) if isinstance(data, bytes) else data
+            if text:
+                self._pending += text
+            self.tick()
 
     def line(self, text: str) -> None:
         """Add one line of OpsCD's own (not the build's) and store it now."""
@@ -65,6 +69,10 @@ class LogWriter:
 
     def tick(self) -> None:
         """Flush if due; executors call this while they wait for output."""
+        with self._lock:
+            self._tick()
+
+    def _tick(self) -> None:
         now = time.monotonic()
         if self._pending and not self._pending.endswith("\n"):
             self._partial_since = self._partial_since or now
@@ -75,10 +83,14 @@ class LogWriter:
                 self._partial_since is not None
                 and now - self._partial_since >= PARTIAL_LINE_SECONDS
             ) or len(self._pending) > MAX_PENDING_CHARS
-            self.flush(partial=force)
+            self._flush(partial=force)
 
     def flush(self, partial: bool = True) -> None:
         """Store what is pending: everything, or only complete lines."""
+        with self._lock:
+            self._flush(partial)
+
+    def _flush(self, partial: bool) -> None:
         self._last_flush = time.monotonic()
         if partial:
             text, self._pending = self._pending, ""
@@ -90,8 +102,9 @@ class LogWriter:
             self._store(self.mask(text))
 
     def close(self) -> None:
-        self._pending += self._decoder.decode(b"", final=True)
-        self.flush()
+        with self._lock:
+            self._pending += self._decoder.decode(b"", final=True)
+            self._flush(partial=True)
 
     def __enter__(self) -> LogWriter:
         return self

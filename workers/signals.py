@@ -14,6 +14,7 @@ from celery import signals
 from sqlalchemy import update
 
 from cicd import db
+from cicd.config import load_settings
 from cicd.errors import BuildFailed
 from cicd.models import Stage, StageState, TaskStage, TaskState, TaskStatus, utcnow
 from workers.celery_app import STAGE_TASKS
@@ -86,6 +87,8 @@ def on_stage_success(sender: Any = None, result: Any = None, **_: Any) -> None:
     values: dict[str, Any] = {}
     if stage is Stage.PUBLISH:
         values = {"state": TaskState.SUCCESS, "finished_at": utcnow(), "exit_code": 0}
+        if isinstance(result, dict) and result.get("image"):
+            values.update(image=result["image"], image_digest=result.get("image_digest"))
     state = StageState.SKIPPED if skipped else StageState.SUCCESS
     _record(task_id, stage, state, sender.request.hostname, values)
 
@@ -118,3 +121,29 @@ def on_stage_failure(
 def on_pool_process_start(**_: Any) -> None:
     """A forked pool process must not reuse its parent's database connections."""
     db.reset()
+
+
+# --- worker nodes -------------------------------------------------------------------------
+
+
+def _remove_leftover_containers(sender: Any) -> None:
+    """Build containers of this node that outlived their build (a crash, a cold shutdown)."""
+    settings = load_settings()
+    node = getattr(sender, "hostname", None)
+    if settings.executor != "docker" or not node:
+        return
+    from workers.executors.docker import remove_node_containers
+
+    removed = remove_node_containers(settings, node)
+    if removed:
+        log.warning("%s: removed %d leftover build container(s)", node, removed)
+
+
+@signals.worker_ready.connect
+def on_worker_ready(sender: Any = None, **_: Any) -> None:
+    _remove_leftover_containers(sender)
+
+
+@signals.worker_shutdown.connect
+def on_worker_shutdown(sender: Any = None, **_: Any) -> None:
+    _remove_leftover_containers(sender)

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+from cicd.config import Settings
 from workers.executors.base import Executor, Step, StepResult
+from workers.executors.docker import DockerExecutor
 from workers.executors.shell import ShellExecutor
 
 __all__ = ["Executor", "Step", "StepResult", "get_executor"]
 
-_EXECUTORS: dict[str, type[Executor]] = {"shell": ShellExecutor}
 
-
-def get_executor(name: str) -> Executor:
-    """The executor called ``name`` (``CICD_EXECUTOR``)."""
-    return _EXECUTORS[name]()
+def get_executor(settings: Settings, node: str | None) -> Executor:
+    """The executor ``CICD_EXECUTOR`` names, for the worker node ``node``."""
+    if settings.executor == "docker":
+        return DockerExecutor(settings, node)
+    return ShellExecutor()

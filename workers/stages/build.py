@@ -9,15 +9,24 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from cicd.ciyaml import load_pipeline
-from cicd.config import load_settings
+from cicd.ciyaml import BuildSpec, load_pipeline
+from cicd.config import Settings, load_settings
 from cicd.errors import BuildFailed
+from cicd.languages import LANGUAGES
 from cicd.models import Stage
 from workers.celery_app import STAGE_TASKS, app
 from workers.executors import Step, get_executor
 from workers.stages import StageTask
 
-__all__ = ["build"]
+__all__ = ["build", "build_image"]
+
+
+def build_image(spec: BuildSpec, settings: Settings) -> str | None:
+    """The image to build in: ci.yaml's, else this agent's or OpsCD's default for the language."""
+    if spec.image:
+        return spec.image
+    defaults = LANGUAGES.get(spec.language or "")
+    return settings.language_image(spec.language) or (defaults.image if defaults else None)
 
 
 @app.task(name=STAGE_TASKS["build"], base=StageTask, bind=True, stage=Stage.BUILD)
@@ -28,20 +37,20 @@ def build(self: StageTask, ctx: dict[str, Any]) -> dict[str, Any]:
     pipeline = load_pipeline(checkout)
     spec = pipeline.build
     timeout = min(spec.timeout or settings.build_timeout, settings.max_build_timeout)
-    executor = get_executor(settings.executor)
-    environment = {**spec.env, **ctx.get("variables", {})}
+    executor = get_executor(settings, self.request.hostname)
     step = Step(
-        name="build",
-        commands=list(spec.script),
+        name=f"{ctx['task_id']}-build",
+        commands=spec.commands,
         workspace=checkout,
         workdir=spec.workdir if executor.name != "shell" else str(checkout),
-        environment=environment,
-        image=spec.image,
+        environment={**spec.env, **ctx.get("variables", {})},
+        image=build_image(spec, settings),
         timeout=timeout,
     )
     with self.log_writer(ctx) as log:
+        where = f" in {step.image}" if executor.name != "shell" else ""
         log.line(
-            f"Running {len(step.commands)} command(s) with the {executor.name} executor "
+            f"Running {len(step.commands)} command(s) with the {executor.name} executor{where} "
             f"on {self.request.hostname}, timeout {timeout}s"
         )
         result = executor.run(step, log.write)

@@ -1,17 +1,23 @@
-"""Stage 3, publish: build and push the image ``ci.yaml`` asks for, then remove the workspace.
+"""Stage 3, publish: build the image ``ci.yaml`` asks for, push it, then remove the workspace.
 
 A ``ci.yaml`` without a ``publish`` section builds no image: the stage is
-recorded as skipped. Image build and push run on a container engine, which
-arrives with the docker executor; until then a publish request fails clearly.
+recorded as skipped. Otherwise the image is built from the repository's
+Dockerfile (the build stage's outputs, such as ``target/*.jar``, are in the
+context), tagged ``<CICD_REGISTRY>/<project>:<branch>-<short sha>`` (tag
+pushes: ``:<tag>``), pushed, and its local copy removed.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
+from cicd.config import load_settings
 from cicd.errors import StageError
 from cicd.models import Stage
 from workers.celery_app import STAGE_TASKS, app
+from workers.executors.docker import docker_client
+from workers.registry import build_image, image_reference, push_image, remove_image
 from workers.stages import StageTask
 from workers.workspace import remove_workspace
 
@@ -21,13 +27,42 @@ __all__ = ["publish"]
 @app.task(name=STAGE_TASKS["publish"], base=StageTask, bind=True, stage=Stage.PUBLISH)
 def publish(self: StageTask, ctx: dict[str, Any]) -> dict[str, Any]:
     """Publish the image, or record that none was asked for; the build ends here."""
+    spec = ctx.get("pipeline", {}).get("publish")
     with self.log_writer(ctx) as log:
-        if not ctx.get("pipeline", {}).get("publish"):
+        if not spec:
             log.line("Publish skipped: ci.yaml has no publish section")
             remove_workspace(ctx.get("workspace"))
             return {**ctx, "skipped": Stage.PUBLISH.value}
-    raise StageError(
-        "image build",
-        "ci.yaml asks for an image, but this agent has no container engine configured",
-        "run the agent with CICD_EXECUTOR=docker, or remove the publish section",
-    )
+
+        settings = load_settings()
+        if not settings.registry:
+            raise StageError(
+                "image push",
+                "ci.yaml asks for an image, but this agent has no registry to push to",
+                "set CICD_REGISTRY (and its credentials) on the agent, or remove publish",
+            )
+        variables = ctx["variables"]
+        ref_type = "tag" if "CI_COMMIT_TAG" in variables else "branch"
+        repository, tag = image_reference(
+            settings.registry,
+            variables["CI_PROJECT_PATH"],
+            ref_type,
+            variables["CI_COMMIT_REF_NAME"],
+            variables["CI_COMMIT_SHA"],
+        )
+        reference = f"{repository}:{tag}"
+        labels = {
+            "org.opencontainers.image.revision": variables["CI_COMMIT_SHA"],
+            "org.opencontainers.image.ref.name": variables["CI_COMMIT_REF_NAME"],
+            "dev.opscd.task": str(ctx["task_id"]),
+        }
+        client = docker_client(settings)
+        try:
+            build_image(client, Path(ctx["checkout"]), spec, reference, labels, settings, log.write)
+            digest = push_image(client, repository, tag, settings, log.write)
+        finally:
+            remove_image(client, reference)
+            client.close()
+        log.line(f"Pushed {reference}" + (f" ({digest})" if digest else ""))
+    remove_workspace(ctx.get("workspace"))
+    return {**ctx, "image": reference, "image_digest": digest}

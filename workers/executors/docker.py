@@ -1,0 +1,165 @@
+"""Docker executor: runs the build script in a container of ``build.image``, on any Engine API.
+
+Works against Docker or podman's compatible API (``CICD_DOCKER_HOST`` /
+``DOCKER_HOST``). The exit code decides; the timeout kills the container; the
+container is removed in every case, and containers a crashed worker left
+behind are removed when the node starts or stops (found by their labels).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+import uuid
+
+import docker
+import requests
+from docker.errors import APIError, DockerException, ImageNotFound, NotFound
+from docker.models.containers import Container
+
+from cicd.config import Settings, load_settings
+from cicd.errors import StageError
+from workers.executors.base import Executor, OutputSink, Step, StepResult
+from workers.executors.convert import LABEL_NODE, LABEL_TASK, container_options
+
+__all__ = ["DockerExecutor", "docker_client", "remove_node_containers"]
+
+TICK_SECONDS = 0.25
+#: Seconds to wait for an engine API call that should be quick (create, kill, remove).
+API_TIMEOUT = 120
+
+
+def docker_client(settings: Settings) -> docker.DockerClient:
+    """A client of this agent's engine, or a :class:`StageError` saying it cannot be reached."""
+    base_url = (
+        settings.docker_host or os.environ.get("DOCKER_HOST") or "unix:///var/run/docker.sock"
+    )
+    try:
+        client = docker.DockerClient(base_url=base_url, timeout=API_TIMEOUT)
+        client.ping()
+    except (DockerException, requests.RequestException) as error:
+        raise StageError(
+            "docker",
+            f"cannot reach the container engine at {base_url}: {error}",
+            "start Docker (or `podman system service`) on this agent, or set CICD_DOCKER_HOST",
+        ) from None
+    return client
+
+
+class DockerExecutor(Executor):
+    name = "docker"
+
+    def __init__(self, settings: Settings | None = None, node: str | None = None) -> None:
+        self.settings = settings or load_settings()
+        self.node = node or "unknown"
+
+    def run(self, step: Step, output: OutputSink) -> StepResult:
+        if not step.image:
+            raise StageError(
+                "docker run",
+                "no image to run the build in",
+                "set build.image in ci.yaml, or a build.language with a default image",
+            )
+        if self.settings.maven_settings and not self.settings.maven_settings.is_file():
+            raise StageError(
+                "docker run",
+                f"CICD_MAVEN_SETTINGS={self.settings.maven_settings} is not a file on this agent",
+            )
+        client = docker_client(self.settings)
+        try:
+            self._ensure_image(client, step.image, output)
+            labels = {LABEL_TASK: step.name, LABEL_NODE: self.node}
+            name = f"opscd-{step.name}-{uuid.uuid4().hex[:8]}"
+            try:
+                container = client.containers.create(
+                    **container_options(step, self.settings, name, labels)
+                )
+            except APIError as error:
+                raise StageError("docker create", _explain(error)) from None
+            try:
+                return self._run_container(container, step, output)
+            finally:
+                _remove(container)
+        finally:
+            client.close()
+
+    def _ensure_image(self, client: docker.DockerClient, image: str, output: OutputSink) -> None:
+        policy = self.settings.docker_pull
+        if policy != "always":
+            try:
+                client.images.get(image)
+                return
+            except ImageNotFound:
+                if policy == "never":
+                    raise StageError(
+                        "docker run",
+                        f"image {image!r} is not on this agent and CICD_DOCKER_PULL=never",
+                        "check build.image in ci.yaml, or load the image on the agent",
+                    ) from None
+        output(f"Pulling {image}\n".encode())
+        try:
+            client.images.pull(image)
+        except (APIError, NotFound) as error:
+            raise StageError(
+                "docker pull",
+                f"image {image!r} could not be pulled: {_explain(error)}",
+                "check build.image in ci.yaml",
+            ) from None
+
+    def _run_container(self, container: Container, step: Step, output: OutputSink) -> StepResult:
+        """Start, stream the output until the container ends, kill it at the deadline."""
+        container.start()
+        reader = threading.Thread(target=_copy_logs, args=(container, output), daemon=True)
+        reader.start()
+        deadline = time.monotonic() + step.timeout
+        timed_out = False
+        while reader.is_alive():
+            reader.join(TICK_SECONDS)
+            output(b"")
+            if not timed_out and time.monotonic() >= deadline:
+                timed_out = True
+                _kill(container)
+        status = container.wait(timeout=API_TIMEOUT)
+        return StepResult(exit_code=int(status.get("StatusCode", -1)), timed_out=timed_out)
+
+
+def _copy_logs(container: Container, output: OutputSink) -> None:
+    try:
+        for chunk in container.logs(stream=True, follow=True, stdout=True, stderr=True):
+            output(chunk)
+    except (APIError, requests.RequestException) as error:
+        output(f"\n[opscd] log stream interrupted: {error}\n".encode())
+
+
+def _kill(container: Container) -> None:
+    try:
+        container.kill()
+    except (APIError, NotFound):
+        pass  # it ended on its own meanwhile
+
+
+def _remove(container: Container) -> None:
+    try:
+        container.remove(force=True, v=True)
+    except NotFound:
+        pass
+
+
+def _explain(error: DockerException) -> str:
+    return getattr(error, "explanation", None) or str(error)
+
+
+def remove_node_containers(settings: Settings, node: str) -> int:
+    """Remove every build container this node left (after a crash or on shutdown)."""
+    try:
+        client = docker_client(settings)
+    except StageError:
+        return 0
+    removed = 0
+    with client:
+        leftovers = client.containers.list(all=True, filters={"label": f"{LABEL_NODE}={node}"})
+        for container in leftovers:
+            _remove(container)
+            removed += 1
+    return removed
