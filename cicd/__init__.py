@@ -13,7 +13,9 @@ from flask import Flask, Response, jsonify
 
 from cicd.config import Settings, load_settings
 
-__all__ = ["create_app"]
+__all__ = ["create_app", "__version__"]
+
+__version__ = "0.1.0"
 
 
 def create_app(settings: Settings | None = None) -> Flask:
@@ -24,6 +26,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.config.update(
         WEBHOOK_SECRET=settings.require_webhook_secret(),
         PUBLIC_URL=settings.public_url,
+        AGENT_OFFLINE_AFTER=settings.agent_offline_after,
         MAX_CONTENT_LENGTH=settings.max_body_bytes,
         JSON_SORT_KEYS=False,
     )

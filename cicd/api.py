@@ -2,13 +2,26 @@
 
 from __future__ import annotations
 
+import datetime as dt
+import time
+from collections.abc import Iterator
 from typing import Any
 
 from flask import Blueprint, Response, current_app, jsonify, request, url_for
 from sqlalchemy import select
 
 from cicd import db
-from cicd.models import STAGES, TaskDetail, TaskLog, TaskStage, TaskState, TaskStatus
+from cicd.models import (
+    STAGES,
+    AgentState,
+    TaskDetail,
+    TaskLog,
+    TaskStage,
+    TaskState,
+    TaskStatus,
+    utcnow,
+)
+from cicd.queue import BrokerUnavailable, revoke_build, send_task
 
 __all__ = ["bp", "task_to_dict", "external_url"]
 
@@ -60,6 +73,7 @@ def task_to_dict(task: TaskDetail, stages: list[TaskStage] | None = None) -> dic
         "error": status.error,
         "image": status.image,
         "image_digest": status.image_digest,
+        "retry_of": task.retry_of,
         "created_at": _iso(task.created_at),
         "queued_at": _iso(status.queued_at),
         "enqueued_at": _iso(status.enqueued_at),
@@ -86,6 +100,35 @@ def _error(status: int, message: str) -> Response:
     response = jsonify(error=message)
     response.status_code = status
     return response
+
+
+def agent_to_dict(agent: AgentState, offline_after: float, now: dt.datetime) -> dict[str, Any]:
+    """One worker node; ``online`` is false once its heartbeats stop, whatever the row says."""
+    age = (now - agent.last_heartbeat).total_seconds()
+    return {
+        "hostname": agent.hostname,
+        "online": agent.online and age <= offline_after,
+        "concurrency": agent.concurrency,
+        "active": agent.active,
+        "processed": agent.processed,
+        "loadavg": agent.loadavg,
+        "sw_version": agent.sw_version,
+        "first_seen": _iso(agent.first_seen),
+        "last_heartbeat": _iso(agent.last_heartbeat),
+        "seconds_since_heartbeat": round(age, 3),
+    }
+
+
+@bp.get("/agents")
+def list_agents() -> Response:
+    """Every worker node that ever heartbeated, online first."""
+    offline_after = current_app.config["AGENT_OFFLINE_AFTER"]
+    with db.session() as session:
+        agents = session.scalars(select(AgentState).order_by(AgentState.hostname)).all()
+        now = utcnow()
+        rows = [agent_to_dict(a, offline_after, now) for a in agents]
+    rows.sort(key=lambda a: not a["online"])
+    return jsonify(agents=rows)
 
 
 @bp.get("/tasks")
@@ -128,11 +171,106 @@ def get_task(task_id: int) -> Response:
 
 @bp.get("/tasks/<int:task_id>/log")
 def get_log(task_id: int) -> Response:
-    """The build's whole log so far, as plain text."""
+    """The build's log so far as plain text; ``?follow=1`` streams it live (Server-Sent Events).
+
+    The stream sends each new chunk as an event whose ``id`` is the chunk's
+    row id (a reconnecting client sends ``Last-Event-ID`` and misses nothing),
+    and an ``end`` event with the final state once the build is finished.
+    """
     with db.session() as session:
         if session.get(TaskDetail, task_id) is None:
             return _error(404, f"no task {task_id}")
-        chunks = session.scalars(
-            select(TaskLog.content).where(TaskLog.task_id == task_id).order_by(TaskLog.id)
+        if request.args.get("follow") not in ("1", "true", "yes"):
+            chunks = session.scalars(
+                select(TaskLog.content).where(TaskLog.task_id == task_id).order_by(TaskLog.id)
+            )
+            return Response("".join(chunks), mimetype="text/plain")
+    after = int(request.headers.get("Last-Event-ID", "0") or 0)
+    response = Response(_follow(task_id, after), mimetype="text/event-stream")
+    response.headers["Cache-Control"] = "no-cache"
+    response.headers["X-Accel-Buffering"] = "no"  # tell proxies not to hold events back
+    return response
+
+
+FOLLOW_POLL_SECONDS = 0.5
+FOLLOW_KEEPALIVE_SECONDS = 15
+
+
+def _follow(task_id: int, after: int) -> Iterator[str]:
+    """New log rows as SSE events until the task is finished and everything was sent."""
+    quiet_since = time.monotonic()
+    while True:
+        with db.session() as session:
+            state = session.scalar(select(TaskStatus.state).where(TaskStatus.task_id == task_id))
+            rows = session.execute(
+                select(TaskLog.id, TaskLog.content)
+                .where(TaskLog.task_id == task_id, TaskLog.id > after)
+                .order_by(TaskLog.id)
+            ).all()
+        for row_id, content in rows:
+            after = row_id
+            data = "\n".join(f"data: {line}" for line in content.split("\n"))
+            yield f"id: {row_id}\n{data}\n\n"
+        if rows:
+            quiet_since = time.monotonic()
+        elif state is not None and state.finished:
+            yield f"event: end\ndata: {state.value}\n\n"
+            return
+        elif time.monotonic() - quiet_since > FOLLOW_KEEPALIVE_SECONDS:
+            quiet_since = time.monotonic()
+            yield ": keep-alive\n\n"
+        time.sleep(FOLLOW_POLL_SECONDS)
+
+
+@bp.post("/tasks/<int:task_id>/cancel")
+def cancel_task(task_id: int) -> Response:
+    """Stop a queued or running build: its state becomes ``canceled`` at once.
+
+    A running build script is killed (process group or container) within a
+    second or two by its executor; stages still queued are revoked and, should
+    one be delivered anyway, refuse to start.
+    """
+    with db.session() as session:
+        status = session.scalar(
+            select(TaskStatus).where(TaskStatus.task_id == task_id).with_for_update()
         )
-        return Response("".join(chunks), mimetype="text/plain")
+        if status is None:
+            return _error(404, f"no task {task_id}")
+        if status.state.finished:
+            return _error(409, f"task {task_id} is already {status.state.value}")
+        status.state, status.finished_at = TaskState.CANCELED, utcnow()
+        status.error = "canceled"
+        session.commit()
+    revoke_build(task_id)
+    return get_task(task_id)
+
+
+@bp.post("/tasks/<int:task_id>/retry")
+def retry_task(task_id: int) -> Response:
+    """Run the same commit again as a new task (``retry_of`` points back)."""
+    with db.session() as session:
+        task = session.get(TaskDetail, task_id)
+        if task is None:
+            return _error(404, f"no task {task_id}")
+        copy = TaskDetail(
+            **{column: getattr(task, column) for column in RETRY_COPIES},
+            retry_of=task.id,
+        )
+        copy.status = TaskStatus(state=TaskState.QUEUED, queued_at=utcnow())
+        session.add(copy)
+        session.commit()
+        new_id = copy.id
+    try:
+        send_task(new_id)
+    except BrokerUnavailable:
+        return _error(503, f"broker unavailable; task {new_id} was recorded as failed")
+    response = get_task(new_id)
+    response.status_code = 202
+    return response
+
+
+#: What a retry copies from the task it runs again; the delivery id stays with the first.
+RETRY_COPIES = (
+    "forge", "project", "clone_url", "web_url", "ref_type", "ref_name", "commit_sha",
+    "before_sha", "commit_message", "commit_author", "pusher",
+)  # fmt: skip

@@ -45,15 +45,8 @@ def web(bind: str, workers: int) -> None:
         settings.require_webhook_secret()
     except ConfigError as error:
         raise click.ClickException(str(error)) from None
-    args = [
-        "gunicorn",
-        "--no-control-socket",
-        "--bind",
-        bind,
-        "--workers",
-        str(workers),
-        "cicd:create_app()",
-    ]
+    args = ["gunicorn", "--no-control-socket", "--bind", bind, "--workers", str(workers),
+            "--worker-class", "gthread", "--threads", "8", "cicd:create_app()"]  # fmt: skip
     os.execvp(sys.executable, [sys.executable, "-m", *args])
 
 

@@ -104,6 +104,12 @@ class Settings(BaseSettings):
         description="Seconds before Redis redelivers an unacknowledged stage; "
         "default max_build_timeout + 1 h, must exceed max_build_timeout",
     )
+    agent_offline_after: float = Field(
+        default=10.0,
+        gt=0,
+        description="Seconds without a heartbeat after which an agent is shown offline "
+        "(agents heartbeat every 2 s)",
+    )
     public_url: str | None = Field(
         default=None,
         description="Base URL of the web process used in links; default: the request's own",

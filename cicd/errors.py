@@ -14,6 +14,7 @@ __all__ = [
     "PipelineError",
     "StageError",
     "BuildFailed",
+    "BuildCanceled",
 ]
 
 
@@ -65,3 +66,7 @@ class BuildFailed(OpsCDError):
 
     def __reduce__(self) -> tuple:
         return type(self), (self.exit_code, str(self))
+
+
+class BuildCanceled(OpsCDError):
+    """Someone canceled the build while it ran; its processes or container were killed."""

@@ -81,6 +81,7 @@ class StageState(enum.StrEnum):
     SUCCESS = "success"
     FAILED = "failed"
     SKIPPED = "skipped"
+    CANCELED = "canceled"
 
 
 class RefType(enum.StrEnum):
@@ -119,6 +120,9 @@ class TaskDetail(Base):
     commit_message: Mapped[str | None] = mapped_column(Text)
     commit_author: Mapped[str | None] = mapped_column(String(255))
     pusher: Mapped[str | None] = mapped_column(String(255))
+    retry_of: Mapped[int | None] = mapped_column(
+        Id, ForeignKey("task_details.id", ondelete="SET NULL")
+    )
     created_at: Mapped[dt.datetime] = mapped_column(Timestamp, default=utcnow)
 
     status: Mapped[TaskStatus] = relationship(back_populates="detail", lazy="joined")

@@ -1,7 +1,9 @@
 """The one place that sends builds to the broker: the clone → build → publish chain.
 
-Callers commit the task's rows first, then call :func:`enqueue_build`; only ids
-and plain dicts travel through the broker (JSON), never ORM objects.
+Callers commit the task's rows first, then call :func:`send_task`; only ids and
+plain dicts travel through the broker (JSON), never ORM objects. A task the
+broker did not take is marked failed with ``enqueued_at`` empty, so it never
+sits ``queued`` forever and a redelivery of its webhook can send it again.
 """
 
 from __future__ import annotations
@@ -9,11 +11,23 @@ from __future__ import annotations
 from celery import chain
 from kombu.exceptions import KombuError
 from redis.exceptions import RedisError
+from sqlalchemy import update
 
+from cicd import db
 from cicd.errors import OpsCDError
+from cicd.models import TaskState, TaskStatus, utcnow
 from workers.celery_app import BUILD_QUEUE, STAGE_TASKS, app
 
-__all__ = ["BrokerUnavailable", "enqueue_build", "stage_task_id"]
+__all__ = [
+    "BrokerUnavailable",
+    "BROKER_DOWN",
+    "send_task",
+    "enqueue_build",
+    "revoke_build",
+    "stage_task_id",
+]
+
+BROKER_DOWN = "not sent to the broker (unavailable); waiting for the forge to redeliver"
 
 
 class BrokerUnavailable(OpsCDError):
@@ -36,3 +50,31 @@ def enqueue_build(task_id: int, queue: str = BUILD_QUEUE) -> None:
         chain(*signatures).apply_async(queue=queue)
     except (KombuError, RedisError, OSError) as error:
         raise BrokerUnavailable(f"could not send build {task_id} to the broker: {error}") from None
+
+
+def send_task(task_id: int) -> None:
+    """Enqueue a committed task and record the outcome; raises :class:`BrokerUnavailable`."""
+    try:
+        enqueue_build(task_id)
+    except BrokerUnavailable:
+        _set_status(task_id, state=TaskState.FAILED, error=BROKER_DOWN, finished_at=utcnow())
+        raise
+    _set_status(task_id, enqueued_at=utcnow())
+
+
+def revoke_build(task_id: int) -> None:
+    """Tell every worker to drop the build's stages still in the queue (best effort).
+
+    Workers keep revoked ids in memory only; the stages also check the task's
+    state before they start, so a canceled build never runs even without this.
+    """
+    try:
+        app.control.revoke([stage_task_id(task_id, stage) for stage in STAGE_TASKS])
+    except (KombuError, RedisError, OSError):
+        pass
+
+
+def _set_status(task_id: int, **values: object) -> None:
+    with db.session() as session:
+        session.execute(update(TaskStatus).where(TaskStatus.task_id == task_id).values(**values))
+        session.commit()

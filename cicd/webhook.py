@@ -21,14 +21,12 @@ from cicd.api import external_url
 from cicd.errors import PayloadError
 from cicd.forges import Ignored, PushEvent, gitlab
 from cicd.models import RefType, TaskDetail, TaskState, TaskStatus, utcnow
-from cicd.queue import BrokerUnavailable, enqueue_build
+from cicd.queue import BrokerUnavailable, send_task
 
 __all__ = ["bp"]
 
 log = logging.getLogger(__name__)
 bp = Blueprint("webhook", __name__)
-
-BROKER_DOWN = "not sent to the broker (unavailable); waiting for the forge to redeliver"
 
 
 def _answer(status: int, **body: object) -> tuple[Response, int]:
@@ -94,19 +92,11 @@ def _redelivery(session: Session, event: PushEvent, error: IntegrityError) -> tu
 
 def _enqueue(task_id: int, status: int) -> tuple[Response, int]:
     try:
-        enqueue_build(task_id)
+        send_task(task_id)
     except BrokerUnavailable as error:
         log.error("webhook: %s", error)
-        _set_status(task_id, state=TaskState.FAILED, error=BROKER_DOWN, finished_at=utcnow())
         return _answer(503, task_id=task_id, error="broker unavailable; redeliver later")
-    _set_status(task_id, enqueued_at=utcnow())
     return _answer(status, task_id=task_id, url=_task_url(task_id), state="queued")
-
-
-def _set_status(task_id: int, **values: object) -> None:
-    with db.session() as session:
-        session.execute(update(TaskStatus).where(TaskStatus.task_id == task_id).values(**values))
-        session.commit()
 
 
 def _task_url(task_id: int) -> str:

@@ -19,10 +19,12 @@ CREATE TABLE IF NOT EXISTS task_details (
     commit_message  TEXT          NULL,
     commit_author   VARCHAR(255)  NULL,
     pusher          VARCHAR(255)  NULL,
+    retry_of        BIGINT        NULL,                  -- the task this one runs again
     created_at      DATETIME(6)   NOT NULL,
     PRIMARY KEY (id),
     CONSTRAINT uq_task_details_delivery UNIQUE (forge, delivery_id),
-    INDEX ix_task_details_project_ref (project, ref_name)
+    INDEX ix_task_details_project_ref (project, ref_name),
+    FOREIGN KEY (retry_of) REFERENCES task_details (id) ON DELETE SET NULL
 ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin;
 
 -- Where the build is: one row per task, kept current by the workers' Celery signals.
@@ -49,7 +51,7 @@ CREATE TABLE IF NOT EXISTS task_states (
 CREATE TABLE IF NOT EXISTS task_stages (
     task_id      BIGINT       NOT NULL,
     stage        ENUM('clone','build','publish') NOT NULL,
-    state        ENUM('running','success','failed','skipped') NOT NULL,
+    state        ENUM('running','success','failed','skipped','canceled') NOT NULL,
     worker       VARCHAR(255) NULL,
     started_at   DATETIME(6)  NOT NULL,
     finished_at  DATETIME(6)  NULL,

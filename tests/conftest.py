@@ -182,7 +182,8 @@ def start_web(opscd_env: dict[str, str], tmp_path_factory) -> Iterator:
     def start(**overrides: str) -> str:
         port = free_port()
         args = [sys.executable, "-m", "gunicorn", "--no-control-socket",
-                "--bind", f"127.0.0.1:{port}", "--workers", "2", "cicd:create_app()"]  # fmt: skip
+                "--bind", f"127.0.0.1:{port}", "--workers", "2", "--worker-class", "gthread",
+                "--threads", "8", "cicd:create_app()"]  # fmt: skip
         process = Process(f"web-{port}", args, {**opscd_env, **overrides}, log_dir)
         processes.append(process)
         base = f"http://127.0.0.1:{port}"

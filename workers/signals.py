@@ -11,12 +11,13 @@ import logging
 from typing import Any
 
 from celery import signals
-from sqlalchemy import update
+from sqlalchemy import select
 
 from cicd import db
 from cicd.config import load_settings
 from cicd.errors import BuildFailed
 from cicd.models import Stage, StageState, TaskStage, TaskState, TaskStatus, utcnow
+from workers import heartbeats
 from workers.celery_app import STAGE_TASKS
 
 __all__: list[str] = []
@@ -36,26 +37,34 @@ def _build_of(sender: Any, args: Any) -> tuple[int, Stage] | None:
 def _record(
     task_id: int, stage: Stage, stage_state: StageState, worker: str | None, task: dict[str, Any]
 ) -> None:
-    """Write the stage row and the task row in one transaction; a failure is logged, not raised."""
+    """Write the stage row and the task row in one transaction; a failure is logged, not raised.
+
+    A canceled build stays canceled whatever its stages report afterwards: the
+    task row is locked while it is read, so a cancel cannot slip in between.
+    """
     now = utcnow()
     try:
         with db.session() as session:
-            row = session.get(TaskStage, (task_id, stage)) or TaskStage(
-                task_id=task_id, stage=stage, started_at=now
+            status = session.scalar(
+                select(TaskStatus).where(TaskStatus.task_id == task_id).with_for_update()
             )
+            if status is None:
+                return
+            row = session.get(TaskStage, (task_id, stage))
+            if status.state is TaskState.CANCELED:
+                if row is not None and row.state is StageState.RUNNING:
+                    row.state, row.finished_at = StageState.CANCELED, now
+                session.commit()
+                return
+            row = row or TaskStage(task_id=task_id, stage=stage, started_at=now)
             if stage_state is StageState.RUNNING:
                 row.started_at, row.finished_at = now, None
             else:
                 row.finished_at = now
             row.state, row.worker = stage_state, worker or row.worker
             session.add(row)
-            if task:
-                # A canceled build stays canceled whatever its stages report.
-                session.execute(
-                    update(TaskStatus)
-                    .where(TaskStatus.task_id == task_id, TaskStatus.state != TaskState.CANCELED)
-                    .values(updated_at=now, **task)
-                )
+            for key, value in task.items():
+                setattr(status, key, value)
             session.commit()
     except Exception:
         log.exception("task %s: could not record %s %s", task_id, stage, stage_state)
@@ -141,9 +150,22 @@ def _remove_leftover_containers(sender: Any) -> None:
 
 @signals.worker_ready.connect
 def on_worker_ready(sender: Any = None, **_: Any) -> None:
+    """The node is up: its agent row says so, and what a crash left behind goes."""
+    heartbeats.node = heartbeats.Node(
+        hostname=sender.hostname, concurrency=sender.controller.concurrency
+    )
+    heartbeats.record_heartbeat(heartbeats.node)
     _remove_leftover_containers(sender)
+
+
+@signals.heartbeat_sent.connect
+def on_heartbeat(**_: Any) -> None:
+    if heartbeats.node is not None:
+        heartbeats.record_heartbeat(heartbeats.node)
 
 
 @signals.worker_shutdown.connect
 def on_worker_shutdown(sender: Any = None, **_: Any) -> None:
     _remove_leftover_containers(sender)
+    if heartbeats.node is not None:
+        heartbeats.record_offline(heartbeats.node)

@@ -8,12 +8,13 @@ error: it is a :class:`StepResult` with a non-zero exit code.
 from __future__ import annotations
 
 import shlex
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["Step", "StepResult", "Executor", "OutputSink", "shell_script"]
+__all__ = ["Step", "StepResult", "Executor", "OutputSink", "Watchdog", "shell_script"]
 
 #: Receives output as it arrives; called often, also with ``b""`` as a clock tick.
 OutputSink = Callable[[bytes], None]
@@ -30,6 +31,8 @@ class Step:
     environment: dict[str, str] = field(default_factory=dict)
     image: str | None = None
     timeout: float = 3600
+    #: Asked about once a second; True stops the step (a user canceled the build).
+    canceled: Callable[[], bool] = field(default=lambda: False, compare=False)
 
 
 @dataclass(frozen=True)
@@ -38,10 +41,11 @@ class StepResult:
 
     exit_code: int
     timed_out: bool = False
+    canceled: bool = False
 
     @property
     def ok(self) -> bool:
-        return self.exit_code == 0 and not self.timed_out
+        return self.exit_code == 0 and not self.timed_out and not self.canceled
 
 
 class Executor(ABC):
@@ -52,6 +56,37 @@ class Executor(ABC):
     @abstractmethod
     def run(self, step: Step, output: OutputSink) -> StepResult:
         """Run ``step`` to its end or its timeout, streaming its output to ``output``."""
+
+
+class Watchdog:
+    """Tells a running step when to stop: at its deadline, or when it was canceled."""
+
+    CANCEL_POLL_SECONDS = 1.0
+
+    def __init__(self, step: Step) -> None:
+        self.step = step
+        self.deadline = time.monotonic() + step.timeout
+        self._next_poll = time.monotonic() + self.CANCEL_POLL_SECONDS
+        self.timed_out = False
+        self.canceled = False
+
+    def should_stop(self) -> bool:
+        """True once, the first time the step must be killed; call it on every tick."""
+        if self.timed_out or self.canceled:
+            return False
+        now = time.monotonic()
+        if now >= self.deadline:
+            self.timed_out = True
+            return True
+        if now >= self._next_poll:
+            self._next_poll = now + self.CANCEL_POLL_SECONDS
+            if self.step.canceled():
+                self.canceled = True
+                return True
+        return False
+
+    def result(self, exit_code: int) -> StepResult:
+        return StepResult(exit_code=exit_code, timed_out=self.timed_out, canceled=self.canceled)
 
 
 def shell_script(commands: list[str]) -> str:

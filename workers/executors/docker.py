@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import threading
-import time
 import uuid
 
 import docker
@@ -20,7 +19,7 @@ from docker.models.containers import Container
 
 from cicd.config import Settings, load_settings
 from cicd.errors import StageError
-from workers.executors.base import Executor, OutputSink, Step, StepResult
+from workers.executors.base import Executor, OutputSink, Step, StepResult, Watchdog
 from workers.executors.convert import LABEL_NODE, LABEL_TASK, container_options
 
 __all__ = ["DockerExecutor", "docker_client", "remove_node_containers"]
@@ -112,16 +111,14 @@ class DockerExecutor(Executor):
         container.start()
         reader = threading.Thread(target=_copy_logs, args=(container, output), daemon=True)
         reader.start()
-        deadline = time.monotonic() + step.timeout
-        timed_out = False
+        watchdog = Watchdog(step)
         while reader.is_alive():
             reader.join(TICK_SECONDS)
             output(b"")
-            if not timed_out and time.monotonic() >= deadline:
-                timed_out = True
+            if watchdog.should_stop():
                 _kill(container)
         status = container.wait(timeout=API_TIMEOUT)
-        return StepResult(exit_code=int(status.get("StatusCode", -1)), timed_out=timed_out)
+        return watchdog.result(int(status.get("StatusCode", -1)))
 
 
 def _copy_logs(container: Container, output: OutputSink) -> None:

@@ -11,9 +11,8 @@ import os
 import selectors
 import signal
 import subprocess
-import time
 
-from workers.executors.base import Executor, OutputSink, Step, StepResult, shell_script
+from workers.executors.base import Executor, OutputSink, Step, StepResult, Watchdog, shell_script
 
 __all__ = ["ShellExecutor"]
 
@@ -40,13 +39,11 @@ class ShellExecutor(Executor):
             stderr=subprocess.STDOUT,
             start_new_session=True,  # its own process group, killed as one
         )
-        deadline = time.monotonic() + step.timeout
-        timed_out = False
+        watchdog = Watchdog(step)
         with selectors.DefaultSelector() as selector:
             selector.register(process.stdout, selectors.EVENT_READ)
             while True:
-                if not timed_out and time.monotonic() >= deadline:
-                    timed_out = True
+                if watchdog.should_stop():
                     _kill_group(process)
                 if selector.select(TICK_SECONDS):
                     chunk = os.read(process.stdout.fileno(), 65536)
@@ -60,7 +57,7 @@ class ShellExecutor(Executor):
         process.stdout.close()
         code = process.wait()
         _kill_leftovers(process)
-        return StepResult(exit_code=128 - code if code < 0 else code, timed_out=timed_out)
+        return watchdog.result(128 - code if code < 0 else code)
 
 
 def _kill_leftovers(process: subprocess.Popen) -> None:

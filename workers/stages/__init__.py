@@ -14,14 +14,17 @@ import logging
 from typing import Any
 
 from celery import Task
+from celery.exceptions import Ignore
+from sqlalchemy import select
 
+from cicd import db
 from cicd.config import load_settings
-from cicd.errors import OpsCDError
-from cicd.models import Stage
+from cicd.errors import BuildCanceled, OpsCDError
+from cicd.models import Stage, TaskState, TaskStatus
 from workers.logs import LogWriter, Masker
 from workers.workspace import remove_workspace
 
-__all__ = ["StageTask", "masker", "describe_error"]
+__all__ = ["StageTask", "masker", "describe_error", "is_canceled"]
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +33,13 @@ log = logging.getLogger(__name__)
 def masker() -> Masker:
     """Masks every credential this worker knows."""
     return Masker(load_settings().secrets())
+
+
+def is_canceled(task_id: int) -> bool:
+    """Whether someone canceled the build; stages and executors ask while they work."""
+    with db.session() as session:
+        state = session.scalar(select(TaskStatus.state).where(TaskStatus.task_id == task_id))
+    return state is TaskState.CANCELED
 
 
 def describe_error(error: BaseException) -> str:
@@ -47,6 +57,13 @@ class StageTask(Task):
     #: a stage that raises is not retried: a failed build is a result.
     max_retries = 0
 
+    def before_start(self, task_id: str, args: tuple, kwargs: dict) -> None:
+        """A build canceled while this stage waited in the queue does not start it."""
+        ctx = args[0] if args and isinstance(args[0], dict) else {}
+        if "task_id" in ctx and is_canceled(int(ctx["task_id"])):
+            remove_workspace(ctx.get("workspace"))
+            raise Ignore()
+
     def log_writer(self, ctx: dict[str, Any]) -> LogWriter:
         return LogWriter(int(ctx["task_id"]), self.stage, masker())
 
@@ -54,7 +71,10 @@ class StageTask(Task):
         ctx = args[0] if args and isinstance(args[0], dict) else {}
         if "task_id" in ctx:
             with self.log_writer(ctx) as writer:
-                writer.line(f"ERROR: {self.stage} failed: {describe_error(exc)}")
+                if isinstance(exc, BuildCanceled):
+                    writer.line(f"Canceled during {self.stage}")
+                else:
+                    writer.line(f"ERROR: {self.stage} failed: {describe_error(exc)}")
         try:
             remove_workspace(ctx.get("workspace"))
         except ValueError:

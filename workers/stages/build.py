@@ -6,17 +6,18 @@ that code (:class:`~cicd.errors.BuildFailed`); the log keeps the output.
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Any
 
 from cicd.ciyaml import BuildSpec, load_pipeline
 from cicd.config import Settings, load_settings
-from cicd.errors import BuildFailed
+from cicd.errors import BuildCanceled, BuildFailed
 from cicd.languages import LANGUAGES
 from cicd.models import Stage
 from workers.celery_app import STAGE_TASKS, app
 from workers.executors import Step, get_executor
-from workers.stages import StageTask
+from workers.stages import StageTask, is_canceled
 
 __all__ = ["build", "build_image"]
 
@@ -46,6 +47,7 @@ def build(self: StageTask, ctx: dict[str, Any]) -> dict[str, Any]:
         environment={**spec.env, **ctx.get("variables", {})},
         image=build_image(spec, settings),
         timeout=timeout,
+        canceled=functools.partial(is_canceled, int(ctx["task_id"])),
     )
     with self.log_writer(ctx) as log:
         where = f" in {step.image}" if executor.name != "shell" else ""
@@ -54,6 +56,8 @@ def build(self: StageTask, ctx: dict[str, Any]) -> dict[str, Any]:
             f"on {self.request.hostname}, timeout {timeout}s"
         )
         result = executor.run(step, log.write)
+        if result.canceled:
+            raise BuildCanceled("canceled while the build script ran")
         if result.timed_out:
             log.line(f"Build timed out after {timeout}s; its processes were killed")
             raise BuildFailed(result.exit_code, f"build timed out after {timeout}s")
