@@ -138,6 +138,7 @@ def opscd_env(database_url: str, broker_url: str, tmp_path_factory) -> dict[str,
         CICD_GIT_PASSWORD=GIT_PASSWORD,
         CICD_WORKSPACE_DIR=str(tmp_path_factory.mktemp("workspaces")),
         CICD_EXECUTOR="shell",
+        CICD_AGENT_OFFLINE_AFTER="6",
         # This stack has no container engine: publishing must fail clearly.
         CICD_DOCKER_HOST="unix:///nonexistent/docker.sock",
         CICD_REGISTRY="127.0.0.1:9/opscd",
@@ -209,22 +210,27 @@ def web(start_web) -> str:
     return start_web()
 
 
+def worker_args(name: str, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "celery", "-A", "workers.celery_app", "worker",
+            "-n", f"{name}@%h", "--loglevel", "INFO", "-E", *extra]  # fmt: skip
+
+
+def wait_ready(node: Process, timeout: float = 60) -> None:
+    wait_until(
+        lambda: "ready." in node.output() or node.popen.poll() is not None,
+        timeout,
+        f"{node.name} to be ready",
+    )
+    assert node.popen.poll() is None, node.output()
+
+
 @pytest.fixture(scope="session")
 def workers(opscd_env: dict[str, str], tmp_path_factory) -> Iterator[list[Process]]:
     """Two real worker nodes, ``node1@<host>`` and ``node2@<host>``, concurrency 3 each."""
     log_dir = tmp_path_factory.mktemp("worker-logs")
-    nodes = []
-    for name in ("node1", "node2"):
-        args = [sys.executable, "-m", "celery", "-A", "workers.celery_app", "worker",
-                "-n", f"{name}@%h", "--loglevel", "INFO", "-E"]  # fmt: skip
-        nodes.append(Process(name, args, opscd_env, log_dir))
+    nodes = [Process(name, worker_args(name), opscd_env, log_dir) for name in ("node1", "node2")]
     for node in nodes:
-        wait_until(
-            lambda node=node: "ready." in node.output() or node.popen.poll() is not None,
-            60,
-            f"{node.name} to be ready",
-        )
-        assert node.popen.poll() is None, node.output()
+        wait_ready(node)
     yield nodes
     for node in nodes:
         node.stop()

@@ -1,0 +1,199 @@
+"""Watching the fleet and the builds: agent heartbeats, live logs, cancel, retry, concurrency.
+
+Real worker processes (the session's two nodes plus nodes started and killed
+here), real gunicorn, MariaDB and Redis.
+"""
+
+from __future__ import annotations
+
+import re
+import signal
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import requests
+from conftest import (
+    GitRepo,
+    Process,
+    gitlab_payload,
+    post_gitlab,
+    task_log,
+    wait_for_task,
+    wait_ready,
+    wait_until,
+    worker_args,
+)
+
+pytestmark = pytest.mark.usefixtures("workers")
+
+
+def agents(web: str) -> dict[str, dict]:
+    rows = requests.get(f"{web}/api/agents", timeout=5).json()["agents"]
+    return {row["hostname"].split("@")[0]: row for row in rows}
+
+
+def start_build(web: str, repo: GitRepo, ci: str) -> int:
+    sha = repo.commit({"ci.yaml": ci}, message="build " + uuid.uuid4().hex[:6])
+    response = post_gitlab(web, gitlab_payload("push-event.json", repo, "refs/heads/main", sha))
+    assert response.status_code == 202, response.text
+    return response.json()["task_id"]
+
+
+def get_task(web: str, task_id: int) -> dict:
+    return requests.get(f"{web}/api/tasks/{task_id}", timeout=5).json()
+
+
+# --- agents ---------------------------------------------------------------------------------
+
+
+def test_worker_nodes_heartbeat_into_agent_states(web):
+    first = wait_until(
+        lambda: (rows := agents(web)).get("node1") and rows.get("node2") and rows, 30, "agents"
+    )
+    for name in ("node1", "node2"):
+        assert first[name]["online"] is True
+        assert first[name]["concurrency"] == 3
+        assert first[name]["sw_version"].startswith("opscd ")
+        assert first[name]["loadavg"]
+    time.sleep(4.5)  # two heartbeat intervals
+    later = agents(web)
+    for name in ("node1", "node2"):
+        assert later[name]["last_heartbeat"] > first[name]["last_heartbeat"]
+        assert later[name]["first_seen"] == first[name]["first_seen"]
+
+
+def test_killed_node_goes_offline_and_comes_back(web, opscd_env, tmp_path):
+    name = f"probe{uuid.uuid4().hex[:4]}"
+    args = worker_args(name, "-Q", f"opscd.test.{name}")  # takes no builds
+    node = Process(name, args, opscd_env, tmp_path)
+    wait_ready(node)
+    wait_until(lambda: agents(web).get(name, {}).get("online"), 20, f"{name} online")
+    node.stop(signal.SIGKILL)  # no goodbye: only its silence tells
+    killed_at = time.monotonic()
+    wait_until(lambda: agents(web)[name]["online"] is False, 20, f"{name} offline")
+    offline_after = float(opscd_env["CICD_AGENT_OFFLINE_AFTER"])
+    assert time.monotonic() - killed_at <= offline_after + 4  # bound: setting + one heartbeat
+    restarted = Process(name + "-again", args, opscd_env, tmp_path)
+    try:
+        wait_ready(restarted)
+        wait_until(lambda: agents(web)[name]["online"], 20, f"{name} online again")
+    finally:
+        restarted.stop(signal.SIGTERM)
+    # A graceful stop says goodbye: offline at once, not after the bound.
+    assert agents(web)[name]["online"] is False
+    assert agents(web)[name]["seconds_since_heartbeat"] < offline_after
+
+
+def test_no_node_runs_more_than_three_builds_at_once(web, git_server):
+    repo = GitRepo.create(git_server.root, f"load/app-{uuid.uuid4().hex[:6]}")
+    repo.clone_url = git_server.repo_url(repo.project_path)
+    ids = [start_build(web, repo, "build:\n  script: sleep 2\n") for _ in range(10)]
+    most_active = {}
+    while not all(get_task(web, i)["state"] in ("success", "failed") for i in ids):
+        for name, row in agents(web).items():
+            most_active[name] = max(most_active.get(name, 0), row["active"])
+        time.sleep(0.3)
+    tasks = [get_task(web, i) for i in ids]
+    assert all(t["state"] == "success" for t in tasks)
+    intervals: dict[str, list[tuple[str, str]]] = {}
+    for task in tasks:
+        stage = task["stages"][1]
+        intervals.setdefault(stage["worker"], []).append(
+            (stage["started_at"], stage["finished_at"])
+        )
+    for worker, spans in intervals.items():
+        events = sorted([(s, 1) for s, _ in spans] + [(f, -1) for _, f in spans])
+        running = peak = 0
+        for _, delta in events:
+            running += delta
+            peak = max(peak, running)
+        assert peak <= 3, (worker, spans)
+    assert max(most_active.values()) <= 3
+    assert max(most_active.values()) >= 2  # builds really ran side by side
+
+
+# --- live logs ------------------------------------------------------------------------------
+
+
+def test_live_log_streams_lines_before_the_build_ends(web, repo):
+    ci = "build:\n  script:\n    - for i in 1 2 3 4 5; do echo line $i; sleep 1; done\n"
+    task_id = start_build(web, repo, ci)
+    seen_running = False
+    data, end = [], None
+    with requests.get(
+        f"{web}/api/tasks/{task_id}/log", params={"follow": 1}, stream=True, timeout=60
+    ) as response:
+        assert response.headers["Content-Type"].startswith("text/event-stream")
+        event = None
+        for line in response.iter_lines(decode_unicode=True):
+            if line.startswith("event: "):
+                event = line[7:]
+            elif line.startswith("data: "):
+                if event == "end":
+                    end = line[6:]
+                    break
+                data.append(line[6:])
+                if line == "data: line 1" and get_task(web, task_id)["state"] == "running":
+                    seen_running = True
+            elif not line:
+                event = None
+    assert seen_running, "line 1 only arrived after the build had ended"
+    assert end == "success"
+    assert [d for d in data if d.startswith("line ")] == [f"line {i}" for i in range(1, 6)]
+
+
+def test_log_stream_resumes_after_last_event_id(web, repo):
+    task = wait_for_task(web, start_build(web, repo, "build:\n  script: echo resumed\n"))
+    text = requests.get(
+        f"{web}/api/tasks/{task['task_id']}/log", params={"follow": 1}, timeout=10
+    ).text
+    ids = [int(i) for i in re.findall(r"^id: (\d+)$", text, re.M)]
+    assert len(ids) >= 2 and text.rstrip().endswith("data: success")
+    rest = requests.get(
+        f"{web}/api/tasks/{task['task_id']}/log", params={"follow": 1},
+        headers={"Last-Event-ID": str(ids[-2])}, timeout=10,
+    ).text  # fmt: skip
+    assert re.findall(r"^id: (\d+)$", rest, re.M) == [str(ids[-1])]
+
+
+# --- cancel and retry -----------------------------------------------------------------------
+
+
+def test_cancel_stops_a_running_build(web, repo, opscd_env):
+    ci = "build:\n  script:\n    - echo shell=$$\n    - sleep 300\n"
+    task_id = start_build(web, repo, ci)
+    log = wait_until(
+        lambda: "shell=" in (text := task_log(web, task_id)) and text, 30, "the build to start"
+    )
+    shell_pid = int(re.search(r"shell=(\d+)", log).group(1))
+    response = requests.post(f"{web}/api/tasks/{task_id}/cancel", timeout=5)
+    assert response.status_code == 200
+    assert response.json()["state"] == "canceled"
+    wait_until(lambda: not Path(f"/proc/{shell_pid}").exists(), 10, "the script to be killed")
+    task = wait_until(
+        lambda: (t := get_task(web, task_id))["stages"][1]["state"] == "canceled" and t,
+        10,
+        "the build stage to end",
+    )
+    assert task["state"] == "canceled"
+    assert task["stages"][2]["state"] is None  # publish never ran
+    assert "Canceled during build" in task_log(web, task_id)
+    workspaces = Path(opscd_env["CICD_WORKSPACE_DIR"]).iterdir()
+    assert not [w for w in workspaces if w.name.startswith(f"task-{task_id}-")]
+    again = requests.post(f"{web}/api/tasks/{task_id}/cancel", timeout=5)
+    assert again.status_code == 409 and "already canceled" in again.json()["error"]
+
+
+def test_retry_runs_the_same_commit_as_a_new_task(web, repo):
+    first = wait_for_task(web, start_build(web, repo, "build:\n  script: echo run $CI_TASK_ID\n"))
+    response = requests.post(f"{web}/api/tasks/{first['task_id']}/retry", timeout=5)
+    assert response.status_code == 202
+    retry = response.json()
+    assert retry["task_id"] != first["task_id"] and retry["retry_of"] == first["task_id"]
+    assert retry["commit_sha"] == first["commit_sha"]
+    retry = wait_for_task(web, retry["task_id"])
+    assert retry["state"] == "success"
+    assert f"run {retry['task_id']}" in task_log(web, retry["task_id"])
+    assert requests.post(f"{web}/api/tasks/999999999/retry", timeout=5).status_code == 404
