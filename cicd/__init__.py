@@ -31,10 +31,11 @@ def create_app(settings: Settings | None = None) -> Flask:
         JSON_SORT_KEYS=False,
     )
 
-    from cicd import api, webhook
+    from cicd import api, metrics, webhook
 
     app.register_blueprint(webhook.bp)
     app.register_blueprint(api.bp)
+    app.register_blueprint(metrics.bp)
 
     @app.errorhandler(413)
     def too_large(_error: Exception) -> tuple[Response, int]:

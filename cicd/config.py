@@ -91,6 +91,11 @@ class Settings(BaseSettings):
     image_java: str | None = Field(default=None, description="Image for language: java builds")
     image_go: str | None = Field(default=None, description="Image for language: go builds")
     image_python: str | None = Field(default=None, description="Image for language: python builds")
+    worker_languages: str = Field(
+        default="",
+        description="Languages this agent builds, comma-separated (java, go, python); "
+        "empty: all. Builds of other languages are handed to agents that build them",
+    )
     worker_concurrency: int = Field(default=3, ge=1, description="Builds one worker runs at once")
     build_timeout: int = Field(
         default=3600, ge=1, description="Seconds a build script may run when ci.yaml sets none"
@@ -103,6 +108,10 @@ class Settings(BaseSettings):
         default=None,
         description="Seconds before Redis redelivers an unacknowledged stage; "
         "default max_build_timeout + 1 h, must exceed max_build_timeout",
+    )
+    flower_user: str | None = Field(default=None, description="Login for Flower (cicd flower)")
+    flower_password: SecretStr | None = Field(
+        default=None, description="Password for Flower; Flower is never served without one"
     )
     agent_offline_after: float = Field(
         default=10.0,
@@ -147,7 +156,7 @@ class Settings(BaseSettings):
     @field_validator("docker_volumes")
     @classmethod
     def _volumes(cls, value: str) -> str:
-        for volume in _split_volumes(value):
+        for volume in _split_list(value):
             parts = volume.split(":")
             if len(parts) not in (2, 3) or not all(p.startswith("/") for p in parts[:2]):
                 raise ValueError(f"{volume!r} is not HOST:CONTAINER[:ro|rw] with absolute paths")
@@ -155,10 +164,25 @@ class Settings(BaseSettings):
                 raise ValueError(f"{volume!r}: the mode must be ro or rw")
         return value
 
+    @field_validator("worker_languages")
+    @classmethod
+    def _languages(cls, value: str) -> str:
+        from cicd.languages import LANGUAGES
+
+        unknown = set(_split_list(value)) - set(LANGUAGES)
+        if unknown:
+            raise ValueError(f"unknown language(s) {sorted(unknown)}; known: {sorted(LANGUAGES)}")
+        return value
+
+    @property
+    def languages(self) -> list[str]:
+        """The languages this agent builds (``CICD_WORKER_LANGUAGES``), empty for all."""
+        return _split_list(self.worker_languages)
+
     @property
     def volumes(self) -> list[str]:
         """``CICD_DOCKER_VOLUMES`` as a list of ``HOST:CONTAINER[:MODE]``."""
-        return _split_volumes(self.docker_volumes)
+        return _split_list(self.docker_volumes)
 
     def language_image(self, language: str | None) -> str | None:
         """This agent's image for a language (``CICD_IMAGE_<LANGUAGE>``), if it sets one."""
@@ -173,7 +197,12 @@ class Settings(BaseSettings):
 
     def secrets(self) -> list[str]:
         """Every credential value (and what is derived from one), so logs can mask them."""
-        values = [self.git_password, self.webhook_secret, self.registry_password]
+        values = [
+            self.git_password,
+            self.webhook_secret,
+            self.registry_password,
+            self.flower_password,
+        ]
         found = [v.get_secret_value() for v in values if v is not None and v.get_secret_value()]
         authorization = self.git_authorization()
         return [*found, authorization.removeprefix("Basic ")] if authorization else found
@@ -189,7 +218,7 @@ class Settings(BaseSettings):
         return self.webhook_secret.get_secret_value()
 
 
-def _split_volumes(value: str) -> list[str]:
+def _split_list(value: str) -> list[str]:
     return [v.strip() for v in value.split(",") if v.strip()]
 
 

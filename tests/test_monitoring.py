@@ -6,17 +6,22 @@ here), real gunicorn, MariaDB and Redis.
 
 from __future__ import annotations
 
+import os
 import re
 import signal
+import subprocess
+import sys
 import time
 import uuid
 from pathlib import Path
 
 import pytest
+import redis
 import requests
 from conftest import (
     GitRepo,
     Process,
+    free_port,
     gitlab_payload,
     post_gitlab,
     task_log,
@@ -197,3 +202,146 @@ def test_retry_runs_the_same_commit_as_a_new_task(web, repo):
     assert retry["state"] == "success"
     assert f"run {retry['task_id']}" in task_log(web, retry["task_id"])
     assert requests.post(f"{web}/api/tasks/999999999/retry", timeout=5).status_code == 404
+
+
+# --- the command line -----------------------------------------------------------------------
+
+
+def cicd(web: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "cicd.cli", *args], env={"PATH": os.environ["PATH"],
+        "CICD_API_URL": web}, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+
+
+def test_cli_shows_tasks_agents_and_logs(web, repo):
+    ok = start_build(web, repo, "build:\n  script:\n    - echo from the cli\n    - sleep 2\n")
+    followed = cicd(web, "logs", str(ok), "--follow")
+    assert followed.returncode == 0, followed.stderr
+    assert "from the cli" in followed.stdout
+    assert f"build {ok} ended: success" in followed.stderr
+    bad = wait_for_task(web, start_build(web, repo, "build:\n  script: exit 4\n"))["task_id"]
+    assert cicd(web, "logs", str(bad), "--follow").returncode == 1
+    assert "exited with code 4" in cicd(web, "logs", str(bad)).stdout
+
+    listed = cicd(web, "tasks", "--project", repo.project_path).stdout.splitlines()
+    assert listed[0].split() == ["ID", "PROJECT", "REF", "COMMIT", "STATE", "STAGE", "AGENT",
+                                 "DURATION"]  # fmt: skip
+    assert listed[1].split()[:2] == [str(bad), repo.project_path]
+    assert "failed" in listed[1] and "success" in listed[2]
+    fleet = cicd(web, "agents").stdout
+    assert re.search(r"^node1@\S+\s+online\s+\d/3", fleet, re.M), fleet
+    missing = cicd(web, "logs", "999999999")
+    assert missing.returncode != 0 and "no task 999999999" in missing.stderr
+
+
+# --- Prometheus and Flower ------------------------------------------------------------------
+
+
+def test_metrics_count_builds_agents_and_queues(web, repo):
+    wait_for_task(web, start_build(web, repo, "build:\n  script: 'true'\n"))
+    text = requests.get(f"{web}/metrics", timeout=10).text
+    values = {
+        line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line and not line.startswith("#")
+    }
+    assert values['opscd_builds{state="success"}'] >= 1
+    assert values["opscd_build_duration_seconds_count"] >= 1
+    assert (
+        values['opscd_build_duration_seconds_bucket{le="+Inf"}']
+        == (values["opscd_build_duration_seconds_count"])
+    )
+    assert values["opscd_build_duration_seconds_sum"] > 0
+    assert values["opscd_agents_online"] >= 2
+    assert values['opscd_queue_length{queue="opscd.builds"}'] >= 0
+
+
+def test_flower_shows_the_workers_and_the_builds(web, repo, opscd_env, tmp_path):
+    port = free_port()
+    env = {**opscd_env, "CICD_FLOWER_USER": "ops", "CICD_FLOWER_PASSWORD": "flower-pw"}
+    flower = Process("flower", [sys.executable, "-m", "cicd.cli", "flower", "--port", str(port)],
+                     env, tmp_path)  # fmt: skip
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_until(lambda: _answers(base + "/healthcheck"), 30, "flower to answer")
+        assert requests.get(f"{base}/api/workers", timeout=10).status_code == 401
+        auth = ("ops", "flower-pw")
+        workers = wait_until(
+            lambda: (
+                (r := requests.get(f"{base}/api/workers", auth=auth, timeout=30)).ok
+                and len(r.json()) >= 2
+                and r.json()
+            ),
+            60,
+            "flower to list the workers",
+        )
+        assert {name.split("@")[0] for name in workers} >= {"node1", "node2"}
+        task_id = start_build(web, repo, "build:\n  script: echo seen by flower\n")
+        wait_for_task(web, task_id)
+        seen = wait_until(
+            lambda: (
+                (r := requests.get(f"{base}/api/tasks", auth=auth, timeout=10).json())
+                and f"opscd-{task_id}-publish" in r
+                and r
+            ),
+            30,
+            "flower to see the build's stages",
+        )
+        assert seen[f"opscd-{task_id}-clone"]["name"] == "opscd.clone"
+        assert seen[f"opscd-{task_id}-build"]["state"] == "SUCCESS"
+        assert "flower_events_total" in requests.get(f"{base}/metrics", timeout=10).text
+    finally:
+        flower.stop()
+    assert "flower-pw" not in " ".join(flower.popen.args)
+
+
+def test_flower_refuses_to_run_without_a_login(opscd_env):
+    result = subprocess.run(
+        [sys.executable, "-m", "cicd.cli", "flower"], env=opscd_env, capture_output=True,
+        text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode != 0 and "CICD_FLOWER_PASSWORD" in result.stderr
+
+
+def _answers(url: str) -> bool:
+    try:
+        return requests.get(url, timeout=2).ok
+    except requests.ConnectionError:
+        return False
+
+
+# --- agents per language --------------------------------------------------------------------
+
+
+def test_builds_go_to_agents_of_their_language(start_web, opscd_env, git_server, tmp_path):
+    broker = opscd_env["CICD_BROKER_URL"].rsplit("/", 1)[0] + "/12"
+    redis.Redis.from_url(broker).flushdb()
+    env = {**opscd_env, "CICD_BROKER_URL": broker}
+    web = start_web(CICD_BROKER_URL=broker)
+    python_node = Process("pynode", worker_args("pynode"),
+                          {**env, "CICD_WORKER_LANGUAGES": "python"}, tmp_path)  # fmt: skip
+    java_node = None
+    try:
+        wait_ready(python_node)
+        repo = GitRepo.create(git_server.root, f"lang/app-{uuid.uuid4().hex[:6]}")
+        repo.clone_url = git_server.repo_url(repo.project_path)
+        java = [start_build(web, repo, "build:\n  language: java\n  script: echo java\n")
+                for _ in range(2)]  # fmt: skip
+        # Only a python agent is up: it hands the java builds on, and they wait.
+        for task_id in java:
+            wait_until(lambda t=task_id: "handing the build" in task_log(web, t), 30, "hand-on")
+            assert get_task(web, task_id)["state"] == "queued"
+        java_node = Process("javanode", worker_args("javanode"),
+                            {**env, "CICD_WORKER_LANGUAGES": "java"}, tmp_path)  # fmt: skip
+        wait_ready(java_node)
+        python = [start_build(web, repo, "build:\n  language: python\n  script: echo py\n")
+                  for _ in range(3)]  # fmt: skip
+        for task_id, node in [(t, "javanode") for t in java] + [(t, "pynode") for t in python]:
+            task = wait_for_task(web, task_id)
+            assert task["state"] == "success", task
+            assert {s["worker"].split("@")[0] for s in task["stages"]} == {node}, task["stages"]
+    finally:
+        python_node.stop()
+        if java_node is not None:
+            java_node.stop()

@@ -10,13 +10,20 @@ from __future__ import annotations
 from typing import Any
 
 from celery import Celery
+from celery.signals import celeryd_after_setup
 
 from cicd.config import Settings, load_settings
 
-__all__ = ["app", "BUILD_QUEUE", "STAGE_TASKS", "celery_options"]
+__all__ = ["app", "BUILD_QUEUE", "STAGE_TASKS", "celery_options", "language_queue"]
 
 #: The queue every build's first stage goes to; any node may take it.
 BUILD_QUEUE = "opscd.builds"
+
+
+def language_queue(language: str) -> str:
+    """The queue of builds for one language, consumed only by agents that build it."""
+    return f"{BUILD_QUEUE}.{language}"
+
 
 #: Celery task name of each stage, in the order a build runs them.
 STAGE_TASKS = {"clone": "opscd.clone", "build": "opscd.build", "publish": "opscd.publish"}
@@ -70,6 +77,21 @@ def celery_options(settings: Settings) -> dict[str, Any]:
         "task_send_sent_event": True,
         "worker_hijack_root_logger": False,
     }
+
+
+@celeryd_after_setup.connect
+def _consume_language_queues(sender: str, instance: Any, **_: Any) -> None:
+    """Each node also takes builds handed on for the languages it builds (all, by default).
+
+    Only nodes that take builds at all: one started with ``-Q other`` stays out.
+    """
+    from cicd.languages import LANGUAGES
+
+    queues = instance.app.amqp.queues
+    if queues.consume_from is not None and BUILD_QUEUE not in queues.consume_from:
+        return
+    for language in load_settings().languages or LANGUAGES:
+        queues.select_add(language_queue(language))
 
 
 app = Celery(

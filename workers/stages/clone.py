@@ -14,16 +14,20 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+from celery.exceptions import Ignore
 from celery.utils.nodenames import worker_direct
+from sqlalchemy import delete, update
 
 from cicd import db
+from cicd.ciyaml import load_pipeline
 from cicd.config import load_settings
-from cicd.errors import StageError
-from cicd.models import Stage, TaskDetail
-from workers.celery_app import STAGE_TASKS, app
+from cicd.errors import PipelineError, StageError
+from cicd.languages import LANGUAGES
+from cicd.models import Stage, TaskDetail, TaskStage, TaskState, TaskStatus
+from workers.celery_app import STAGE_TASKS, app, language_queue
 from workers.logs import LogWriter
 from workers.stages import StageTask, masker
-from workers.workspace import checkout_dir, create_workspace
+from workers.workspace import checkout_dir, create_workspace, remove_workspace
 
 __all__ = ["clone", "build_variables", "fetch_commit"]
 
@@ -44,6 +48,7 @@ def clone(self: StageTask, ctx: dict[str, Any]) -> dict[str, Any]:
         variables = build_variables(task)
 
     workspace = create_workspace(task_id)
+    received = ctx
     ctx = {
         **ctx,
         "workspace": str(workspace),
@@ -54,6 +59,19 @@ def clone(self: StageTask, ctx: dict[str, Any]) -> dict[str, Any]:
         log.line(f"Cloning {url} at {sha[:12]} ({ref}) on {self.request.hostname}")
         fetch_commit(Path(ctx["checkout"]), url, ref, sha, log)
         log.line(f"Checked out {sha}")
+        language = _language_to_hand_on(Path(ctx["checkout"]))
+        if language and not received.get("handed_on"):
+            queue = language_queue(language)
+            log.line(f"This agent does not build {language}; handing the build to one that does")
+            self.apply_async(
+                args=({**received, "handed_on": language},),
+                queue=queue,
+                task_id=self.request.id,
+                chain=self.request.chain,
+            )
+            remove_workspace(workspace)
+            _back_to_queued(task_id)
+            raise Ignore()
 
     # The checkout is on this host's disk: send build and publish to this
     # node's own queue (worker_direct), whatever queue the chain came from.
@@ -62,6 +80,30 @@ def clone(self: StageTask, ctx: dict[str, Any]) -> dict[str, Any]:
         for step in self.request.chain or ():
             step.setdefault("options", {})["queue"] = queue
     return ctx
+
+
+def _language_to_hand_on(checkout: Path) -> str | None:
+    """The ci.yaml language, if this agent does not build it (``CICD_WORKER_LANGUAGES``)."""
+    served = load_settings().languages
+    if not served:
+        return None
+    try:
+        language = load_pipeline(checkout).build.language
+    except PipelineError:
+        return None  # the build stage reports it
+    return language if language in LANGUAGES and language not in served else None
+
+
+def _back_to_queued(task_id: int) -> None:
+    """The build waits for a capable agent: queued again, without the clone it did here."""
+    with db.session() as session:
+        session.execute(
+            update(TaskStatus)
+            .where(TaskStatus.task_id == task_id, TaskStatus.state == TaskState.RUNNING)
+            .values(state=TaskState.QUEUED, stage=None, worker=None)
+        )
+        session.execute(delete(TaskStage).where(TaskStage.task_id == task_id))
+        session.commit()
 
 
 def build_variables(task: TaskDetail) -> dict[str, str]:

@@ -1,0 +1,126 @@
+"""Prometheus metrics of the web process at ``/metrics``, read from the database and the broker.
+
+Computed at each scrape rather than counted in memory: the web runs as several
+gunicorn processes, and builds happen on other hosts, so the database and the
+broker are the only places that know the whole fleet.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import redis
+from flask import Blueprint, Response, current_app
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
+from sqlalchemy import case, func, literal_column, select
+from sqlalchemy.sql.elements import ColumnElement
+
+from cicd import db
+from cicd.config import load_settings
+from cicd.languages import LANGUAGES
+from cicd.models import AgentState, TaskState, TaskStatus, utcnow
+
+__all__ = ["bp", "BUCKETS"]
+
+bp = Blueprint("metrics", __name__)
+
+#: Build duration buckets in seconds, from a quick script to a long release build.
+BUCKETS = (5, 15, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200)
+
+
+def _duration_seconds(dialect: str) -> ColumnElement[float]:
+    """Seconds between start and finish, in the database's own date arithmetic."""
+    if dialect in ("mysql", "mariadb"):
+        return (
+            func.timestampdiff(
+                literal_column("MICROSECOND"), TaskStatus.started_at, TaskStatus.finished_at
+            )
+            / 1_000_000.0
+        )
+    return (
+        func.julianday(TaskStatus.finished_at) - func.julianday(TaskStatus.started_at)
+    ) * 86400.0
+
+
+class OpsCDCollector(Collector):
+    """Builds by state, build durations, queue length, agents online."""
+
+    def collect(self) -> Iterator[Metric]:
+        settings = load_settings()
+        engine = db.engine()
+        duration = _duration_seconds(engine.dialect.name)
+        finished = TaskStatus.finished_at.is_not(None) & TaskStatus.started_at.is_not(None)
+        with db.session() as session:
+            by_state = dict(
+                session.execute(
+                    select(TaskStatus.state, func.count()).group_by(TaskStatus.state)
+                ).all()
+            )
+            histogram = session.execute(
+                select(
+                    *[func.sum(case((duration <= bound, 1), else_=0)) for bound in BUCKETS],
+                    func.count(),
+                    func.sum(duration),
+                ).where(finished, TaskStatus.state.in_([TaskState.SUCCESS, TaskState.FAILED]))
+            ).one()
+            agents = session.execute(select(AgentState.online, AgentState.last_heartbeat)).all()
+
+        builds = GaugeMetricFamily("opscd_builds", "Builds by state", labels=["state"])
+        for state in TaskState:
+            builds.add_metric([state.value], by_state.get(state, 0))
+        yield builds
+
+        *counts, total, seconds = histogram
+        buckets = [(str(b), int(c or 0)) for b, c in zip(BUCKETS, counts, strict=True)]
+        buckets.append(("+Inf", int(total or 0)))
+        yield HistogramMetricFamily(
+            "opscd_build_duration_seconds",
+            "Duration of finished builds, from the first stage's start to the end",
+            buckets=buckets,
+            sum_value=float(seconds or 0),
+        )
+
+        now = utcnow()
+        online = sum(
+            1
+            for is_online, last in agents
+            if is_online and (now - last).total_seconds() <= settings.agent_offline_after
+        )
+        yield GaugeMetricFamily("opscd_agents_online", "Worker nodes heartbeating", value=online)
+        yield GaugeMetricFamily("opscd_agents", "Worker nodes ever seen", value=len(agents))
+
+        queue = GaugeMetricFamily(
+            "opscd_queue_length", "Builds waiting in a broker queue", labels=["queue"]
+        )
+        for name, length in _queue_lengths(settings.broker_url):
+            queue.add_metric([name], length)
+        yield queue
+
+
+def _queue_lengths(broker_url: str) -> list[tuple[str, int]]:
+    """Messages waiting in each build queue (Redis lists), or nothing for other brokers."""
+    from workers.celery_app import BUILD_QUEUE, language_queue
+
+    if not broker_url.startswith(("redis://", "rediss://", "unix://")):
+        return []
+    names = [BUILD_QUEUE, *(language_queue(language) for language in LANGUAGES)]
+    try:
+        client = redis.Redis.from_url(broker_url, socket_connect_timeout=1, socket_timeout=2)
+        with client.pipeline() as pipe:
+            for name in names:
+                pipe.llen(name)
+            return list(zip(names, pipe.execute(), strict=True))
+    except redis.RedisError:
+        return []
+
+
+@bp.get("/metrics")
+def metrics() -> Response:
+    registry = current_app.extensions.get("opscd_metrics")
+    if registry is None:
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(OpsCDCollector())
+        current_app.extensions["opscd_metrics"] = registry
+    return Response(generate_latest(registry), mimetype=CONTENT_TYPE_LATEST)
