@@ -30,8 +30,8 @@ LANGUAGES: dict[str, LanguageDefaults] = {
     "python": LanguageDefaults(
         image="python:3.12",
         script=(
-            "if [ -f requirements.txt ]; then python -m pip install -r requirements.txt; fi",
-            "python -m unittest discover -v",
+            "if [ -f requirements.txt ]; then python3 -m pip install -r requirements.txt; fi",
+            "python3 -m unittest discover -v",
         ),
     ),
 }

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -21,10 +22,18 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import docker
 import pymysql
 import pytest
 import redis
 import requests
+from containers import (
+    HOST_TOOL_MOUNTS,
+    PodmanService,
+    Registry,
+    make_busybox_image,
+    make_host_tools_image,
+)
 from gitserver import GitHttpServer, GitRepo
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -234,6 +243,109 @@ def workers(opscd_env: dict[str, str], tmp_path_factory) -> Iterator[list[Proces
     yield nodes
     for node in nodes:
         node.stop()
+
+
+# --- containers: podman's Docker API, a registry, base images ------------------------------
+
+REGISTRY_USER = "ci-pusher"
+REGISTRY_PASSWORD = "registry-pass-" + uuid.uuid4().hex[:12]
+CONTAINER_TOOLS = {
+    "podman": "podman",
+    "runc": "runc",
+    "docker-registry": "docker-registry",
+    "htpasswd": "apache2-utils",
+    "busybox": "busybox-static",
+    "mvn": "maven",
+}
+
+
+@pytest.fixture(scope="session")
+def registry(tmp_path_factory) -> Iterator[Registry]:
+    missing = [pkg for tool, pkg in CONTAINER_TOOLS.items() if shutil.which(tool) is None]
+    if missing:
+        pytest.fail(f"container tools missing: apt-get install -y {' '.join(missing)}")
+    with Registry(tmp_path_factory.mktemp("registry"), REGISTRY_USER, REGISTRY_PASSWORD) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def podman(registry: Registry, tmp_path_factory) -> Iterator[PodmanService]:
+    with PodmanService(tmp_path_factory.mktemp("podman"), [registry.address]) as service:
+        yield service
+    assert service.mounts() == [], "podman left mounts behind"
+
+
+@pytest.fixture(scope="session")
+def docker_client(podman: PodmanService) -> Iterator[docker.DockerClient]:
+    client = podman.client()
+    yield client
+    client.close()
+
+
+@pytest.fixture(scope="session")
+def busybox_image(podman: PodmanService) -> str:
+    return make_busybox_image(podman)
+
+
+@pytest.fixture(scope="session")
+def hosttools_image(podman: PodmanService) -> str:
+    return make_host_tools_image(podman)
+
+
+class Stack:
+    """A web process and one worker node on a broker database of their own."""
+
+    def __init__(self, web: str, worker: Process, env: dict[str, str]) -> None:
+        self.web, self.worker, self.env = web, worker, env
+
+
+@pytest.fixture(scope="session")
+def start_stack(opscd_env, start_web, tmp_path_factory) -> Iterator:
+    """Factory of isolated stacks (own Redis database), e.g. a docker-executor agent."""
+    stacks: list[Stack] = []
+    redis_base = opscd_env["CICD_BROKER_URL"].rsplit("/", 1)[0]
+    free_databases = iter(range(14, 16))
+
+    def start(name: str, **overrides: str) -> Stack:
+        broker = f"{redis_base}/{next(free_databases)}"
+        redis.Redis.from_url(broker).flushdb()
+        env = {**opscd_env, "CICD_BROKER_URL": broker, **overrides}
+        web = start_web(**{k: v for k, v in env.items() if k.startswith("CICD_")})
+        worker = Process(name, worker_args(name), env, tmp_path_factory.mktemp(f"{name}-logs"))
+        wait_ready(worker)
+        stack = Stack(web, worker, env)
+        stacks.append(stack)
+        return stack
+
+    yield start
+    for stack in stacks:
+        stack.worker.stop()
+
+
+@pytest.fixture(scope="session")
+def docker_env(podman, registry, hosttools_image, busybox_image, tmp_path_factory) -> dict:
+    """Settings of an agent with the docker executor on podman, pushing to the test registry."""
+    from containers import write_maven_settings
+
+    maven = tmp_path_factory.mktemp("maven")
+    (maven / "repository").mkdir()
+    settings = write_maven_settings(maven / "settings.xml", "/cache/m2-repository")
+    return {
+        "CICD_EXECUTOR": "docker",
+        "CICD_DOCKER_HOST": podman.docker_host,
+        "CICD_DOCKER_NETWORK": "none",  # never podman's bridge here
+        "CICD_DOCKER_PULL": "never",  # nothing can be pulled on these machines
+        "CICD_DOCKER_VOLUMES": ",".join(
+            [*HOST_TOOL_MOUNTS, f"{maven / 'repository'}:/cache/m2-repository:rw"]
+        ),
+        "CICD_MAVEN_SETTINGS": str(settings),
+        "CICD_REGISTRY": f"{registry.address}/opscd",
+        "CICD_REGISTRY_USERNAME": REGISTRY_USER,
+        "CICD_REGISTRY_PASSWORD": REGISTRY_PASSWORD,
+        "CICD_IMAGE_JAVA": hosttools_image,
+        "CICD_IMAGE_PYTHON": hosttools_image,
+        "OPSCD_TEST_MAVEN_REPOSITORY": str(maven / "repository"),
+    }
 
 
 # --- webhooks -------------------------------------------------------------------------------

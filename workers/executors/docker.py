@@ -153,10 +153,10 @@ def remove_node_containers(settings: Settings, node: str) -> int:
         client = docker_client(settings)
     except StageError:
         return 0
-    removed = 0
-    with client:
+    try:
         leftovers = client.containers.list(all=True, filters={"label": f"{LABEL_NODE}={node}"})
         for container in leftovers:
             _remove(container)
-            removed += 1
-    return removed
+        return len(leftovers)
+    finally:
+        client.close()

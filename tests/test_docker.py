@@ -1,0 +1,201 @@
+"""Builds in containers and images pushed to a registry, as in production.
+
+An agent with ``CICD_EXECUTOR=docker`` on podman's Docker-compatible API, a
+distribution registry with htpasswd auth, locally made base images (nothing is
+pulled), offline Maven from Debian's plugin repository. Containers use network
+``none``.
+"""
+
+from __future__ import annotations
+
+import signal
+import uuid
+from pathlib import Path
+
+import docker
+import pytest
+from conftest import (
+    REGISTRY_PASSWORD,
+    GitRepo,
+    Process,
+    gitlab_payload,
+    post_gitlab,
+    task_log,
+    wait_for_task,
+    wait_ready,
+    wait_until,
+    worker_args,
+)
+from containers import HOST_TOOL_MOUNTS
+
+PROJECT = Path(__file__).resolve().parent / "projects" / "hello-maven"
+LABEL = "dev.opscd.node"
+
+
+@pytest.fixture(scope="module")
+def agent(start_stack, docker_env):
+    """A web process and one docker-executor worker node, ``docker1@<host>``."""
+    return start_stack("docker1", **docker_env)
+
+
+@pytest.fixture
+def project(git_server) -> GitRepo:
+    repo = GitRepo.create(git_server.root, f"Team/Hello.Maven-{uuid.uuid4().hex[:6]}")
+    repo.clone_url = git_server.repo_url(repo.project_path)
+    return repo
+
+
+def hello_maven() -> dict[str, str]:
+    return {
+        str(path.relative_to(PROJECT)): path.read_text()
+        for path in PROJECT.rglob("*")
+        if path.is_file() and "target" not in path.parts
+    }
+
+
+def push(web: str, repo: GitRepo, files: dict[str, str], ref: str = "refs/heads/main") -> dict:
+    """Commit, send the webhook, wait for the build; return the finished task."""
+    branch = ref.removeprefix("refs/heads/") if ref.startswith("refs/heads/") else None
+    sha = repo.commit(files, message="build me", branch=branch)
+    fixture, event = "push-event.json", "Push Hook"
+    if ref.startswith("refs/tags/"):
+        repo.tag(ref.removeprefix("refs/tags/"), sha)
+        fixture, event = "tag-event.json", "Tag Push Hook"
+    response = post_gitlab(web, gitlab_payload(fixture, repo, ref, sha), event=event)
+    assert response.status_code == 202, response.text
+    return wait_for_task(web, response.json()["task_id"], timeout=180)
+
+
+def build_containers(client: docker.DockerClient) -> list:
+    return client.containers.list(all=True, filters={"label": LABEL})
+
+
+def test_maven_project_is_built_in_a_container_and_its_image_pushed(
+    agent, project, registry, docker_client, docker_env
+):
+    task = push(agent.web, project, hello_maven(), ref="refs/heads/feature/login")
+    log = task_log(agent.web, task["task_id"])
+    assert task["state"] == "success", log
+    assert "with the docker executor in localhost/opscd-hosttools:latest" in log
+    assert "BUILD SUCCESS" in log and "Tests run: 3, Failures: 0" in log
+
+    # Pushed as <registry>/<project>:<branch>-<short sha>, tag-safe and lower case.
+    repository = f"opscd/{project.project_path.lower()}"
+    tag = f"feature-login-{task['commit_sha'][:8]}"
+    assert task["image"] == f"{registry.address}/{repository}:{tag}"
+    assert tag in registry.tags(repository)
+    assert task["image_digest"] == registry.manifest_digest(repository, tag)
+    assert [s["state"] for s in task["stages"]] == ["success", "success", "success"]
+    assert REGISTRY_PASSWORD not in log
+
+    # settings.xml was used: its localRepository (a host folder here) got the plugins.
+    local_repository = Path(docker_env["OPSCD_TEST_MAVEN_REPOSITORY"])
+    assert (local_repository / "org/apache/maven/plugins/maven-compiler-plugin").is_dir()
+
+    # Nothing left on the agent: no build container, no local copy of the image.
+    assert build_containers(docker_client) == []
+    with pytest.raises(docker.errors.ImageNotFound):
+        docker_client.images.get(task["image"])
+
+    # Pull the pushed image with credentials and run it: the program's output.
+    image = docker_client.images.pull(
+        f"{registry.address}/{repository}", tag=tag, auth_config=registry.auth_config
+    )
+    try:
+        output = docker_client.containers.run(
+            image.id, network_mode="none", volumes=HOST_TOOL_MOUNTS, remove=True
+        )
+        assert output.decode().strip() == "Hello from OpsCD"
+    finally:
+        docker_client.images.remove(image.id, force=True)
+
+
+def test_tag_push_is_published_under_the_tag(agent, project, registry):
+    task = push(agent.web, project, hello_maven(), ref="refs/tags/v1.2.0")
+    assert task["state"] == "success", task_log(agent.web, task["task_id"])
+    repository = f"opscd/{project.project_path.lower()}"
+    assert task["image"].endswith(f"{repository}:v1.2.0")
+    assert "v1.2.0" in registry.tags(repository)
+
+
+def test_failing_build_in_a_container(agent, project, busybox_image, docker_client):
+    ci = f"build:\n  image: {busybox_image}\n  workdir: /src\n  script:\n    - ls\n    - exit 7\n"
+    task = push(agent.web, project, {"ci.yaml": ci, "marker.txt": "x"})
+    assert task["state"] == "failed" and task["exit_code"] == 7
+    log = task_log(agent.web, task["task_id"])
+    assert "marker.txt" in log  # the checkout was mounted at workdir, the working directory
+    assert "exited with code 7" in task["error"]
+    assert build_containers(docker_client) == []
+
+
+def test_timeout_kills_the_container(agent, project, busybox_image, docker_client):
+    ci = f"build:\n  image: {busybox_image}\n  timeout: 2s\n  script: sleep 300\n"
+    task = push(agent.web, project, {"ci.yaml": ci})
+    assert task["state"] == "failed"
+    assert "timed out after 2s" in task["error"]
+    assert task["exit_code"] == 137
+    assert build_containers(docker_client) == []
+
+
+def test_missing_image_fails_clearly(agent, project):
+    task = push(agent.web, project, {"ci.yaml": "build:\n  image: localhost/nope:1\n  script: x\n"})
+    assert task["state"] == "failed" and task["stage"] == "build"
+    assert "image 'localhost/nope:1' is not on this agent" in task["error"]
+
+
+def test_language_default_builds_a_python_project(agent, project):
+    files = {
+        "ci.yaml": "build:\n  language: python\n",
+        "test_app.py": "import unittest\n\n\nclass T(unittest.TestCase):\n"
+        "    def test_ok(self):\n        self.assertEqual(1 + 1, 2)\n",
+    }
+    task = push(agent.web, project, files)
+    log = task_log(agent.web, task["task_id"])
+    assert task["state"] == "success", log
+    assert "$ python3 -m unittest discover -v" in log
+    assert "Ran 1 test" in log and "OK" in log
+
+
+def test_missing_dockerfile_fails_the_publish(agent, project, busybox_image):
+    ci = f"build:\n  image: {busybox_image}\n  script: 'true'\npublish: true\n"
+    task = push(agent.web, project, {"ci.yaml": ci})
+    assert task["state"] == "failed" and task["stage"] == "publish"
+    assert "no Dockerfile in the repository" in task["error"]
+
+
+def test_wrong_registry_password_fails_the_task(start_stack, docker_env, project, registry):
+    stack = start_stack("docker2", **{**docker_env, "CICD_REGISTRY_PASSWORD": "wrong-pw"})
+    try:
+        task = push(stack.web, project, hello_maven())
+    finally:
+        stack.worker.stop()
+    assert task["state"] == "failed" and task["stage"] == "publish"
+    assert "unauthorized" in task["error"]
+    assert "CICD_REGISTRY_PASSWORD" in task["error"]  # the hint
+    assert "wrong-pw" not in task_log(stack.web, task["task_id"])
+    assert registry.tags(f"opscd/{project.project_path.lower()}") == []
+
+
+def test_killed_worker_leaves_no_container_behind(agent, project, busybox_image, docker_client):
+    env = agent.env
+    node = Process("docker3", worker_args("docker3", "-Q", "opscd.test.docker3"), env,
+                   agent.worker.log_path.parent)  # fmt: skip
+    wait_ready(node)
+    # A container this node started, as a build would, then the node dies hard.
+    docker_client.containers.run(
+        busybox_image, ["sleep", "300"], detach=True, network_mode="none",
+        labels={LABEL: node_name(node)},
+    )  # fmt: skip
+    node.stop(signal.SIGKILL)
+    assert len(build_containers(docker_client)) == 1
+    again = Process("docker3-again", node.popen.args, env, agent.worker.log_path.parent)
+    try:
+        wait_ready(again)  # the restarted node removes what it left
+        wait_until(lambda: build_containers(docker_client) == [], 20, "leftovers removed")
+    finally:
+        again.stop()
+
+
+def node_name(node: Process) -> str:
+    text = wait_until(lambda: "ready." in node.output() and node.output(), 5, "banner")
+    return next(line.split()[-2] for line in text.splitlines() if line.endswith("ready."))
