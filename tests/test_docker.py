@@ -14,6 +14,7 @@ from pathlib import Path
 
 import docker
 import pytest
+import requests
 from conftest import (
     REGISTRY_PASSWORD,
     GitRepo,
@@ -199,3 +200,17 @@ def test_killed_worker_leaves_no_container_behind(agent, project, busybox_image,
 def node_name(node: Process) -> str:
     text = wait_until(lambda: "ready." in node.output() and node.output(), 5, "banner")
     return next(line.split()[-2] for line in text.splitlines() if line.endswith("ready."))
+
+
+def test_cancel_kills_the_build_container(agent, project, busybox_image, docker_client):
+    ci = f"build:\n  image: {busybox_image}\n  script:\n    - echo started\n    - sleep 300\n"
+    sha = project.commit({"ci.yaml": ci})
+    payload = gitlab_payload("push-event.json", project, "refs/heads/main", sha)
+    task_id = post_gitlab(agent.web, payload).json()["task_id"]
+    wait_until(lambda: "started" in task_log(agent.web, task_id), 60, "the container to start")
+    assert len(build_containers(docker_client)) == 1
+    response = requests.post(f"{agent.web}/api/tasks/{task_id}/cancel", timeout=5)
+    assert response.status_code == 200
+    wait_until(lambda: build_containers(docker_client) == [], 15, "the container to go")
+    task = wait_for_task(agent.web, task_id)
+    assert task["state"] == "canceled"
