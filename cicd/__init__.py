@@ -21,6 +21,7 @@ __version__ = "0.1.0"
 def create_app(settings: Settings | None = None) -> Flask:
     """The web application; raises :class:`~cicd.errors.ConfigError` on bad settings."""
     settings = settings or load_settings()
+    settings.require("database_url", "broker_url")
     logging.getLogger("cicd").setLevel(settings.log_level.upper())
     app = Flask(__name__)
     app.config.update(

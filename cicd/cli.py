@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 
 import click
 
@@ -28,10 +29,13 @@ def _settings():
 @main.command("init-db")
 def init_db() -> None:
     """Create the tables that do not exist yet in CICD_DATABASE_URL."""
-    _settings()
     from cicd import db
 
-    db.create_schema()
+    try:
+        _settings().require("database_url")
+        db.create_schema()
+    except ConfigError as error:
+        raise click.ClickException(str(error)) from None
     click.echo("database schema is ready")
 
 
@@ -42,6 +46,7 @@ def web(bind: str, workers: int) -> None:
     """Serve the webhook and the API with gunicorn."""
     settings = _settings()
     try:
+        settings.require("database_url", "broker_url")
         settings.require_webhook_secret()
     except ConfigError as error:
         raise click.ClickException(str(error)) from None
@@ -80,6 +85,34 @@ def flower(address: str, port: int) -> None:
     args = ["celery", "-A", "workers.celery_app", "flower",
             f"--address={address}", f"--port={port}"]  # fmt: skip
     os.execvpe(sys.executable, [sys.executable, "-m", *args], env)
+
+
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", default=8000, show_default=True, help="Port of the web API and webhook.")
+@click.option("--flower-port", default=5555, show_default=True, help="Port of Flower.")
+def up(host: str, port: int, flower_port: int) -> None:
+    """Run all of OpsCD on this machine with zero configuration, until Ctrl-C."""
+    from cicd.up import up as run_up
+
+    try:
+        sys.exit(run_up(host, port, flower_port))
+    except ConfigError as error:
+        raise click.ClickException(str(error)) from None
+
+
+@main.command()
+@click.argument("path", default=".", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--executor", type=click.Choice(["docker", "shell"]), help="Override CICD_EXECUTOR.")
+@click.option("--publish", is_flag=True, help="Also build and push the image ci.yaml asks for.")
+def run(path: Path, executor: str | None, publish: bool) -> None:
+    """Run the ci.yaml of a local checkout here, without a server; exit with its status."""
+    if executor:
+        os.environ["CICD_EXECUTOR"] = executor
+    _settings()
+    from workers.localrun import run_local
+
+    sys.exit(run_local(path, publish=publish))
 
 
 # --- watching builds and the fleet, through the REST API --------------------------------------
@@ -171,10 +204,18 @@ def logs(url: str, task_id: int, follow: bool) -> None:
             raise click.ClickException(f"no task {task_id}")
         click.echo(response.text, nl=False)
         return
-    state = None
+    state = _follow_log(endpoint)
+    click.echo(f"\n[build {task_id} ended: {state}]", err=True)
+    sys.exit(0 if state == "success" else 1)
+
+
+def _follow_log(endpoint: str) -> str | None:
+    """Print a build's log as the server streams it (SSE); return the final state."""
+    import requests
+
     with requests.get(endpoint, params={"follow": 1}, stream=True, timeout=(10, 120)) as response:
         if response.status_code == 404:
-            raise click.ClickException(f"no task {task_id}")
+            raise click.ClickException(f"no such task: {endpoint}")
         event, data = None, []
         for line in response.iter_lines(decode_unicode=True):
             if line.startswith("event: "):
@@ -183,13 +224,64 @@ def logs(url: str, task_id: int, follow: bool) -> None:
                 data.append(line[6:])
             elif not line:
                 if event == "end":
-                    state = data[0] if data else None
-                    break
+                    return data[0] if data else None
                 if data:
                     click.echo("\n".join(data), nl=False)
                 event, data = None, []
-    click.echo(f"\n[build {task_id} ended: {state}]", err=True)
-    sys.exit(0 if state == "success" else 1)
+    return None
+
+
+@main.command()
+@api_url_option
+@click.argument("path", default=".", type=click.Path(file_okay=False, path_type=Path))
+@click.option(
+    "--secret",
+    envvar="CICD_WEBHOOK_SECRET",
+    help="The webhook secret (default: CICD_WEBHOOK_SECRET, else the one `cicd up` made).",
+)
+@click.option("--wait/--no-wait", default=True, show_default=True,
+              help="Follow the build's log to its end and exit with its result.")  # fmt: skip
+def trigger(url: str, path: Path, secret: str | None, wait: bool) -> None:
+    """Send a GitLab push webhook for a local repository (or folder) to a running OpsCD."""
+    from cicd.errors import OpsCDError
+    from cicd.trigger import push_payload, send_push, served
+    from cicd.up import state_dir, stored_secret
+
+    secret = secret or stored_secret(state_dir())
+    if not secret:
+        raise click.ClickException("no webhook secret: pass --secret or set CICD_WEBHOOK_SECRET")
+    try:
+        with served(path) as (local, clone_url):
+            click.echo(f"Serving {local.name} at {clone_url} ({local.branch} {local.sha[:8]})")
+            answer = send_push(url, secret, push_payload(local, clone_url))
+            task_id = answer.get("task_id")
+            if "ignored" in answer or task_id is None:
+                raise click.ClickException(f"nothing to build: {answer}")
+            click.echo(f"Build {task_id} queued: {answer.get('url')}")
+            endpoint = f"{url.rstrip('/')}/api/tasks/{task_id}"
+            if wait:
+                state = _follow_log(endpoint + "/log")
+                click.echo(f"\n[build {task_id} ended: {state}]", err=True)
+                sys.exit(0 if state == "success" else 1)
+            _wait_for_clone(endpoint)  # the worker must fetch before the server goes
+    except OpsCDError as error:
+        raise click.ClickException(str(error)) from None
+
+
+def _wait_for_clone(endpoint: str, timeout: float = 600) -> None:
+    import time
+
+    import requests
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        task = requests.get(endpoint, timeout=10).json()
+        clone = next((s for s in task.get("stages", []) if s["stage"] == "clone"), None)
+        if task["state"] in ("success", "failed", "canceled") or (
+            clone and clone["state"] not in (None, "running")
+        ):
+            return
+        time.sleep(0.5)
 
 
 if __name__ == "__main__":

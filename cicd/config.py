@@ -30,10 +30,13 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="CICD_", extra="ignore", frozen=True)
 
-    database_url: str = Field(
-        description="SQLAlchemy URL of the database, e.g. mysql+pymysql://opscd:pw@db/opscd"
+    database_url: str | None = Field(
+        default=None,
+        description="SQLAlchemy URL of the database, e.g. mysql+pymysql://opscd:pw@db/opscd",
     )
-    broker_url: str = Field(description="Celery broker URL, e.g. redis://127.0.0.1:6379/0")
+    broker_url: str | None = Field(
+        default=None, description="Celery broker URL, e.g. redis://127.0.0.1:6379/0"
+    )
     webhook_secret: SecretStr | None = Field(
         default=None,
         description="Shared secret GitLab sends as X-Gitlab-Token; required by the web process",
@@ -130,8 +133,8 @@ class Settings(BaseSettings):
 
     @field_validator("database_url", "broker_url")
     @classmethod
-    def _not_blank(cls, value: str) -> str:
-        if not value.strip():
+    def _not_blank(cls, value: str | None) -> str | None:
+        if value is not None and not value.strip():
             raise ValueError("must not be empty")
         return value
 
@@ -207,15 +210,29 @@ class Settings(BaseSettings):
         authorization = self.git_authorization()
         return [*found, authorization.removeprefix("Basic ")] if authorization else found
 
+    def require(self, *names: str) -> None:
+        """Stop with one :class:`ConfigError` naming every setting in ``names`` that is unset."""
+        missing = [
+            f"CICD_{name.upper()} is not set: {type(self).model_fields[name].description}"
+            for name in names
+            if not _value(getattr(self, name))
+        ]
+        if missing:
+            raise ConfigError("invalid configuration:\n  " + "\n  ".join(missing))
+
     def require_webhook_secret(self) -> str:
         """The webhook secret, or a start-up error saying how to set one."""
-        if self.webhook_secret is None or not self.webhook_secret.get_secret_value():
+        if not _value(self.webhook_secret):
             raise ConfigError(
                 "CICD_WEBHOOK_SECRET is not set: the web process refuses unsigned webhooks. "
                 "Set it to a long random string and enter the same value as the GitLab "
                 "webhook's secret token."
             )
         return self.webhook_secret.get_secret_value()
+
+
+def _value(setting: object) -> object:
+    return setting.get_secret_value() if isinstance(setting, SecretStr) else setting
 
 
 def _split_list(value: str) -> list[str]:

@@ -10,7 +10,7 @@ import functools
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from sqlalchemy import Engine, create_engine
+from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.orm import Session, sessionmaker
 
 from cicd.config import load_settings
@@ -22,11 +22,27 @@ __all__ = ["engine", "session", "reset", "create_schema"]
 @functools.cache
 def engine() -> Engine:
     """The process's engine; ``pool_pre_ping`` survives a database restart."""
-    url = load_settings().database_url
-    options: dict = {"pool_pre_ping": True, "future": True}
+    settings = load_settings()
+    settings.require("database_url")
+    url = settings.database_url
+    options: dict = {"pool_pre_ping": True}
     if url.startswith(("mysql", "mariadb")):
         options.update(pool_recycle=3600, pool_size=5, max_overflow=10)
-    return create_engine(url, **options)
+    if url.startswith("sqlite"):
+        # Web threads, workers and their pool processes all write: wait for the lock.
+        options["connect_args"] = {"timeout": 30}
+    created = create_engine(url, **options)
+    if url.startswith("sqlite"):
+        event.listen(created, "connect", _sqlite_pragmas)
+    return created
+
+
+def _sqlite_pragmas(connection, _record) -> None:
+    """WAL lets readers go on while a writer writes; foreign keys as in MySQL."""
+    cursor = connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.close()
 
 
 @functools.cache

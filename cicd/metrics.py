@@ -103,6 +103,8 @@ def _queue_lengths(broker_url: str) -> list[tuple[str, int]]:
     """Messages waiting in each build queue (Redis lists), or nothing for other brokers."""
     from workers.celery_app import BUILD_QUEUE, language_queue
 
+    if broker_url.startswith("redis+socket://"):
+        broker_url = "unix://" + broker_url.removeprefix("redis+socket://")
     if not broker_url.startswith(("redis://", "rediss://", "unix://")):
         return []
     names = [BUILD_QUEUE, *(language_queue(language) for language in LANGUAGES)]

@@ -20,8 +20,14 @@ def test_missing_database_and_broker_urls_are_named():
     result = run(["cicd.cli", "init-db"])
     assert result.returncode != 0
     assert "CICD_DATABASE_URL is not set" in result.stderr
-    assert "CICD_BROKER_URL is not set" in result.stderr
     assert "Traceback" not in result.stderr
+    result = run(["cicd.cli", "web"], CICD_WEBHOOK_SECRET="s")
+    assert result.returncode != 0
+    assert "CICD_DATABASE_URL is not set" in result.stderr
+    assert "CICD_BROKER_URL is not set" in result.stderr
+    worker = run(["celery", "-A", "workers.celery_app", "worker"], CICD_DATABASE_URL="sqlite://")
+    assert worker.returncode != 0
+    assert "CICD_BROKER_URL is not set" in worker.stderr
 
 
 def test_bad_values_are_explained():

@@ -277,8 +277,16 @@ def test_flower_shows_the_workers_and_the_builds(web, repo, opscd_env, tmp_path)
             "flower to list the workers",
         )
         assert {name.split("@")[0] for name in workers} >= {"node1", "node2"}
-        dashboard = requests.get(f"{base}/workers", auth=auth, timeout=10)
-        assert dashboard.ok and "node1@" in dashboard.text and "node2@" in dashboard.text
+        # The dashboard lists the workers it has heard heartbeats from (every 2 s).
+        wait_until(
+            lambda: (
+                (page := requests.get(f"{base}/workers", auth=auth, timeout=10)).ok
+                and "node1@" in page.text
+                and "node2@" in page.text
+            ),
+            20,
+            "the dashboard to list both workers",
+        )
         task_id = start_build(web, repo, "build:\n  script: echo seen by flower\n")
         wait_for_task(web, task_id)
         seen = wait_until(

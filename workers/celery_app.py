@@ -31,6 +31,7 @@ STAGE_TASKS = {"clone": "opscd.clone", "build": "opscd.build", "publish": "opscd
 
 def celery_options(settings: Settings) -> dict[str, Any]:
     """Celery configuration derived from OpsCD's settings; each option says why it is set."""
+    settings.require("broker_url")
     return {
         "broker_url": settings.broker_url,
         "broker_connection_retry_on_startup": True,

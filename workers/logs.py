@@ -11,12 +11,12 @@ import codecs
 import logging
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from cicd import db
 from cicd.models import Stage, TaskLog
 
-__all__ = ["Masker", "LogWriter"]
+__all__ = ["Masker", "LogWriter", "LogStore", "task_log_store"]
 
 log = logging.getLogger(__name__)
 
@@ -40,12 +40,15 @@ class Masker:
         return text
 
 
-class LogWriter:
-    """Collects one stage's output and appends it, masked, to the task's log rows."""
+#: Where masked log text goes: the database for real builds, the terminal for ``cicd run``.
+LogStore = Callable[[str], None]
 
-    def __init__(self, task_id: int, stage: Stage, masker: Masker) -> None:
-        self.task_id = task_id
-        self.stage = stage
+
+class LogWriter:
+    """Collects one stage's output and hands it, masked, to a store in line-sized chunks."""
+
+    def __init__(self, store: LogStore, masker: Masker) -> None:
+        self.store = store
         self.mask = masker
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self._pending = ""
@@ -99,7 +102,7 @@ class LogWriter:
             cut = self._pending.rfind("\n") + 1
             text, self._pending = self._pending[:cut], self._pending[cut:]
         if text:
-            self._store(self.mask(text))
+            self.store(self.mask(text))
 
     def close(self) -> None:
         with self._lock:
@@ -112,10 +115,16 @@ class LogWriter:
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
-    def _store(self, text: str) -> None:
+
+def task_log_store(task_id: int, stage: Stage) -> LogStore:
+    """Appends to the task's rows in ``task_logs``; a failed insert is logged, not raised."""
+
+    def store(text: str) -> None:
         try:
             with db.session() as session:
-                session.add(TaskLog(task_id=self.task_id, stage=self.stage, content=text))
+                session.add(TaskLog(task_id=task_id, stage=stage, content=text))
                 session.commit()
         except Exception:  # the build goes on; its result still reaches task_states
-            log.exception("task %s: could not store %d characters of log", self.task_id, len(text))
+            log.exception("task %s: could not store %d characters of log", task_id, len(text))
+
+    return store

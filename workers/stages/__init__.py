@@ -21,7 +21,7 @@ from cicd import db
 from cicd.config import load_settings
 from cicd.errors import BuildCanceled, OpsCDError
 from cicd.models import Stage, TaskState, TaskStatus
-from workers.logs import LogWriter, Masker
+from workers.logs import LogWriter, Masker, task_log_store
 from workers.workspace import remove_workspace
 
 __all__ = ["StageTask", "masker", "describe_error", "is_canceled"]
@@ -65,7 +65,7 @@ class StageTask(Task):
             raise Ignore()
 
     def log_writer(self, ctx: dict[str, Any]) -> LogWriter:
-        return LogWriter(int(ctx["task_id"]), self.stage, masker())
+        return LogWriter(task_log_store(int(ctx["task_id"]), self.stage), masker())
 
     def on_failure(self, exc, task_id, args, kwargs, einfo) -> None:
         ctx = args[0] if args and isinstance(args[0], dict) else {}

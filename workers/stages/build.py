@@ -7,19 +7,21 @@ that code (:class:`~cicd.errors.BuildFailed`); the log keeps the output.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from cicd.ciyaml import BuildSpec, load_pipeline
+from cicd.ciyaml import BuildSpec, Pipeline, load_pipeline
 from cicd.config import Settings, load_settings
 from cicd.errors import BuildCanceled, BuildFailed
 from cicd.languages import LANGUAGES
 from cicd.models import Stage
 from workers.celery_app import STAGE_TASKS, app
-from workers.executors import Step, get_executor
+from workers.executors import Executor, Step, get_executor
+from workers.logs import LogWriter
 from workers.stages import StageTask, is_canceled
 
-__all__ = ["build", "build_image"]
+__all__ = ["build", "build_image", "run_build"]
 
 
 def build_image(spec: BuildSpec, settings: Settings) -> str | None:
@@ -30,38 +32,58 @@ def build_image(spec: BuildSpec, settings: Settings) -> str | None:
     return settings.language_image(spec.language) or (defaults.image if defaults else None)
 
 
-@app.task(name=STAGE_TASKS["build"], base=StageTask, bind=True, stage=Stage.BUILD)
-def build(self: StageTask, ctx: dict[str, Any]) -> dict[str, Any]:
-    """Run the build script; pass the parsed pipeline on to publish."""
+def run_build(
+    checkout: Path,
+    variables: dict[str, str],
+    executor: Executor,
+    log: LogWriter,
+    canceled: Callable[[], bool] = lambda: False,
+    node: str | None = None,
+) -> Pipeline:
+    """Read ci.yaml, run its script, raise unless it succeeded; return the pipeline."""
     settings = load_settings()
-    checkout = Path(ctx["checkout"])
     pipeline = load_pipeline(checkout)
     spec = pipeline.build
     timeout = min(spec.timeout or settings.build_timeout, settings.max_build_timeout)
-    executor = get_executor(settings, self.request.hostname)
     step = Step(
-        name=f"{ctx['task_id']}-build",
+        name=f"{variables.get('CI_TASK_ID', 'local')}-build",
         commands=spec.commands,
         workspace=checkout,
         workdir=spec.workdir if executor.name != "shell" else str(checkout),
-        environment={**spec.env, **ctx.get("variables", {})},
+        environment={**spec.env, **variables},
         image=build_image(spec, settings),
         timeout=timeout,
-        canceled=functools.partial(is_canceled, int(ctx["task_id"])),
+        canceled=canceled,
     )
+    where = f" in {step.image}" if executor.name != "shell" else ""
+    on = f" on {node}" if node else ""
+    log.line(
+        f"Running {len(step.commands)} command(s) with the {executor.name} executor{where}{on}, "
+        f"timeout {timeout}s"
+    )
+    result = executor.run(step, log.write)
+    if result.canceled:
+        raise BuildCanceled("canceled while the build script ran")
+    if result.timed_out:
+        log.line(f"Build timed out after {timeout}s; its processes were killed")
+        raise BuildFailed(result.exit_code, f"build timed out after {timeout}s")
+    if not result.ok:
+        raise BuildFailed(result.exit_code, f"build script exited with code {result.exit_code}")
+    log.line("Build succeeded")
+    return pipeline
+
+
+@app.task(name=STAGE_TASKS["build"], base=StageTask, bind=True, stage=Stage.BUILD)
+def build(self: StageTask, ctx: dict[str, Any]) -> dict[str, Any]:
+    """Run the build script on this node; pass the parsed pipeline on to publish."""
+    node = self.request.hostname
     with self.log_writer(ctx) as log:
-        where = f" in {step.image}" if executor.name != "shell" else ""
-        log.line(
-            f"Running {len(step.commands)} command(s) with the {executor.name} executor{where} "
-            f"on {self.request.hostname}, timeout {timeout}s"
+        pipeline = run_build(
+            Path(ctx["checkout"]),
+            ctx.get("variables", {}),
+            get_executor(load_settings(), node),
+            log,
+            canceled=functools.partial(is_canceled, int(ctx["task_id"])),
+            node=node,
         )
-        result = executor.run(step, log.write)
-        if result.canceled:
-            raise BuildCanceled("canceled while the build script ran")
-        if result.timed_out:
-            log.line(f"Build timed out after {timeout}s; its processes were killed")
-            raise BuildFailed(result.exit_code, f"build timed out after {timeout}s")
-        if not result.ok:
-            raise BuildFailed(result.exit_code, f"build script exited with code {result.exit_code}")
-        log.line("Build succeeded")
     return {**ctx, "pipeline": pipeline.to_dict()}

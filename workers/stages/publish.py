@@ -17,11 +17,48 @@ from cicd.errors import StageError
 from cicd.models import Stage
 from workers.celery_app import STAGE_TASKS, app
 from workers.executors.docker import docker_client
+from workers.logs import LogWriter
 from workers.registry import build_image, image_reference, push_image, remove_image
 from workers.stages import StageTask
 from workers.workspace import remove_workspace
 
-__all__ = ["publish"]
+__all__ = ["publish", "run_publish"]
+
+
+def run_publish(
+    spec: dict[str, Any], checkout: Path, variables: dict[str, str], log: LogWriter
+) -> tuple[str, str | None]:
+    """Build the image from the Dockerfile, push it; return its name and digest."""
+    settings = load_settings()
+    if not settings.registry:
+        raise StageError(
+            "image push",
+            "ci.yaml asks for an image, but this agent has no registry to push to",
+            "set CICD_REGISTRY (and its credentials) on the agent, or remove publish",
+        )
+    ref_type = "tag" if "CI_COMMIT_TAG" in variables else "branch"
+    repository, tag = image_reference(
+        settings.registry,
+        variables["CI_PROJECT_PATH"],
+        ref_type,
+        variables["CI_COMMIT_REF_NAME"],
+        variables["CI_COMMIT_SHA"],
+    )
+    reference = f"{repository}:{tag}"
+    labels = {
+        "org.opencontainers.image.revision": variables["CI_COMMIT_SHA"],
+        "org.opencontainers.image.ref.name": variables["CI_COMMIT_REF_NAME"],
+        "dev.opscd.task": variables.get("CI_TASK_ID", "local"),
+    }
+    client = docker_client(settings)
+    try:
+        build_image(client, checkout, spec, reference, labels, settings, log.write)
+        digest = push_image(client, repository, tag, settings, log.write)
+    finally:
+        remove_image(client, reference)
+        client.close()
+    log.line(f"Pushed {reference}" + (f" ({digest})" if digest else ""))
+    return reference, digest
 
 
 @app.task(name=STAGE_TASKS["publish"], base=StageTask, bind=True, stage=Stage.PUBLISH)
@@ -33,36 +70,6 @@ def publish(self: StageTask, ctx: dict[str, Any]) -> dict[str, Any]:
             log.line("Publish skipped: ci.yaml has no publish section")
             remove_workspace(ctx.get("workspace"))
             return {**ctx, "skipped": Stage.PUBLISH.value}
-
-        settings = load_settings()
-        if not settings.registry:
-            raise StageError(
-                "image push",
-                "ci.yaml asks for an image, but this agent has no registry to push to",
-                "set CICD_REGISTRY (and its credentials) on the agent, or remove publish",
-            )
-        variables = ctx["variables"]
-        ref_type = "tag" if "CI_COMMIT_TAG" in variables else "branch"
-        repository, tag = image_reference(
-            settings.registry,
-            variables["CI_PROJECT_PATH"],
-            ref_type,
-            variables["CI_COMMIT_REF_NAME"],
-            variables["CI_COMMIT_SHA"],
-        )
-        reference = f"{repository}:{tag}"
-        labels = {
-            "org.opencontainers.image.revision": variables["CI_COMMIT_SHA"],
-            "org.opencontainers.image.ref.name": variables["CI_COMMIT_REF_NAME"],
-            "dev.opscd.task": str(ctx["task_id"]),
-        }
-        client = docker_client(settings)
-        try:
-            build_image(client, Path(ctx["checkout"]), spec, reference, labels, settings, log.write)
-            digest = push_image(client, repository, tag, settings, log.write)
-        finally:
-            remove_image(client, reference)
-            client.close()
-        log.line(f"Pushed {reference}" + (f" ({digest})" if digest else ""))
+        reference, digest = run_publish(spec, Path(ctx["checkout"]), ctx["variables"], log)
     remove_workspace(ctx.get("workspace"))
     return {**ctx, "image": reference, "image_digest": digest}

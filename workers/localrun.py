@@ -1,0 +1,130 @@
+"""``cicd run``: a local checkout's ci.yaml through the same stages and executors, on this machine.
+
+Like ``gitlab-runner exec`` or ``woodpecker exec``: no server, no database, no
+broker. The working tree is copied as it is (tracked files and untracked ones
+git does not ignore), so uncommitted changes are built; the log goes to the
+terminal, masked like any build log; the exit status is the build's.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import click
+
+from cicd.config import load_settings
+from cicd.errors import BuildFailed, OpsCDError
+from workers.executors import get_executor
+from workers.logs import LogWriter
+from workers.stages import masker
+from workers.stages.build import run_build
+from workers.stages.publish import run_publish
+
+__all__ = ["run_local", "copy_tree"]
+
+
+def run_local(path: Path, publish: bool = False) -> int:
+    """Run the pipeline of ``path``; return the process exit status (0 for success)."""
+    path = path.resolve()
+    if not path.is_dir():
+        raise click.ClickException(f"{path} is not a folder")
+    variables = _variables(path)
+    with tempfile.TemporaryDirectory(prefix="opscd-run-") as workspace:
+        checkout = Path(workspace) / "src"
+        (Path(workspace) / "home").mkdir()
+        try:
+            with _stage("clone"):
+                count = copy_tree(path, checkout)
+                click.echo(f"Copied {count} files from {path}")
+            with _stage("build"), _terminal_log() as log:
+                pipeline = run_build(
+                    checkout, variables, get_executor(load_settings(), "local"), log
+                )
+            if pipeline.publish is None:
+                _skipped("publish", "ci.yaml has no publish section")
+            elif not publish:
+                _skipped("publish", "run with --publish to build and push the image")
+            else:
+                with _stage("publish"), _terminal_log() as log:
+                    run_publish(pipeline.to_dict()["publish"], checkout, variables, log)
+        except BuildFailed as error:
+            code = error.exit_code
+            return code if isinstance(code, int) and 0 < code < 256 else 1
+        except OpsCDError:
+            return 1
+    return 0
+
+
+@contextmanager
+def _stage(name: str) -> Iterator[None]:
+    """A header before the stage, its result and duration after: the progress display."""
+    click.secho(f"━━ {name} ", fg="cyan", bold=True, err=True)
+    started = time.monotonic()
+    try:
+        yield
+    except OpsCDError as error:
+        took = time.monotonic() - started
+        click.secho(f"✗ {name} failed after {took:.1f}s: {masker()(str(error))}", fg="red",
+                    bold=True, err=True)  # fmt: skip
+        raise
+    click.secho(f"✓ {name} ({time.monotonic() - started:.1f}s)", fg="green", bold=True, err=True)
+
+
+def _skipped(name: str, why: str) -> None:
+    click.secho(f"━━ {name} ", fg="cyan", bold=True, err=True)
+    click.secho(f"- {name} skipped: {why}", fg="yellow", err=True)
+
+
+@contextmanager
+def _terminal_log() -> Iterator[LogWriter]:
+    def store(text: str) -> None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    with LogWriter(store, masker()) as log:
+        yield log
+
+
+def _git(path: Path, *args: str) -> str | None:
+    result = subprocess.run(["git", "-C", str(path), *args], capture_output=True, text=True)
+    return result.stdout.strip() if result.returncode == 0 else None
+
+
+def _variables(path: Path) -> dict[str, str]:
+    sha = _git(path, "rev-parse", "HEAD") or "0" * 40
+    branch = _git(path, "symbolic-ref", "--quiet", "--short", "HEAD") or "local"
+    return {
+        "CI": "true",
+        "OPSCD": "true",
+        "CI_TASK_ID": "local",
+        "CI_PROJECT_PATH": f"local/{path.name}",
+        "CI_COMMIT_SHA": sha,
+        "CI_COMMIT_SHORT_SHA": sha[:8],
+        "CI_COMMIT_REF_NAME": branch,
+        "CI_COMMIT_BRANCH": branch,
+    }
+
+
+def copy_tree(source: Path, target: Path) -> int:
+    """Copy the working tree: what git tracks or would track, else everything but ``.git``."""
+    listed = _git(source, "ls-files", "-z", "--cached", "--others", "--exclude-standard")
+    if listed is None:  # not in a git work tree
+        ignore: Callable = shutil.ignore_patterns(".git")
+        shutil.copytree(source, target, symlinks=True, ignore=ignore)
+        return sum(1 for p in target.rglob("*") if p.is_file())
+    names = sorted({name for name in listed.split("\0") if name})
+    for name in names:
+        origin = source / name
+        if not origin.exists() and not origin.is_symlink():
+            continue  # deleted in the working tree
+        destination = target / name
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(origin, destination, follow_symlinks=False)
+    return len(names)
