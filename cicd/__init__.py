@@ -7,15 +7,48 @@ connection (the database engine is made on first use, per process), so
 
 from __future__ import annotations
 
+import hmac
 import logging
+from collections.abc import Callable
 
-from flask import Flask, Response, jsonify
+from flask import Flask, Response, g, jsonify, request
 
 from cicd.config import Settings, load_settings
 
 __all__ = ["create_app", "__version__"]
 
 __version__ = "0.1.0"
+
+#: Reachable without the UI login: the webhook checks its own secret; probes and scrapes.
+OPEN_ENDPOINTS = {"webhook.gitlab_webhook", "healthz", "metrics.metrics"}
+
+
+def _require_login(settings: Settings) -> Callable[[], Response | None]:
+    """HTTP Basic (``CICD_UI_USER``/``CICD_UI_PASSWORD``) or a Bearer ``CICD_API_TOKEN``."""
+    password = settings.ui_password.get_secret_value() if settings.ui_password else None
+    token = settings.api_token.get_secret_value() if settings.api_token else None
+
+    def check() -> Response | None:
+        if request.endpoint in OPEN_ENDPOINTS:
+            return None
+        header = request.headers.get("Authorization", "")
+        if token and header.startswith("Bearer "):
+            if hmac.compare_digest(header[7:].encode(), token.encode()):
+                g.user = "api-token"
+                return None
+        auth = request.authorization
+        if password and auth is not None and auth.type == "basic":
+            user_ok = hmac.compare_digest((auth.username or "").encode(), settings.ui_user.encode())
+            password_ok = hmac.compare_digest((auth.password or "").encode(), password.encode())
+            if user_ok and password_ok:
+                g.user = auth.username
+                return None
+        response = jsonify(error="login required")
+        response.status_code = 401
+        response.headers["WWW-Authenticate"] = 'Basic realm="OpsCD", charset="UTF-8"'
+        return response
+
+    return check
 
 
 def create_app(settings: Settings | None = None) -> Flask:
@@ -37,6 +70,9 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.register_blueprint(webhook.bp)
     app.register_blueprint(api.bp)
     app.register_blueprint(metrics.bp)
+
+    if settings.ui_password or settings.api_token:
+        app.before_request(_require_login(settings))
 
     @app.errorhandler(413)
     def too_large(_error: Exception) -> tuple[Response, int]:

@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
 import time
 from collections.abc import Iterator
 from typing import Any
 
-from flask import Blueprint, Response, current_app, jsonify, request, url_for
-from sqlalchemy import select
+from flask import Blueprint, Response, current_app, g, jsonify, request, url_for
+from sqlalchemy import select, update
 
 from cicd import db
 from cicd.models import (
     STAGES,
     AgentState,
+    ApprovalDecision,
+    TaskApproval,
     TaskDetail,
     TaskLog,
     TaskStage,
@@ -21,7 +24,7 @@ from cicd.models import (
     TaskStatus,
     utcnow,
 )
-from cicd.queue import BrokerUnavailable, revoke_build, send_task
+from cicd.queue import BrokerUnavailable, revoke_build, send_publish, send_task
 
 __all__ = ["bp", "task_to_dict", "external_url"]
 
@@ -42,7 +45,9 @@ def _iso(value: Any) -> str | None:
     return value.isoformat() + "Z" if value is not None else None
 
 
-def task_to_dict(task: TaskDetail, stages: list[TaskStage] | None = None) -> dict[str, Any]:
+def task_to_dict(
+    task: TaskDetail, stages: list[TaskStage] | None = None, approval: TaskApproval | None = None
+) -> dict[str, Any]:
     """One build as the API shows it; plain data, no ORM objects."""
     status = task.status
     duration = None
@@ -82,6 +87,7 @@ def task_to_dict(task: TaskDetail, stages: list[TaskStage] | None = None) -> dic
         "duration_seconds": duration,
     }
     if stages is not None:
+        data["approval"] = approval_to_dict(approval) if approval is not None else None
         by_stage = {row.stage: row for row in stages}
         data["stages"] = [
             {
@@ -100,6 +106,17 @@ def _error(status: int, message: str) -> Response:
     response = jsonify(error=message)
     response.status_code = status
     return response
+
+
+def approval_to_dict(approval: TaskApproval) -> dict[str, Any]:
+    return {
+        "required": True,
+        "requested_at": _iso(approval.requested_at),
+        "node": approval.node,
+        "decision": approval.decision.value if approval.decision else None,
+        "decided_by": approval.decided_by,
+        "decided_at": _iso(approval.decided_at),
+    }
 
 
 def agent_to_dict(agent: AgentState, offline_after: float, now: dt.datetime) -> dict[str, Any]:
@@ -166,7 +183,8 @@ def get_task(task_id: int) -> Response:
         if task is None:
             return _error(404, f"no task {task_id}")
         stages = session.scalars(select(TaskStage).where(TaskStage.task_id == task_id)).all()
-        return jsonify(task_to_dict(task, list(stages)))
+        approval = session.get(TaskApproval, task_id)
+        return jsonify(task_to_dict(task, list(stages), approval))
 
 
 @bp.get("/tasks/<int:task_id>/log")
@@ -238,10 +256,17 @@ def cancel_task(task_id: int) -> Response:
             return _error(404, f"no task {task_id}")
         if status.state.finished:
             return _error(409, f"task {task_id} is already {status.state.value}")
+        was_waiting = status.state is TaskState.WAITING
         status.state, status.finished_at = TaskState.CANCELED, utcnow()
         status.error = "canceled"
+        approval = session.get(TaskApproval, task_id) if was_waiting else None
         session.commit()
     revoke_build(task_id)
+    if approval is not None:  # its workspace waits on a node: let publish clean it up
+        try:
+            send_publish(task_id, approval.node, json.loads(approval.context))
+        except BrokerUnavailable:
+            pass
     return get_task(task_id)
 
 
@@ -267,6 +292,57 @@ def retry_task(task_id: int) -> Response:
     response = get_task(new_id)
     response.status_code = 202
     return response
+
+
+@bp.post("/tasks/<int:task_id>/approve")
+def approve_task(task_id: int) -> Response:
+    """Let a ``waiting`` build publish: its publish stage goes to the node with its workspace."""
+    return _decide(task_id, ApprovalDecision.APPROVED)
+
+
+@bp.post("/tasks/<int:task_id>/reject")
+def reject_task(task_id: int) -> Response:
+    """End a ``waiting`` build without publishing: ``canceled``, its workspace removed."""
+    return _decide(task_id, ApprovalDecision.REJECTED)
+
+
+def _decide(task_id: int, decision: ApprovalDecision) -> Response:
+    who = g.get("user") or request.remote_addr or "anonymous"
+    with db.session() as session:
+        status = session.scalar(
+            select(TaskStatus).where(TaskStatus.task_id == task_id).with_for_update()
+        )
+        if status is None:
+            return _error(404, f"no task {task_id}")
+        approval = session.get(TaskApproval, task_id)
+        if status.state is not TaskState.WAITING or approval is None:
+            return _error(409, f"task {task_id} is {status.state.value}, not waiting for approval")
+        approval.decision, approval.decided_by, approval.decided_at = decision, who, utcnow()
+        if decision is ApprovalDecision.APPROVED:
+            status.state = TaskState.QUEUED
+        else:
+            status.state, status.finished_at = TaskState.CANCELED, utcnow()
+            status.error = f"rejected by {who}"
+        node, ctx = approval.node, json.loads(approval.context)
+        session.commit()
+    try:
+        # A rejected build's publish finds it canceled and only removes the workspace.
+        send_publish(task_id, node, ctx)
+    except BrokerUnavailable:
+        if decision is ApprovalDecision.APPROVED:
+            _undo_approval(task_id)
+            return _error(503, "broker unavailable; the build is still waiting, try again")
+    return get_task(task_id)
+
+
+def _undo_approval(task_id: int) -> None:
+    with db.session() as session:
+        approval = session.get(TaskApproval, task_id)
+        approval.decision = approval.decided_by = approval.decided_at = None
+        session.execute(
+            update(TaskStatus).where(TaskStatus.task_id == task_id).values(state=TaskState.WAITING)
+        )
+        session.commit()
 
 
 #: What a retry copies from the task it runs again; the delivery id stays with the first.

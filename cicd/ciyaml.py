@@ -16,6 +16,7 @@ the line it came from.
 from __future__ import annotations
 
 import difflib
+import fnmatch
 import json
 import os
 import re
@@ -288,6 +289,27 @@ class PublishSpec(_Spec):
     dockerfile: _RepoPath = "Dockerfile"
     context: _RepoPath = "."
     build_args: _Env = Field(default_factory=dict)
+    #: ``true``: every build waits for a person's approval before publishing; a list of
+    #: branch or tag name patterns (``main``, ``release/*``): only builds of those refs.
+    approval: bool | list[_Text] = False
+
+    @field_validator("approval", mode="before")
+    @classmethod
+    def _approval(cls, value: object) -> object:
+        if isinstance(value, bool) or (
+            isinstance(value, list) and value and all(isinstance(v, str) and v for v in value)
+        ):
+            return value
+        raise ValueError(
+            f"must be true, false or a list of branch patterns such as [main, 'release/*'], "
+            f"not {_kind(value)}"
+        )
+
+    def needs_approval(self, ref_name: str) -> bool:
+        """Whether a build of ``ref_name`` waits for approval before it publishes."""
+        if isinstance(self.approval, bool):
+            return self.approval
+        return any(fnmatch.fnmatchcase(ref_name, pattern) for pattern in self.approval)
 
 
 class Pipeline(_Spec):

@@ -5,11 +5,15 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from cicd.config import load_settings
 from cicd.errors import ConfigError
+
+if TYPE_CHECKING:
+    import requests
 
 __all__ = ["main"]
 
@@ -126,11 +130,23 @@ api_url_option = click.option(
 )
 
 
+def _http() -> requests.Session:
+    """A client that logs in to the API like the web pages do, when a login is configured."""
+    import requests
+
+    session = requests.Session()
+    if token := os.environ.get("CICD_API_TOKEN"):
+        session.headers["Authorization"] = f"Bearer {token}"
+    elif password := os.environ.get("CICD_UI_PASSWORD"):
+        session.auth = (os.environ.get("CICD_UI_USER", "admin"), password)
+    return session
+
+
 def _get(url: str, path: str, **params: object) -> dict:
     import requests
 
     try:
-        response = requests.get(url.rstrip("/") + path, params=params, timeout=10)
+        response = _http().get(url.rstrip("/") + path, params=params, timeout=10)
     except requests.RequestException as error:
         raise click.ClickException(f"cannot reach OpsCD at {url}: {error}") from None
     if not response.ok:
@@ -195,11 +211,10 @@ def agents(url: str) -> None:
 @click.option("--follow", "-f", is_flag=True, help="Keep printing until the build ends.")
 def logs(url: str, task_id: int, follow: bool) -> None:
     """Print a build's log; with --follow, live until it ends, then exit with its result."""
-    import requests
 
     endpoint = f"{url.rstrip('/')}/api/tasks/{task_id}/log"
     if not follow:
-        response = requests.get(endpoint, timeout=30)
+        response = _http().get(endpoint, timeout=30)
         if response.status_code == 404:
             raise click.ClickException(f"no task {task_id}")
         click.echo(response.text, nl=False)
@@ -211,9 +226,8 @@ def logs(url: str, task_id: int, follow: bool) -> None:
 
 def _follow_log(endpoint: str) -> str | None:
     """Print a build's log as the server streams it (SSE); return the final state."""
-    import requests
 
-    with requests.get(endpoint, params={"follow": 1}, stream=True, timeout=(10, 120)) as response:
+    with _http().get(endpoint, params={"follow": 1}, stream=True, timeout=(10, 120)) as response:
         if response.status_code == 404:
             raise click.ClickException(f"no such task: {endpoint}")
         event, data = None, []
@@ -271,11 +285,9 @@ def trigger(url: str, path: Path, secret: str | None, wait: bool) -> None:
 def _wait_for_clone(endpoint: str, timeout: float = 600) -> None:
     import time
 
-    import requests
-
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        task = requests.get(endpoint, timeout=10).json()
+        task = _http().get(endpoint, timeout=10).json()
         clone = next((s for s in task.get("stages", []) if s["stage"] == "clone"), None)
         if task["state"] in ("success", "failed", "canceled") or (
             clone and clone["state"] not in (None, "running")

@@ -112,6 +112,15 @@ class Settings(BaseSettings):
         description="Seconds before Redis redelivers an unacknowledged stage; "
         "default max_build_timeout + 1 h, must exceed max_build_timeout",
     )
+    ui_user: str = Field(default="admin", description="Login of the web pages and the API")
+    ui_password: SecretStr | None = Field(
+        default=None,
+        description="Password of the web pages and the API; unset, they need no login "
+        "(the webhook always checks its own secret)",
+    )
+    api_token: SecretStr | None = Field(
+        default=None, description="Bearer token accepted by the API in place of the login"
+    )
     flower_user: str | None = Field(default=None, description="Login for Flower (cicd flower)")
     flower_password: SecretStr | None = Field(
         default=None, description="Password for Flower; Flower is never served without one"
@@ -205,6 +214,8 @@ class Settings(BaseSettings):
             self.webhook_secret,
             self.registry_password,
             self.flower_password,
+            self.ui_password,
+            self.api_token,
         ]
         found = [v.get_secret_value() for v in values if v is not None and v.get_secret_value()]
         authorization = self.git_authorization()

@@ -34,6 +34,8 @@ __all__ = [
     "TaskStage",
     "TaskLog",
     "AgentState",
+    "TaskApproval",
+    "ApprovalDecision",
     "utcnow",
     "STAGES",
 ]
@@ -56,6 +58,7 @@ class TaskState(enum.StrEnum):
 
     QUEUED = "queued"
     RUNNING = "running"
+    WAITING = "waiting"  # built; publish waits for a person's approval
     SUCCESS = "success"
     FAILED = "failed"
     CANCELED = "canceled"
@@ -186,6 +189,34 @@ class TaskLog(Base):
     stage: Mapped[Stage | None] = mapped_column(_enum(Stage, "task_stage"))
     created_at: Mapped[dt.datetime] = mapped_column(Timestamp, default=utcnow)
     content: Mapped[str] = mapped_column(LongText)
+
+
+class ApprovalDecision(enum.StrEnum):
+    APPROVED = "approved"
+    REJECTED = "rejected"
+
+
+class TaskApproval(Base):
+    """A build waiting for (or given) approval to publish: who decided, when, and where to go on.
+
+    ``context`` is the plain-dict stage context (JSON) the publish stage resumes
+    with, on ``node``, the worker that holds the build's workspace.
+    """
+
+    __tablename__ = "task_approvals"
+    __table_args__ = (TABLE_ARGS,)
+
+    task_id: Mapped[int] = mapped_column(
+        Id, ForeignKey("task_details.id", ondelete="CASCADE"), primary_key=True
+    )
+    node: Mapped[str] = mapped_column(String(255))
+    context: Mapped[str] = mapped_column(LongText)
+    requested_at: Mapped[dt.datetime] = mapped_column(Timestamp, default=utcnow)
+    decision: Mapped[ApprovalDecision | None] = mapped_column(
+        _enum(ApprovalDecision, "approval_decision")
+    )
+    decided_by: Mapped[str | None] = mapped_column(String(255))
+    decided_at: Mapped[dt.datetime | None] = mapped_column(Timestamp)
 
 
 class AgentState(Base):

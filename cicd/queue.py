@@ -9,6 +9,7 @@ sits ``queued`` forever and a redelivery of its webhook can send it again.
 from __future__ import annotations
 
 from celery import chain
+from celery.utils.nodenames import worker_direct
 from kombu.exceptions import KombuError
 from redis.exceptions import RedisError
 from sqlalchemy import update
@@ -24,6 +25,7 @@ __all__ = [
     "send_task",
     "enqueue_build",
     "revoke_build",
+    "send_publish",
     "stage_task_id",
 ]
 
@@ -60,6 +62,17 @@ def send_task(task_id: int) -> None:
         _set_status(task_id, state=TaskState.FAILED, error=BROKER_DOWN, finished_at=utcnow())
         raise
     _set_status(task_id, enqueued_at=utcnow())
+
+
+def send_publish(task_id: int, node: str, ctx: dict) -> None:
+    """Send an approved build's publish stage to the node that holds its workspace."""
+    signature = app.signature(
+        STAGE_TASKS["publish"], args=(ctx,), task_id=stage_task_id(task_id, "publish")
+    )
+    try:
+        signature.apply_async(queue=worker_direct(node))
+    except (KombuError, RedisError, OSError) as error:
+        raise BrokerUnavailable(f"could not send publish of {task_id}: {error}") from None
 
 
 def revoke_build(task_id: int) -> None:

@@ -30,7 +30,7 @@ CREATE TABLE IF NOT EXISTS task_details (
 -- Where the build is: one row per task, kept current by the workers' Celery signals.
 CREATE TABLE IF NOT EXISTS task_states (
     task_id       BIGINT       NOT NULL,
-    state         ENUM('queued','running','success','failed','canceled') NOT NULL,
+    state         ENUM('queued','running','waiting','success','failed','canceled') NOT NULL,
     stage         ENUM('clone','build','publish') NULL,  -- the stage running or last run
     worker        VARCHAR(255) NULL,                     -- Celery node name, e.g. agent@host1
     queued_at     DATETIME(6)  NOT NULL,
@@ -68,6 +68,19 @@ CREATE TABLE IF NOT EXISTS task_logs (
     content     MEDIUMTEXT  NOT NULL,
     PRIMARY KEY (id),
     INDEX ix_task_logs_task (task_id, id),
+    FOREIGN KEY (task_id) REFERENCES task_details (id) ON DELETE CASCADE
+) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin;
+
+-- Builds whose publish waits for a person: who decided, when, and how to resume.
+CREATE TABLE IF NOT EXISTS task_approvals (
+    task_id       BIGINT       NOT NULL,
+    node          VARCHAR(255) NOT NULL,                 -- the worker holding the workspace
+    context       MEDIUMTEXT   NOT NULL,                 -- JSON the publish stage resumes with
+    requested_at  DATETIME(6)  NOT NULL,
+    decision      ENUM('approved','rejected') NULL,
+    decided_by    VARCHAR(255) NULL,
+    decided_at    DATETIME(6)  NULL,
+    PRIMARY KEY (task_id),
     FOREIGN KEY (task_id) REFERENCES task_details (id) ON DELETE CASCADE
 ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin;
 

@@ -214,3 +214,79 @@ def test_cancel_kills_the_build_container(agent, project, busybox_image, docker_
     wait_until(lambda: build_containers(docker_client) == [], 15, "the container to go")
     task = wait_for_task(agent.web, task_id)
     assert task["state"] == "canceled"
+
+
+# --- approvals ------------------------------------------------------------------------------
+
+
+def with_approval(files: dict[str, str], approval: str) -> dict[str, str]:
+    ci = files["ci.yaml"].replace("publish: true", f"publish:\n  approval: {approval}")
+    assert ci != files["ci.yaml"]
+    return {**files, "ci.yaml": ci}
+
+
+def send(web: str, repo: GitRepo, files: dict[str, str], branch: str = "main") -> int:
+    sha = repo.commit(files, branch=branch)
+    payload = gitlab_payload("push-event.json", repo, f"refs/heads/{branch}", sha)
+    response = post_gitlab(web, payload)
+    assert response.status_code == 202, response.text
+    return response.json()["task_id"]
+
+
+def api(web: str, path: str, method: str = "get", **kwargs) -> requests.Response:
+    return requests.request(method, f"{web}/api{path}", timeout=10, **kwargs)
+
+
+def test_approval_holds_publish_until_a_person_approves(
+    agent, start_web, project, registry, opscd_env
+):
+    ui = start_web(CICD_BROKER_URL=agent.env["CICD_BROKER_URL"], CICD_UI_PASSWORD="ui-pw")
+    task_id = send(agent.web, project, with_approval(hello_maven(), "[main, 'release/*']"))
+    task = wait_until(
+        lambda: (t := api(agent.web, f"/tasks/{task_id}").json())["state"] == "waiting" and t,
+        120,
+        "the build to wait for approval",
+    )
+    assert [s["state"] for s in task["stages"]] == ["success", "success", None]
+    assert task["approval"]["required"] and task["approval"]["decision"] is None
+    assert "publishing waits for approval" in task_log(agent.web, task_id)
+    # Waiting holds no worker slot.
+    wait_until(
+        lambda: api(agent.web, "/agents").json()["agents"][0]["active"] == 0, 10, "a free slot"
+    )
+    # Approving needs the login when one is set, and records who approved.
+    assert api(ui, f"/tasks/{task_id}/approve", "post").status_code == 401
+    response = api(ui, f"/tasks/{task_id}/approve", "post", auth=("admin", "ui-pw"))
+    assert response.status_code == 200, response.text
+    task = wait_for_task(agent.web, task_id, timeout=120)
+    assert task["state"] == "success", task_log(agent.web, task_id)
+    assert task["approval"]["decision"] == "approved"
+    assert task["approval"]["decided_by"] == "admin" and task["approval"]["decided_at"]
+    assert task["image"] and registry.tags(f"opscd/{project.project_path.lower()}")
+    again = api(agent.web, f"/tasks/{task_id}/approve", "post")
+    assert again.status_code == 409 and "not waiting" in again.json()["error"]
+
+
+def test_reject_ends_a_waiting_build_and_cleans_up(agent, project, opscd_env):
+    task_id = send(agent.web, project, with_approval(hello_maven(), "true"))
+    wait_until(
+        lambda: api(agent.web, f"/tasks/{task_id}").json()["state"] == "waiting", 120, "waiting"
+    )
+    workspaces = Path(opscd_env["CICD_WORKSPACE_DIR"])
+    assert [w for w in workspaces.iterdir() if w.name.startswith(f"task-{task_id}-")]
+    response = api(agent.web, f"/tasks/{task_id}/reject", "post")
+    assert response.status_code == 200
+    task = response.json()
+    assert task["state"] == "canceled" and task["approval"]["decision"] == "rejected"
+    wait_until(
+        lambda: not [w for w in workspaces.iterdir() if w.name.startswith(f"task-{task_id}-")],
+        20,
+        "the workspace to be removed",
+    )
+    assert api(agent.web, f"/tasks/{task_id}").json()["stages"][2]["state"] is None
+
+
+def test_approval_only_for_matching_branches(agent, project):
+    task_id = send(agent.web, project, with_approval(hello_maven(), "[main]"), branch="dev")
+    task = wait_for_task(agent.web, task_id, timeout=120)
+    assert task["state"] == "success" and task["approval"] is None

@@ -41,6 +41,7 @@ def test_sql_schema_matches_the_models(make_database):
         "task_states",
         "task_stages",
         "task_logs",
+        "task_approvals",
         "agent_states",
     }
     for table, opts in options.items():

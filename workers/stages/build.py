@@ -7,15 +7,19 @@ that code (:class:`~cicd.errors.BuildFailed`); the log keeps the output.
 from __future__ import annotations
 
 import functools
+import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy import update
+
+from cicd import db
 from cicd.ciyaml import BuildSpec, Pipeline, load_pipeline
 from cicd.config import Settings, load_settings
 from cicd.errors import BuildCanceled, BuildFailed
 from cicd.languages import LANGUAGES
-from cicd.models import Stage
+from cicd.models import Stage, TaskApproval, TaskState, TaskStatus
 from workers.celery_app import STAGE_TASKS, app
 from workers.executors import Executor, Step, get_executor
 from workers.logs import LogWriter
@@ -77,13 +81,34 @@ def run_build(
 def build(self: StageTask, ctx: dict[str, Any]) -> dict[str, Any]:
     """Run the build script on this node; pass the parsed pipeline on to publish."""
     node = self.request.hostname
+    variables = ctx.get("variables", {})
     with self.log_writer(ctx) as log:
         pipeline = run_build(
             Path(ctx["checkout"]),
-            ctx.get("variables", {}),
+            variables,
             get_executor(load_settings(), node),
             log,
             canceled=functools.partial(is_canceled, int(ctx["task_id"])),
             node=node,
         )
-    return {**ctx, "pipeline": pipeline.to_dict()}
+        ctx = {**ctx, "pipeline": pipeline.to_dict()}
+        publish = pipeline.publish
+        if publish is not None and publish.needs_approval(variables.get("CI_COMMIT_REF_NAME", "")):
+            # Stop the chain here: the build holds no slot while a person decides.
+            # The workspace stays on this node; approving sends publish back here.
+            self.request.chain = None
+            request_approval(int(ctx["task_id"]), node, ctx)
+            log.line("Build succeeded; publishing waits for approval")
+    return ctx
+
+
+def request_approval(task_id: int, node: str, ctx: dict[str, Any]) -> None:
+    """Record what publish resumes with, and put the task in ``waiting``."""
+    with db.session() as session:
+        session.merge(TaskApproval(task_id=task_id, node=node, context=json.dumps(ctx)))
+        session.execute(
+            update(TaskStatus)
+            .where(TaskStatus.task_id == task_id, TaskStatus.state == TaskState.RUNNING)
+            .values(state=TaskState.WAITING)
+        )
+        session.commit()

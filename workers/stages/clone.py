@@ -75,10 +75,15 @@ def clone(self: StageTask, ctx: dict[str, Any]) -> dict[str, Any]:
 
     # The checkout is on this host's disk: send build and publish to this
     # node's own queue (worker_direct), whatever queue the chain came from.
+    # Routed by the exchange and key the node itself bound when it started
+    # consuming (not by queue name, which would make the sender declare a
+    # binding of its own); plain strings, since the chain travels as JSON.
     if self.request.hostname:
-        queue = worker_direct(self.request.hostname).name
+        direct = worker_direct(self.request.hostname)
         for step in self.request.chain or ():
-            step.setdefault("options", {})["queue"] = queue
+            options = step.setdefault("options", {})
+            options.pop("queue", None)
+            options.update(exchange=direct.exchange.name, routing_key=direct.routing_key)
     return ctx
 
 
