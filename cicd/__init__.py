@@ -61,6 +61,7 @@ def create_app(settings: Settings | None = None) -> Flask:
         WEBHOOK_SECRET=settings.require_webhook_secret(),
         PUBLIC_URL=settings.public_url,
         AGENT_OFFLINE_AFTER=settings.agent_offline_after,
+        AUTO_CANCEL=settings.auto_cancel,
         MAX_CONTENT_LENGTH=settings.max_body_bytes,
         JSON_SORT_KEYS=False,
     )

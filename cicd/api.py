@@ -11,7 +11,8 @@ from typing import Any
 from flask import Blueprint, Response, current_app, g, jsonify, request, url_for
 from sqlalchemy import select, update
 
-from cicd import db
+from cicd import db, secrets
+from cicd.errors import ConfigError
 from cicd.models import (
     STAGES,
     AgentState,
@@ -343,6 +344,45 @@ def _undo_approval(task_id: int) -> None:
             update(TaskStatus).where(TaskStatus.task_id == task_id).values(state=TaskState.WAITING)
         )
         session.commit()
+
+
+# --- project secrets: names and dates out, values only in ------------------------------------
+
+
+@bp.get("/projects/<path:project>/secrets")
+def list_project_secrets(project: str) -> Response:
+    rows = secrets.list_secrets(project)
+    return jsonify(
+        project=project,
+        secrets=[
+            {"name": r.name, "created_at": _iso(r.created_at), "updated_at": _iso(r.updated_at)}
+            for r in rows
+        ],
+    )
+
+
+@bp.put("/projects/<path:project>/secrets/<name>")
+def put_project_secret(project: str, name: str) -> Response:
+    """Store a secret from ``{"value": "..."}``; the answer never contains the value."""
+    body = request.get_json(silent=True)
+    if not isinstance(body, dict) or not isinstance(body.get("value"), str):
+        return _error(400, 'send a JSON object {"value": "..."}')
+    try:
+        created = secrets.set_secret(project, name, body["value"])
+    except secrets.SecretError as error:
+        return _error(400, str(error))
+    except ConfigError as error:
+        return _error(503, str(error))
+    response = jsonify(project=project, name=name, created=created)
+    response.status_code = 201 if created else 200
+    return response
+
+
+@bp.delete("/projects/<path:project>/secrets/<name>")
+def delete_project_secret(project: str, name: str) -> Response:
+    if not secrets.delete_secret(project, name):
+        return _error(404, f"no secret {name} in {project}")
+    return Response(status=204)
 
 
 #: What a retry copies from the task it runs again; the delivery id stays with the first.

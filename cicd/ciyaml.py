@@ -241,6 +241,9 @@ class BuildSpec(_Spec):
     script: list[_Command] | None = None
     env: _Env = Field(default_factory=dict)
     timeout: int | None = None
+    #: Names of project secret variables the script gets in its environment
+    #: (their values live encrypted on the server, never in ci.yaml).
+    secrets: list[Annotated[str, AfterValidator(_env_name)]] = Field(default_factory=list)
 
     @model_validator(mode="after")
     def _script_or_language(self) -> BuildSpec:

@@ -143,20 +143,7 @@ def _http() -> requests.Session:
 
 
 def _get(url: str, path: str, **params: object) -> dict:
-    import requests
-
-    try:
-        response = _http().get(url.rstrip("/") + path, params=params, timeout=10)
-    except requests.RequestException as error:
-        raise click.ClickException(f"cannot reach OpsCD at {url}: {error}") from None
-    if not response.ok:
-        message = (
-            response.json().get("error")
-            if response.headers.get("Content-Type", "").startswith("application/json")
-            else response.text
-        )
-        raise click.ClickException(f"{response.status_code}: {message}")
-    return response.json()
+    return _send("get", url, path, params=params)
 
 
 def _table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
@@ -294,6 +281,60 @@ def _wait_for_clone(endpoint: str, timeout: float = 600) -> None:
         ):
             return
         time.sleep(0.5)
+
+
+@main.group(name="secrets")
+def secrets_group() -> None:
+    """Manage a project's secret variables (stored encrypted; values are never shown)."""
+
+
+def _send(method: str, url: str, path: str, **kwargs: object) -> dict:
+    import requests
+
+    try:
+        response = _http().request(method, url.rstrip("/") + path, timeout=10, **kwargs)
+    except requests.RequestException as error:
+        raise click.ClickException(f"cannot reach OpsCD at {url}: {error}") from None
+    if not response.ok:
+        is_json = response.headers.get("Content-Type", "").startswith("application/json")
+        message = response.json().get("error") if is_json else response.text
+        raise click.ClickException(f"{response.status_code}: {message}")
+    return response.json() if response.content else {}
+
+
+@secrets_group.command(name="set")
+@api_url_option
+@click.argument("project")
+@click.argument("name")
+@click.option("--value", help="The value (default: read from standard input or a prompt).")
+def secrets_set(url: str, project: str, name: str, value: str | None) -> None:
+    """Set secret NAME of PROJECT (e.g. group/app)."""
+    if value is None:
+        if sys.stdin.isatty():
+            value = click.prompt(f"Value of {name}", hide_input=True, confirmation_prompt=True)
+        else:
+            value = sys.stdin.read().rstrip("\n")
+    answer = _send("put", url, f"/api/projects/{project}/secrets/{name}", json={"value": value})
+    click.echo(f"{'added' if answer.get('created') else 'updated'} {name} in {project}")
+
+
+@secrets_group.command(name="list")
+@api_url_option
+@click.argument("project")
+def secrets_list(url: str, project: str) -> None:
+    """List the secret names of PROJECT (never their values)."""
+    rows = _send("get", url, f"/api/projects/{project}/secrets")["secrets"]
+    click.echo(_table(rows, [("NAME", "name"), ("UPDATED", "updated_at")]))
+
+
+@secrets_group.command(name="rm")
+@api_url_option
+@click.argument("project")
+@click.argument("name")
+def secrets_rm(url: str, project: str, name: str) -> None:
+    """Delete secret NAME of PROJECT."""
+    _send("delete", url, f"/api/projects/{project}/secrets/{name}")
+    click.echo(f"removed {name} from {project}")
 
 
 if __name__ == "__main__":

@@ -112,6 +112,11 @@ class Settings(BaseSettings):
         description="Seconds before Redis redelivers an unacknowledged stage; "
         "default max_build_timeout + 1 h, must exceed max_build_timeout",
     )
+    secrets_key: SecretStr | None = Field(
+        default=None,
+        description="Key that encrypts project secret variables at rest: any long random "
+        "string, the same on the web process and every agent",
+    )
     ui_user: str = Field(default="admin", description="Login of the web pages and the API")
     ui_password: SecretStr | None = Field(
         default=None,
@@ -130,6 +135,27 @@ class Settings(BaseSettings):
         gt=0,
         description="Seconds without a heartbeat after which an agent is shown offline "
         "(agents heartbeat every 2 s)",
+    )
+    auto_cancel: bool = Field(
+        default=False,
+        description="A new push to a branch cancels that branch's older builds still queued, "
+        "running or waiting",
+    )
+    max_attempts: int = Field(
+        default=2,
+        ge=1,
+        description="Runs of a build whose agent died under it before it is marked failed",
+    )
+    reaper_interval: float = Field(
+        default=10.0,
+        gt=0,
+        description="Seconds between a worker's checks for builds of dead agents and "
+        "builds recorded but never enqueued",
+    )
+    reconcile_after: float = Field(
+        default=60.0,
+        gt=0,
+        description="Seconds a recorded build may wait unsent before a worker enqueues it",
     )
     public_url: str | None = Field(
         default=None,
@@ -216,6 +242,7 @@ class Settings(BaseSettings):
             self.flower_password,
             self.ui_password,
             self.api_token,
+            self.secrets_key,
         ]
         found = [v.get_secret_value() for v in values if v is not None and v.get_secret_value()]
         authorization = self.git_authorization()

@@ -7,16 +7,23 @@ connection pool must not cross a ``fork``. :func:`reset` is called after a fork.
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterator
+import logging
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import TypeVar
 
 from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from cicd.config import load_settings
 from cicd.models import Base
 
-__all__ = ["engine", "session", "reset", "create_schema"]
+__all__ = ["engine", "session", "retrying", "reset", "create_schema"]
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 @functools.cache
@@ -28,6 +35,9 @@ def engine() -> Engine:
     options: dict = {"pool_pre_ping": True}
     if url.startswith(("mysql", "mariadb")):
         options.update(pool_recycle=3600, pool_size=5, max_overflow=10)
+        # A database that is down must fail a request in seconds (the webhook then
+        # answers 503 while GitLab still waits), not hang it.
+        options["connect_args"] = {"connect_timeout": 3, "read_timeout": 60, "write_timeout": 60}
     if url.startswith("sqlite"):
         # Web threads, workers and their pool processes all write: wait for the lock.
         options["connect_args"] = {"timeout": 30}
@@ -59,6 +69,25 @@ def session() -> Iterator[Session]:
         except BaseException:
             db.rollback()
             raise
+
+
+def retrying(operation: Callable[[], T], what: str, give_up_after: float = 120) -> T:
+    """Run ``operation``, retrying while the database is unreachable (a restart, a failover).
+
+    For writes that must not be lost, such as a build's state or log: the
+    caller waits out a short outage instead of dropping the write. Errors that
+    are not about the connection are raised at once.
+    """
+    started, delay = time.monotonic(), 0.2
+    while True:
+        try:
+            return operation()
+        except (OperationalError, InterfaceError) as error:
+            if time.monotonic() - started + delay > give_up_after:
+                raise
+            log.warning("%s: database unavailable (%s); retrying in %.1fs", what, error.orig, delay)
+            time.sleep(delay)
+            delay = min(delay * 2, 5.0)
 
 
 def reset() -> None:

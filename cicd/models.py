@@ -36,6 +36,7 @@ __all__ = [
     "AgentState",
     "TaskApproval",
     "ApprovalDecision",
+    "ProjectSecret",
     "utcnow",
     "STAGES",
 ]
@@ -155,6 +156,9 @@ class TaskStatus(Base):
     finished_at: Mapped[dt.datetime | None] = mapped_column(Timestamp)
     exit_code: Mapped[int | None] = mapped_column(Integer)
     error: Mapped[str | None] = mapped_column(Text)
+    #: Runs of this build; a run whose node died is sent again with attempt + 1,
+    #: and messages of an older attempt are ignored when they arrive.
+    attempt: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
     image: Mapped[str | None] = mapped_column(String(512))
     image_digest: Mapped[str | None] = mapped_column(String(100))
     updated_at: Mapped[dt.datetime] = mapped_column(Timestamp, default=utcnow, onupdate=utcnow)
@@ -217,6 +221,19 @@ class TaskApproval(Base):
     )
     decided_by: Mapped[str | None] = mapped_column(String(255))
     decided_at: Mapped[dt.datetime | None] = mapped_column(Timestamp)
+
+
+class ProjectSecret(Base):
+    """A secret variable of one project, encrypted with ``CICD_SECRETS_KEY`` (Fernet)."""
+
+    __tablename__ = "project_secrets"
+    __table_args__ = (TABLE_ARGS,)
+
+    project: Mapped[str] = mapped_column(String(255), primary_key=True)
+    name: Mapped[str] = mapped_column(String(128), primary_key=True)
+    ciphertext: Mapped[str] = mapped_column(LongText)
+    created_at: Mapped[dt.datetime] = mapped_column(Timestamp, default=utcnow)
+    updated_at: Mapped[dt.datetime] = mapped_column(Timestamp, default=utcnow, onupdate=utcnow)
 
 
 class AgentState(Base):

@@ -41,13 +41,13 @@ def stage_task_id(task_id: int, stage: str) -> str:
     return f"opscd-{task_id}-{stage}"
 
 
-def enqueue_build(task_id: int, queue: str = BUILD_QUEUE) -> None:
+def enqueue_build(task_id: int, attempt: int = 1, queue: str = BUILD_QUEUE) -> None:
     """Send the build's chain; any node consuming ``queue`` takes the clone stage."""
     signatures = [
         app.signature(name, task_id=stage_task_id(task_id, stage))
         for stage, name in STAGE_TASKS.items()
     ]
-    signatures[0].args = ({"task_id": task_id},)
+    signatures[0].args = ({"task_id": task_id, "attempt": attempt},)
     try:
         chain(*signatures).apply_async(queue=queue)
     except (KombuError, RedisError, OSError) as error:

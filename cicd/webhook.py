@@ -21,7 +21,7 @@ from cicd.api import external_url
 from cicd.errors import PayloadError
 from cicd.forges import Ignored, PushEvent, gitlab
 from cicd.models import RefType, TaskDetail, TaskState, TaskStatus, utcnow
-from cicd.queue import BrokerUnavailable, send_task
+from cicd.queue import BrokerUnavailable, revoke_build, send_task
 
 __all__ = ["bp"]
 
@@ -62,7 +62,37 @@ def _record_and_enqueue(event: PushEvent) -> tuple[Response, int]:
             session.rollback()
             return _redelivery(session, event, error)
         task_id = task.id
-    return _enqueue(task_id, status=202)
+    answer = _enqueue(task_id, status=202)
+    if current_app.config["AUTO_CANCEL"] and event.ref_type == "branch":
+        _cancel_superseded(event, task_id)
+    return answer
+
+
+def _cancel_superseded(event: PushEvent, newest: int) -> None:
+    """``CICD_AUTO_CANCEL``: older unfinished builds of the same branch are canceled."""
+    with db.session() as session:
+        older = select(TaskDetail.id).where(
+            TaskDetail.project == event.project,
+            TaskDetail.ref_type == RefType.BRANCH,
+            TaskDetail.ref_name == event.ref_name,
+            TaskDetail.id < newest,
+        )
+        unfinished = (TaskState.QUEUED, TaskState.RUNNING, TaskState.WAITING)
+        ids = session.scalars(
+            select(TaskStatus.task_id).where(
+                TaskStatus.task_id.in_(older), TaskStatus.state.in_(unfinished)
+            )
+        ).all()
+        if not ids:
+            return
+        session.execute(
+            update(TaskStatus)
+            .where(TaskStatus.task_id.in_(ids), TaskStatus.state.in_(unfinished))
+            .values(state=TaskState.CANCELED, finished_at=utcnow(), error=f"superseded by {newest}")
+        )
+        session.commit()
+    for task_id in ids:
+        revoke_build(task_id)
 
 
 def _redelivery(session: Session, event: PushEvent, error: IntegrityError) -> tuple[Response, int]:

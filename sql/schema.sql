@@ -39,6 +39,7 @@ CREATE TABLE IF NOT EXISTS task_states (
     finished_at   DATETIME(6)  NULL,
     exit_code     INTEGER      NULL,                     -- of the build script
     error         TEXT         NULL,                     -- why it failed, credentials masked
+    attempt       INTEGER      NOT NULL DEFAULT 1,       -- runs; +1 when its node died
     image         VARCHAR(512) NULL,                     -- pushed image name
     image_digest  VARCHAR(100) NULL,
     updated_at    DATETIME(6)  NOT NULL,
@@ -82,6 +83,16 @@ CREATE TABLE IF NOT EXISTS task_approvals (
     decided_at    DATETIME(6)  NULL,
     PRIMARY KEY (task_id),
     FOREIGN KEY (task_id) REFERENCES task_details (id) ON DELETE CASCADE
+) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin;
+
+-- Per-project secret variables, encrypted at rest (Fernet, key CICD_SECRETS_KEY).
+CREATE TABLE IF NOT EXISTS project_secrets (
+    project     VARCHAR(255) NOT NULL,
+    name        VARCHAR(128) NOT NULL,
+    ciphertext  MEDIUMTEXT   NOT NULL,
+    created_at  DATETIME(6)  NOT NULL,
+    updated_at  DATETIME(6)  NOT NULL,
+    PRIMARY KEY (project, name)
 ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin;
 
 -- One row per worker node, kept current by its heartbeats.

@@ -202,8 +202,8 @@ def start_web(opscd_env: dict[str, str], tmp_path_factory) -> Iterator:
             if process.popen.poll() is not None:
                 raise AssertionError(f"web exited:\n{process.output()}")
             try:
-                return requests.get(base + "/healthz", timeout=1).ok
-            except requests.ConnectionError:
+                return requests.get(base + "/healthz", timeout=2).ok
+            except requests.RequestException:  # not listening, or still importing the app
                 return False
 
         wait_until(up, 30, "gunicorn to answer")

@@ -42,6 +42,7 @@ def test_sql_schema_matches_the_models(make_database):
         "task_stages",
         "task_logs",
         "task_approvals",
+        "project_secrets",
         "agent_states",
     }
     for table, opts in options.items():

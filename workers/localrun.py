@@ -8,6 +8,7 @@ terminal, masked like any build log; the exit status is the build's.
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -21,6 +22,7 @@ import click
 
 from cicd.config import load_settings
 from cicd.errors import BuildFailed, OpsCDError
+from cicd.secrets import SecretError
 from workers.executors import get_executor
 from workers.logs import LogWriter
 from workers.stages import masker
@@ -45,8 +47,9 @@ def run_local(path: Path, publish: bool = False) -> int:
                 click.echo(f"Copied {count} files from {path}")
             with _stage("build"), _terminal_log() as log:
                 pipeline = run_build(
-                    checkout, variables, get_executor(load_settings(), "local"), log
-                )
+                    checkout, variables, get_executor(load_settings(), "local"), log,
+                    secrets=_secrets_from_environment,
+                )  # fmt: skip
             if pipeline.publish is None:
                 _skipped("publish", "ci.yaml has no publish section")
             elif not publish:
@@ -75,6 +78,14 @@ def _stage(name: str) -> Iterator[None]:
                     bold=True, err=True)  # fmt: skip
         raise
     click.secho(f"✓ {name} ({time.monotonic() - started:.1f}s)", fg="green", bold=True, err=True)
+
+
+def _secrets_from_environment(names: list[str]) -> dict[str, str]:
+    """Locally, ci.yaml's secrets come from this shell's environment, under the same names."""
+    missing = [name for name in names if not os.environ.get(name)]
+    if missing:
+        raise SecretError(f"ci.yaml asks for secret(s) {', '.join(missing)}: export them first")
+    return {name: os.environ[name] for name in names}
 
 
 def _skipped(name: str, why: str) -> None:

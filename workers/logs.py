@@ -34,6 +34,10 @@ class Masker:
     def __init__(self, secrets: Iterable[str]) -> None:
         self.secrets = sorted({s for s in secrets if s and len(s) >= 3}, key=len, reverse=True)
 
+    def with_secrets(self, secrets: Iterable[str]) -> Masker:
+        """A masker that also hides ``secrets`` (e.g. one build's secret variables)."""
+        return Masker([*self.secrets, *secrets])
+
     def __call__(self, text: str) -> str:
         for secret in self.secrets:
             text = text.replace(secret, MASK)
@@ -117,13 +121,16 @@ class LogWriter:
 
 
 def task_log_store(task_id: int, stage: Stage) -> LogStore:
-    """Appends to the task's rows in ``task_logs``; a failed insert is logged, not raised."""
+    """Appends to the task's rows in ``task_logs``, waiting out a short database outage."""
+
+    def insert(text: str) -> None:
+        with db.session() as session:
+            session.add(TaskLog(task_id=task_id, stage=stage, content=text))
+            session.commit()
 
     def store(text: str) -> None:
         try:
-            with db.session() as session:
-                session.add(TaskLog(task_id=task_id, stage=stage, content=text))
-                session.commit()
+            db.retrying(lambda: insert(text), f"task {task_id}: storing log")
         except Exception:  # the build goes on; its result still reaches task_states
             log.exception("task %s: could not store %d characters of log", task_id, len(text))
 

@@ -17,7 +17,7 @@ from cicd import db
 from cicd.config import load_settings
 from cicd.errors import BuildFailed
 from cicd.models import Stage, StageState, TaskStage, TaskState, TaskStatus, utcnow
-from workers import heartbeats
+from workers import heartbeats, reaper, workspace
 from workers.celery_app import STAGE_TASKS
 
 __all__: list[str] = []
@@ -26,29 +26,35 @@ log = logging.getLogger(__name__)
 _STAGE_BY_TASK = {name: Stage(stage) for stage, name in STAGE_TASKS.items()}
 
 
-def _build_of(sender: Any, args: Any) -> tuple[int, Stage] | None:
-    """(task id, stage) when ``sender`` is one of our stage tasks, else None."""
+def _build_of(sender: Any, args: Any) -> tuple[int, Stage, int] | None:
+    """(task id, stage, attempt) when ``sender`` is one of our stage tasks, else None."""
     stage = _STAGE_BY_TASK.get(getattr(sender, "name", None))
     if stage is None or not args or not isinstance(args[0], dict) or "task_id" not in args[0]:
         return None
-    return int(args[0]["task_id"]), stage
+    return int(args[0]["task_id"]), stage, int(args[0].get("attempt", 1))
 
 
 def _record(
-    task_id: int, stage: Stage, stage_state: StageState, worker: str | None, task: dict[str, Any]
+    build: tuple[int, Stage, int],
+    stage_state: StageState,
+    worker: str | None,
+    task: dict[str, Any],
 ) -> None:
     """Write the stage row and the task row in one transaction; a failure is logged, not raised.
 
-    A canceled build stays canceled whatever its stages report afterwards: the
-    task row is locked while it is read, so a cancel cannot slip in between.
+    A canceled build stays canceled whatever its stages report afterwards, and
+    a stage of an older attempt changes nothing: the task row is locked while it
+    is read, so a cancel cannot slip in between.
     """
+    task_id, stage, attempt = build
     now = utcnow()
-    try:
+
+    def write() -> None:
         with db.session() as session:
             status = session.scalar(
                 select(TaskStatus).where(TaskStatus.task_id == task_id).with_for_update()
             )
-            if status is None:
+            if status is None or status.attempt != attempt:
                 return
             row = session.get(TaskStage, (task_id, stage))
             if status.state is TaskState.CANCELED:
@@ -66,6 +72,9 @@ def _record(
             for key, value in task.items():
                 setattr(status, key, value)
             session.commit()
+
+    try:
+        db.retrying(write, f"task {task_id}: recording {stage} {stage_state}")
     except Exception:
         log.exception("task %s: could not record %s %s", task_id, stage, stage_state)
 
@@ -78,12 +87,12 @@ def on_stage_start(sender: Any = None, args: Any = None, **_: Any) -> None:
     build = _build_of(sender, args)
     if build is None:
         return
-    task_id, stage = build
+    _, stage, _ = build
     hostname = sender.request.hostname
     values: dict[str, Any] = {"state": TaskState.RUNNING, "stage": stage, "worker": hostname}
     if stage is Stage.CLONE:
         values.update(started_at=utcnow(), finished_at=None, exit_code=None, error=None)
-    _record(task_id, stage, StageState.RUNNING, hostname, values)
+    _record(build, StageState.RUNNING, hostname, values)
 
 
 @signals.task_success.connect
@@ -91,7 +100,7 @@ def on_stage_success(sender: Any = None, result: Any = None, **_: Any) -> None:
     build = _build_of(sender, [result])
     if build is None:
         return
-    task_id, stage = build
+    _, stage, _ = build
     skipped = isinstance(result, dict) and result.get("skipped") == stage.value
     values: dict[str, Any] = {}
     if stage is Stage.PUBLISH:
@@ -99,7 +108,7 @@ def on_stage_success(sender: Any = None, result: Any = None, **_: Any) -> None:
         if isinstance(result, dict) and result.get("image"):
             values.update(image=result["image"], image_digest=result.get("image_digest"))
     state = StageState.SKIPPED if skipped else StageState.SUCCESS
-    _record(task_id, stage, state, sender.request.hostname, values)
+    _record(build, state, sender.request.hostname, values)
 
 
 @signals.task_failure.connect
@@ -111,7 +120,7 @@ def on_stage_failure(
         return
     from workers.stages import describe_error  # stages import this module's app
 
-    task_id, stage = build
+    _, stage, _ = build
     values: dict[str, Any] = {
         "state": TaskState.FAILED,
         "stage": stage,
@@ -120,7 +129,7 @@ def on_stage_failure(
     }
     if isinstance(exception, BuildFailed):
         values["exit_code"] = exception.exit_code
-    _record(task_id, stage, StageState.FAILED, sender.request.hostname, values)
+    _record(build, StageState.FAILED, sender.request.hostname, values)
 
 
 # --- worker processes ---------------------------------------------------------
@@ -156,12 +165,18 @@ def on_worker_ready(sender: Any = None, **_: Any) -> None:
     )
     heartbeats.record_heartbeat(heartbeats.node)
     _remove_leftover_containers(sender)
+    try:
+        workspace.remove_finished_workspaces()
+    except Exception:
+        log.exception("could not remove the workspaces of finished builds")
 
 
 @signals.heartbeat_sent.connect
 def on_heartbeat(**_: Any) -> None:
+    """Every 2 s: this node is alive; now and then, look for builds nobody runs."""
     if heartbeats.node is not None:
         heartbeats.record_heartbeat(heartbeats.node)
+        reaper.sweep()
 
 
 @signals.worker_shutdown.connect

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from cicd.config import load_settings
 
-__all__ = ["create_workspace", "remove_workspace", "checkout_dir"]
+__all__ = ["create_workspace", "remove_workspace", "checkout_dir", "remove_finished_workspaces"]
 
 
 def create_workspace(task_id: int) -> Path:
@@ -39,3 +39,40 @@ def remove_workspace(workspace: str | Path | None) -> None:
     if path.parent != root or not path.name.startswith("task-"):
         raise ValueError(f"refusing to remove {path}: not a workspace under {root}")
     shutil.rmtree(path, ignore_errors=True)
+
+
+def remove_finished_workspaces() -> int:
+    """At a node's start: workspaces of builds that ended (a crash left them) are removed.
+
+    Builds still queued or running keep theirs: several nodes may share one
+    host and one ``CICD_WORKSPACE_DIR``.
+    """
+    from sqlalchemy import select
+
+    from cicd import db
+    from cicd.models import TaskStatus
+
+    root = load_settings().workspace_dir
+    if not root.is_dir():
+        return 0
+    by_task: dict[int, list[Path]] = {}
+    for path in root.iterdir():
+        parts = path.name.split("-")
+        if path.is_dir() and len(parts) >= 3 and parts[0] == "task" and parts[1].isdigit():
+            by_task.setdefault(int(parts[1]), []).append(path)
+    if not by_task:
+        return 0
+    with db.session() as session:
+        states = dict(
+            session.execute(
+                select(TaskStatus.task_id, TaskStatus.state).where(TaskStatus.task_id.in_(by_task))
+            ).all()
+        )
+    removed = 0
+    for task_id, paths in by_task.items():
+        state = states.get(task_id)
+        if state is None or state.finished:
+            for path in paths:
+                remove_workspace(path)
+                removed += 1
+    return removed

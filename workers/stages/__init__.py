@@ -24,7 +24,7 @@ from cicd.models import Stage, TaskState, TaskStatus
 from workers.logs import LogWriter, Masker, task_log_store
 from workers.workspace import remove_workspace
 
-__all__ = ["StageTask", "masker", "describe_error", "is_canceled"]
+__all__ = ["StageTask", "masker", "describe_error", "is_canceled", "is_stale"]
 
 log = logging.getLogger(__name__)
 
@@ -36,10 +36,32 @@ def masker() -> Masker:
 
 
 def is_canceled(task_id: int) -> bool:
-    """Whether someone canceled the build; stages and executors ask while they work."""
-    with db.session() as session:
-        state = session.scalar(select(TaskStatus.state).where(TaskStatus.task_id == task_id))
+    """Whether someone canceled the build; executors ask while the script runs.
+
+    A database that cannot answer is not a cancel: the build goes on.
+    """
+    try:
+        with db.session() as session:
+            state = session.scalar(select(TaskStatus.state).where(TaskStatus.task_id == task_id))
+    except Exception:
+        log.warning("task %s: could not check for a cancel", task_id, exc_info=True)
+        return False
     return state is TaskState.CANCELED
+
+
+def is_stale(ctx: dict[str, Any]) -> bool:
+    """A message for a canceled build, or for a run that was superseded by a newer attempt."""
+
+    def read() -> tuple[TaskState, int] | None:
+        with db.session() as session:
+            query = select(TaskStatus.state, TaskStatus.attempt)
+            return session.execute(query.where(TaskStatus.task_id == int(ctx["task_id"]))).first()
+
+    row = db.retrying(read, f"task {ctx['task_id']}: checking its state")
+    if row is None:
+        return True
+    state, attempt = row
+    return state is TaskState.CANCELED or int(ctx.get("attempt", 1)) != attempt
 
 
 def describe_error(error: BaseException) -> str:
@@ -58,9 +80,9 @@ class StageTask(Task):
     max_retries = 0
 
     def before_start(self, task_id: str, args: tuple, kwargs: dict) -> None:
-        """A build canceled while this stage waited in the queue does not start it."""
+        """A stage of a canceled build, or of an older run of it, does not start."""
         ctx = args[0] if args and isinstance(args[0], dict) else {}
-        if "task_id" in ctx and is_canceled(int(ctx["task_id"])):
+        if "task_id" in ctx and is_stale(ctx):
             remove_workspace(ctx.get("workspace"))
             raise Ignore()
 

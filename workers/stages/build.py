@@ -20,6 +20,7 @@ from cicd.config import Settings, load_settings
 from cicd.errors import BuildCanceled, BuildFailed
 from cicd.languages import LANGUAGES
 from cicd.models import Stage, TaskApproval, TaskState, TaskStatus
+from cicd.secrets import secret_values
 from workers.celery_app import STAGE_TASKS, app
 from workers.executors import Executor, Step, get_executor
 from workers.logs import LogWriter
@@ -43,18 +44,27 @@ def run_build(
     log: LogWriter,
     canceled: Callable[[], bool] = lambda: False,
     node: str | None = None,
+    secrets: Callable[[list[str]], dict[str, str]] | None = None,
 ) -> Pipeline:
-    """Read ci.yaml, run its script, raise unless it succeeded; return the pipeline."""
+    """Read ci.yaml, run its script, raise unless it succeeded; return the pipeline.
+
+    ``secrets`` looks up the secret variables ci.yaml names; by default the
+    project's, stored encrypted on the server.
+    """
     settings = load_settings()
     pipeline = load_pipeline(checkout)
     spec = pipeline.build
     timeout = min(spec.timeout or settings.build_timeout, settings.max_build_timeout)
+    project = variables.get("CI_PROJECT_PATH", "")
+    lookup = secrets or (lambda names: secret_values(project, names))
+    secret_env = lookup(spec.secrets) if spec.secrets else {}
+    log.mask = log.mask.with_secrets(secret_env.values())
     step = Step(
         name=f"{variables.get('CI_TASK_ID', 'local')}-build",
         commands=spec.commands,
         workspace=checkout,
         workdir=spec.workdir if executor.name != "shell" else str(checkout),
-        environment={**spec.env, **variables},
+        environment={**spec.env, **secret_env, **variables},
         image=build_image(spec, settings),
         timeout=timeout,
         canceled=canceled,

@@ -75,15 +75,10 @@ def clone(self: StageTask, ctx: dict[str, Any]) -> dict[str, Any]:
 
     # The checkout is on this host's disk: send build and publish to this
     # node's own queue (worker_direct), whatever queue the chain came from.
-    # Routed by the exchange and key the node itself bound when it started
-    # consuming (not by queue name, which would make the sender declare a
-    # binding of its own); plain strings, since the chain travels as JSON.
     if self.request.hostname:
-        direct = worker_direct(self.request.hostname)
+        queue = worker_direct(self.request.hostname).name
         for step in self.request.chain or ():
-            options = step.setdefault("options", {})
-            options.pop("queue", None)
-            options.update(exchange=direct.exchange.name, routing_key=direct.routing_key)
+            step.setdefault("options", {})["queue"] = queue
     return ctx
 
 

@@ -1,0 +1,149 @@
+"""Builds nobody is running any more: reruns for those of dead agents, sends for unsent ones.
+
+Every worker node runs :func:`sweep` from its heartbeat, at most every
+``CICD_REAPER_INTERVAL`` seconds, so this needs no extra process and works
+as long as one node is alive. Each fix is claimed with a conditional UPDATE,
+so two nodes sweeping at once never act twice on one build.
+
+- A build ``running`` on a node that stopped heartbeating (killed, host down)
+  is sent again as attempt + 1, to any node: its workspace died with the
+  node. Messages of the old attempt, should Redis redeliver them, are ignored
+  by the stages. After ``CICD_MAX_ATTEMPTS`` runs it is marked failed instead.
+- A build recorded but never sent (the web process died between its commit
+  and its send) is sent once it waited ``CICD_RECONCILE_AFTER`` seconds.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import time
+
+from sqlalchemy import delete, or_, select, update
+
+from cicd import db
+from cicd.config import load_settings
+from cicd.models import AgentState, TaskLog, TaskStage, TaskState, TaskStatus, utcnow
+
+__all__ = ["sweep", "rerun_builds_of_dead_agents", "send_unsent_builds"]
+
+log = logging.getLogger(__name__)
+_last_sweep = 0.0
+
+
+def sweep(force: bool = False) -> None:
+    """Run both checks if the interval has passed; errors are logged, never raised."""
+    global _last_sweep
+    settings = load_settings()
+    if not force and time.monotonic() - _last_sweep < settings.reaper_interval:
+        return
+    _last_sweep = time.monotonic()
+    for check in (rerun_builds_of_dead_agents, send_unsent_builds):
+        try:
+            check()
+        except Exception:
+            log.exception("%s failed", check.__name__)
+
+
+def rerun_builds_of_dead_agents() -> list[int]:
+    """Send again (or fail) every build running on a node that stopped heartbeating."""
+    settings = load_settings()
+    silent_since = utcnow() - dt.timedelta(seconds=settings.agent_offline_after)
+    dead = select(AgentState.hostname).where(
+        or_(AgentState.online.is_(False), AgentState.last_heartbeat < silent_since)
+    )
+    with db.session() as session:
+        orphans = session.execute(
+            select(TaskStatus.task_id, TaskStatus.worker, TaskStatus.attempt).where(
+                TaskStatus.state == TaskState.RUNNING, TaskStatus.worker.in_(dead)
+            )
+        ).all()
+    handled = []
+    for task_id, node, attempt in orphans:
+        if _rerun(task_id, node, attempt, settings.max_attempts):
+            handled.append(task_id)
+    return handled
+
+
+def _rerun(task_id: int, node: str, attempt: int, max_attempts: int) -> bool:
+    gave_up = attempt >= max_attempts
+    reason = f"agent {node} stopped responding during the build (run {attempt} of {max_attempts})"
+    values: dict = {"attempt": attempt + 1, "stage": None, "worker": None}
+    if gave_up:
+        values.update(state=TaskState.FAILED, finished_at=utcnow(), error=f"{reason}; not rerun")
+    else:
+        values.update(state=TaskState.QUEUED, enqueued_at=None, started_at=None)
+    with db.session() as session:
+        claimed = session.execute(
+            update(TaskStatus)
+            .where(
+                TaskStatus.task_id == task_id,
+                TaskStatus.state == TaskState.RUNNING,
+                TaskStatus.worker == node,
+                TaskStatus.attempt == attempt,
+            )
+            .values(**values)
+        ).rowcount
+        if not claimed:
+            return False
+        note = f"{reason}; " + ("not run again" if gave_up else "running it again on any agent")
+        session.add(TaskLog(task_id=task_id, stage=None, content=f"\n*** {note} ***\n"))
+        if not gave_up:
+            session.execute(delete(TaskStage).where(TaskStage.task_id == task_id))
+        session.commit()
+    log.warning("task %s: %s", task_id, note)
+    if not gave_up:
+        _send(task_id, attempt + 1)
+    return True
+
+
+def send_unsent_builds() -> list[int]:
+    """Send builds recorded but never handed to the broker (a crash between commit and send)."""
+    settings = load_settings()
+    waited = utcnow() - dt.timedelta(seconds=settings.reconcile_after)
+    with db.session() as session:
+        unsent = session.execute(
+            select(TaskStatus.task_id, TaskStatus.attempt).where(
+                TaskStatus.state == TaskState.QUEUED,
+                TaskStatus.enqueued_at.is_(None),
+                TaskStatus.queued_at < waited,
+            )
+        ).all()
+    sent = []
+    for task_id, attempt in unsent:
+        with db.session() as session:
+            claimed = session.execute(
+                update(TaskStatus)
+                .where(
+                    TaskStatus.task_id == task_id,
+                    TaskStatus.state == TaskState.QUEUED,
+                    TaskStatus.enqueued_at.is_(None),
+                )
+                .values(enqueued_at=utcnow())
+            ).rowcount
+            session.commit()
+        if claimed and _send(task_id, attempt):
+            log.warning("task %s: was recorded but never sent; sent it now", task_id)
+            sent.append(task_id)
+    return sent
+
+
+def _send(task_id: int, attempt: int) -> bool:
+    # Imported here: cicd.queue imports the Celery app, whose import loads this module.
+    from cicd.queue import BrokerUnavailable, enqueue_build
+
+    try:
+        enqueue_build(task_id, attempt)
+    except BrokerUnavailable:
+        with db.session() as session:  # try again at the next sweep
+            session.execute(
+                update(TaskStatus).where(TaskStatus.task_id == task_id).values(enqueued_at=None)
+            )
+            session.commit()
+        return False
+    with db.session() as session:
+        session.execute(
+            update(TaskStatus).where(TaskStatus.task_id == task_id).values(enqueued_at=utcnow())
+        )
+        session.commit()
+    return True
