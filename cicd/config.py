@@ -67,6 +67,9 @@ class Settings(BaseSettings):
     docker_cpus: float | None = Field(
         default=None, gt=0, description="CPU limit of a build container, e.g. 1.5"
     )
+    docker_pids_limit: int = Field(
+        default=4096, ge=16, description="Most processes a build container may run (fork bombs)"
+    )
     docker_volumes: str = Field(
         default="",
         description="Extra host folders for build containers, comma-separated "
@@ -161,6 +164,12 @@ class Settings(BaseSettings):
         default=None,
         description="Base URL of the web process used in links; default: the request's own",
     )
+    max_log_bytes: int = Field(
+        default=10 * 1024 * 1024,
+        ge=1024,
+        description="Most log bytes kept per build; output past it is cut with a marker, "
+        "and the build keeps its real result",
+    )
     max_body_bytes: int = Field(
         default=5 * 1024 * 1024, ge=1024, description="Largest webhook body accepted (413 above)"
     )
@@ -200,6 +209,12 @@ class Settings(BaseSettings):
                 raise ValueError(f"{volume!r} is not HOST:CONTAINER[:ro|rw] with absolute paths")
             if len(parts) == 3 and parts[2] not in ("ro", "rw"):
                 raise ValueError(f"{volume!r}: the mode must be ro or rw")
+            host = parts[0].rstrip("/") or "/"
+            if host in ("/", "/run", "/var/run") or host.endswith((".sock", "/docker", "/podman")):
+                raise ValueError(
+                    f"{volume!r} would give builds the host or its container engine "
+                    "(a build with the engine's socket owns the host); mount something narrower"
+                )
         return value
 
     @field_validator("worker_languages")

@@ -17,7 +17,7 @@ from sqlalchemy import update
 from cicd import db
 from cicd.errors import OpsCDError
 from cicd.models import TaskState, TaskStatus, utcnow
-from workers.celery_app import BUILD_QUEUE, STAGE_TASKS, app
+from workers.celery_app import BUILD_QUEUE, FAST_FAIL_RETRY_POLICY, STAGE_TASKS, app
 
 __all__ = [
     "BrokerUnavailable",
@@ -49,7 +49,7 @@ def enqueue_build(task_id: int, attempt: int = 1, queue: str = BUILD_QUEUE) -> N
     ]
     signatures[0].args = ({"task_id": task_id, "attempt": attempt},)
     try:
-        chain(*signatures).apply_async(queue=queue)
+        chain(*signatures).apply_async(queue=queue, retry_policy=FAST_FAIL_RETRY_POLICY)
     except (KombuError, RedisError, OSError) as error:
         raise BrokerUnavailable(f"could not send build {task_id} to the broker: {error}") from None
 
@@ -70,7 +70,7 @@ def send_publish(task_id: int, node: str, ctx: dict) -> None:
         STAGE_TASKS["publish"], args=(ctx,), task_id=stage_task_id(task_id, "publish")
     )
     try:
-        signature.apply_async(queue=worker_direct(node))
+        signature.apply_async(queue=worker_direct(node), retry_policy=FAST_FAIL_RETRY_POLICY)
     except (KombuError, RedisError, OSError) as error:
         raise BrokerUnavailable(f"could not send publish of {task_id}: {error}") from None
 

@@ -148,6 +148,7 @@ def opscd_env(database_url: str, broker_url: str, tmp_path_factory) -> dict[str,
         CICD_WORKSPACE_DIR=str(tmp_path_factory.mktemp("workspaces")),
         CICD_EXECUTOR="shell",
         CICD_AGENT_OFFLINE_AFTER="6",
+        CICD_SECRETS_KEY="test-secrets-key-" + uuid.uuid4().hex,
         # This stack has no container engine: publishing must fail clearly.
         CICD_DOCKER_HOST="unix:///nonexistent/docker.sock",
         CICD_REGISTRY="127.0.0.1:9/opscd",
@@ -304,11 +305,13 @@ def start_stack(opscd_env, start_web, tmp_path_factory) -> Iterator:
     """Factory of isolated stacks (own Redis database), e.g. a docker-executor agent."""
     stacks: list[Stack] = []
     redis_base = opscd_env["CICD_BROKER_URL"].rsplit("/", 1)[0]
-    free_databases = iter(range(14, 16))
+    free_databases = iter([14, 15, 10, 9, 8, 7, 6, 5, 4, 3])
 
     def start(name: str, **overrides: str) -> Stack:
-        broker = f"{redis_base}/{next(free_databases)}"
-        redis.Redis.from_url(broker).flushdb()
+        broker = overrides.pop("CICD_BROKER_URL", None)
+        if broker is None:
+            broker = f"{redis_base}/{next(free_databases)}"
+            redis.Redis.from_url(broker).flushdb()
         env = {**opscd_env, "CICD_BROKER_URL": broker, **overrides}
         web = start_web(**{k: v for k, v in env.items() if k.startswith("CICD_")})
         worker = Process(name, worker_args(name), env, tmp_path_factory.mktemp(f"{name}-logs"))

@@ -14,7 +14,14 @@ from celery.signals import celeryd_after_setup
 
 from cicd.config import Settings, load_settings
 
-__all__ = ["app", "BUILD_QUEUE", "STAGE_TASKS", "celery_options", "language_queue"]
+__all__ = [
+    "app",
+    "BUILD_QUEUE",
+    "STAGE_TASKS",
+    "FAST_FAIL_RETRY_POLICY",
+    "celery_options",
+    "language_queue",
+]
 
 #: The queue every build's first stage goes to; any node may take it.
 BUILD_QUEUE = "opscd.builds"
@@ -24,6 +31,10 @@ def language_queue(language: str) -> str:
     """The queue of builds for one language, consumed only by agents that build it."""
     return f"{BUILD_QUEUE}.{language}"
 
+
+#: Publish retries of a web request: two quick ones, then GitLab is told 503 and redelivers.
+FAST_FAIL_RETRY_POLICY = {"max_retries": 2, "interval_start": 0, "interval_step": 0.2,
+                          "interval_max": 0.5}  # fmt: skip
 
 #: Celery task name of each stage, in the order a build runs them.
 STAGE_TASKS = {"clone": "opscd.clone", "build": "opscd.build", "publish": "opscd.publish"}
@@ -40,17 +51,22 @@ def celery_options(settings: Settings) -> dict[str, Any]:
             # With acks_late a stage is acknowledged when it ends, so this must
             # exceed the longest build or a running build is delivered twice.
             "visibility_timeout": settings.broker_visibility_timeout,
+            # How often a node looks for such messages of dead nodes to restore:
+            # every ~10 s (kombu's default is ~100 s), sooner with a short timeout.
+            "unacked_restore_interval": max(1, min(10, settings.broker_visibility_timeout // 4)),
+            "unacked_restore_throttle": 1,
             # The webhook must answer within GitLab's few seconds even when the
             # broker is unreachable: fail the connect fast and answer 503.
             "socket_connect_timeout": 2,
         },
-        # A broker that is down must not hold a webhook request: two quick
-        # retries, then the caller gets the error (and GitLab redelivers).
+        # A worker handing a build to its next stage waits out a broker restart
+        # (about two minutes) rather than drop the chain. The web process does
+        # not wait: it sends with FAST_FAIL_RETRY_POLICY and answers 503.
         "task_publish_retry_policy": {
-            "max_retries": 2,
-            "interval_start": 0,
-            "interval_step": 0.2,
-            "interval_max": 0.5,
+            "max_retries": 30,
+            "interval_start": 0.5,
+            "interval_step": 1,
+            "interval_max": 5,
         },
         # Stages report through task_states (signals), not a result backend.
         "task_ignore_result": True,

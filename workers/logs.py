@@ -13,10 +13,12 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 
+from sqlalchemy import func, select
+
 from cicd import db
 from cicd.models import Stage, TaskLog
 
-__all__ = ["Masker", "LogWriter", "LogStore", "task_log_store"]
+__all__ = ["Masker", "LogWriter", "LogStore", "task_log_store", "stored_log_bytes"]
 
 log = logging.getLogger(__name__)
 
@@ -51,9 +53,12 @@ LogStore = Callable[[str], None]
 class LogWriter:
     """Collects one stage's output and hands it, masked, to a store in line-sized chunks."""
 
-    def __init__(self, store: LogStore, masker: Masker) -> None:
+    def __init__(self, store: LogStore, masker: Masker, max_bytes: int | None = None) -> None:
         self.store = store
         self.mask = masker
+        #: Bytes this writer may still store; past them output is dropped, once marked.
+        self.room = max_bytes
+        self.truncated = False
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self._pending = ""
         self._partial_since: float | None = None
@@ -69,8 +74,16 @@ class LogWriter:
                 self._pending += text
             self.tick()
 
-    def line(self, text: str) -> None:
-        """Add one line of OpsCD's own (not the build's) and store it now."""
+    def line(self, text: str, always: bool = False) -> None:
+        """Add one line of OpsCD's own (not the build's) and store it now.
+
+        ``always`` stores it even past the size limit: the line saying how a
+        build ended must never be the one that is cut.
+        """
+        if always:
+            self.flush()
+            self.store(self.mask(text.rstrip("\n") + "\n"))
+            return
         self.write(text.rstrip("\n") + "\n")
         self.flush()
 
@@ -105,8 +118,24 @@ class LogWriter:
         else:
             cut = self._pending.rfind("\n") + 1
             text, self._pending = self._pending[:cut], self._pending[cut:]
-        if text:
-            self.store(self.mask(text))
+        if text and not self.truncated:
+            self._store(self.mask(text))
+
+    def _store(self, text: str) -> None:
+        if self.room is None:
+            self.store(text)
+            return
+        data = text.encode()
+        if len(data) <= self.room:
+            self.room -= len(data)
+            self.store(text)
+            return
+        kept = data[: self.room].decode("utf-8", "ignore")
+        self.truncated, self.room = True, 0
+        self.store(
+            kept + "\n[opscd] log truncated here: this build's output passed CICD_MAX_LOG_BYTES; "
+            "the rest is not stored, and the build goes on with its real result.\n"
+        )
 
     def close(self) -> None:
         with self._lock:
@@ -118,6 +147,17 @@ class LogWriter:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+def stored_log_bytes(task_id: int) -> int:
+    """How many log bytes the task has stored so far (the limit is per build, all stages)."""
+    with db.session() as session:
+        total = session.scalar(
+            select(func.coalesce(func.sum(func.length(TaskLog.content)), 0)).where(
+                TaskLog.task_id == task_id
+            )
+        )
+    return int(total or 0)
 
 
 def task_log_store(task_id: int, stage: Stage) -> LogStore:

@@ -60,6 +60,8 @@ def parse(headers: Mapping[str, str], body: bytes) -> PushEvent | Ignored:
         payload = json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise PayloadError(f"body is not valid JSON: {error}") from None
+    except RecursionError:
+        raise PayloadError("body is nested too deeply to be a GitLab event") from None
     if not isinstance(payload, dict):
         raise PayloadError("body must be a JSON object")
 

@@ -39,6 +39,7 @@ def container_options(
         "labels": labels,
         "privileged": False,
         "security_opt": ["no-new-privileges"],
+        "pids_limit": settings.docker_pids_limit,
         "stdin_open": False,
         "tty": False,
         "detach": True,

@@ -21,7 +21,7 @@ from cicd import db
 from cicd.config import load_settings
 from cicd.errors import BuildCanceled, OpsCDError
 from cicd.models import Stage, TaskState, TaskStatus
-from workers.logs import LogWriter, Masker, task_log_store
+from workers.logs import LogWriter, Masker, stored_log_bytes, task_log_store
 from workers.workspace import remove_workspace
 
 __all__ = ["StageTask", "masker", "describe_error", "is_canceled", "is_stale"]
@@ -87,16 +87,18 @@ class StageTask(Task):
             raise Ignore()
 
     def log_writer(self, ctx: dict[str, Any]) -> LogWriter:
-        return LogWriter(task_log_store(int(ctx["task_id"]), self.stage), masker())
+        task_id = int(ctx["task_id"])
+        room = max(load_settings().max_log_bytes - stored_log_bytes(task_id), 0)
+        return LogWriter(task_log_store(task_id, self.stage), masker(), max_bytes=room)
 
     def on_failure(self, exc, task_id, args, kwargs, einfo) -> None:
         ctx = args[0] if args and isinstance(args[0], dict) else {}
         if "task_id" in ctx:
             with self.log_writer(ctx) as writer:
                 if isinstance(exc, BuildCanceled):
-                    writer.line(f"Canceled during {self.stage}")
+                    writer.line(f"Canceled during {self.stage}", always=True)
                 else:
-                    writer.line(f"ERROR: {self.stage} failed: {describe_error(exc)}")
+                    writer.line(f"ERROR: {self.stage} failed: {describe_error(exc)}", always=True)
         try:
             remove_workspace(ctx.get("workspace"))
         except ValueError:

@@ -1,0 +1,192 @@
+"""Faults OpsCD must survive, each rehearsed with real processes: nothing lost, nothing twice.
+
+Killed workers and hosts, a broker and a database that restart, a crash between
+recording a build and sending it, a burst of pushes to one branch.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import signal
+import subprocess
+import sys
+import time
+import uuid
+
+import pymysql
+import pytest
+import requests
+from conftest import (
+    GitRepo,
+    Process,
+    gitlab_payload,
+    mysql_admin,
+    post_gitlab,
+    task_log,
+    wait_for_task,
+    wait_ready,
+    wait_until,
+    worker_args,
+)
+from services import PrivateMariaDB, PrivateRedis
+
+
+def new_repo(git_server, name: str) -> GitRepo:
+    repo = GitRepo.create(git_server.root, f"faults/{name}-{uuid.uuid4().hex[:6]}")
+    repo.clone_url = git_server.repo_url(repo.project_path)
+    return repo
+
+
+def push(web: str, repo: GitRepo, ci: str, branch: str = "main", **kwargs) -> requests.Response:
+    sha = repo.commit({"ci.yaml": ci}, message=f"push {uuid.uuid4().hex[:6]}", branch=branch)
+    return post_gitlab(web, gitlab_payload("push-event.json", repo, f"refs/heads/{branch}", sha),
+                       **kwargs)  # fmt: skip
+
+
+def task(web: str, task_id: int) -> dict:
+    return requests.get(f"{web}/api/tasks/{task_id}", timeout=10).json()
+
+
+def test_killed_worker_build_reruns_on_another_node(start_stack, git_server, tmp_path):
+    stack = start_stack("victim", CICD_AGENT_OFFLINE_AFTER="4", CICD_REAPER_INTERVAL="1")
+    repo = new_repo(git_server, "killed")
+    ci = "build:\n  script:\n    - echo run on $HOSTNAME attempt\n    - sleep 5\n    - echo done\n"
+    task_id = push(stack.web, repo, ci).json()["task_id"]
+    wait_until(lambda: task(stack.web, task_id)["stage"] == "build", 30, "the build to start")
+    stack.worker.stop(signal.SIGKILL)  # the node and its pool die mid-build
+    rescuer = Process("rescuer", worker_args("rescuer"), stack.env, tmp_path)
+    try:
+        wait_ready(rescuer)
+        done = wait_for_task(stack.web, task_id, timeout=90)
+    finally:
+        rescuer.stop()
+    assert done["state"] == "success", task_log(stack.web, task_id)
+    assert done["worker"].startswith("rescuer@")
+    assert {s["worker"].split("@")[0] for s in done["stages"]} == {"rescuer"}
+    log = task_log(stack.web, task_id)
+    assert "agent victim@" in log and "running it again" in log
+    assert log.count("\ndone\n") == 1
+
+
+def test_worker_host_death_redelivers_after_the_visibility_timeout(start_stack, git_server):
+    env = {"CICD_MAX_BUILD_TIMEOUT": "6", "CICD_BUILD_TIMEOUT": "6",
+           "CICD_VISIBILITY_TIMEOUT": "8", "CICD_AGENT_OFFLINE_AFTER": "60"}  # fmt: skip
+    stack = start_stack("host", **env)
+    repo = new_repo(git_server, "host")
+    ci = "build:\n  script:\n    - echo started\n    - sleep 3\n    - echo finished\n"
+    task_id = push(stack.web, repo, ci).json()["task_id"]
+    wait_until(lambda: "started" in task_log(stack.web, task_id), 30, "the build to start")
+    stack.worker.stop(signal.SIGKILL)  # the whole host goes: main process and pool
+    again = Process("host-again", stack.worker.popen.args, stack.env, stack.worker.log_path.parent)
+    try:
+        wait_ready(again)
+        done = wait_for_task(stack.web, task_id, timeout=90)
+    finally:
+        again.stop()
+    assert done["state"] == "success", task_log(stack.web, task_id)
+    log = task_log(stack.web, task_id)
+    assert log.count("\nfinished\n") == 1  # completed once
+    assert log.count("Build succeeded") == 1
+
+
+def test_redis_restart_loses_nothing_and_runs_nothing_twice(
+    start_stack, start_web, git_server, tmp_path
+):
+    broker = PrivateRedis(tmp_path / "redis", persistent=True).start()
+    try:
+        stack = start_stack("redisfault", CICD_BROKER_URL=broker.url)
+        repo = new_repo(git_server, "redis")
+        ci = "build:\n  script:\n    - sleep 1\n    - echo built $CI_TASK_ID\n"
+        ids = [push(stack.web, repo, ci).json()["task_id"] for _ in range(5)]
+        broker.stop()
+        delivery = str(uuid.uuid4())
+        outage = push(stack.web, repo, ci, delivery=delivery)
+        assert outage.status_code == 503  # GitLab will redeliver
+        time.sleep(2)
+        broker.start()
+        redelivered = push(stack.web, repo, ci, delivery=delivery)
+        assert redelivered.status_code == 202
+        ids.append(redelivered.json()["task_id"])
+        for task_id in ids:
+            done = wait_for_task(stack.web, task_id, timeout=150)
+            assert done["state"] == "success", (task_id, task_log(stack.web, task_id))
+            assert task_log(stack.web, task_id).count(f"built {task_id}\n") == 1
+    finally:
+        broker.stop()
+
+
+def test_mariadb_restart_answers_503_and_keeps_every_state_and_log_line(
+    start_stack, git_server, tmp_path
+):
+    server = PrivateMariaDB(tmp_path / "mariadb").start()
+    try:
+        connection = pymysql.connect(host="127.0.0.1", port=server.port, user="root")
+        with connection, connection.cursor() as cursor:
+            cursor.execute("CREATE DATABASE opscd CHARACTER SET utf8mb4")
+        url = server.url("opscd")
+        subprocess.run([sys.executable, "-m", "cicd.cli", "init-db"], check=True,
+                       env={"PATH": "/usr/bin:/bin", "CICD_DATABASE_URL": url})  # fmt: skip
+        stack = start_stack("dbfault", CICD_DATABASE_URL=url)
+        repo = new_repo(git_server, "db")
+        ci = "build:\n  script:\n    - for i in $(seq 1 16); do echo line $i; sleep 0.5; done\n"
+        task_id = push(stack.web, repo, ci).json()["task_id"]
+        wait_until(lambda: "line 2" in task_log(stack.web, task_id), 30, "output")
+        server.stop()
+        started = time.monotonic()
+        during = push(stack.web, repo, ci)
+        assert during.status_code == 503 and "database" in during.json()["error"]
+        assert time.monotonic() - started < 8  # GitLab waits only a few seconds
+        time.sleep(3)
+        server.start()
+        done = wait_for_task(stack.web, task_id, timeout=120)
+        assert done["state"] == "success", task_log(stack.web, task_id)
+        log = task_log(stack.web, task_id)
+        assert [line for line in log.splitlines() if line.startswith("line ")] == [
+            f"line {i}" for i in range(1, 17)
+        ]
+    finally:
+        server.stop()
+
+
+@pytest.mark.usefixtures("workers")
+def test_recorded_but_never_sent_build_is_sent_by_the_reconciler(web, database_url, repo):
+    sha = repo.commit({"ci.yaml": "build:\n  script: echo reconciled\n"})
+    database = database_url.rsplit("/", 1)[1].split("?")[0]
+    # What a web process that crashed between its commit and its send leaves behind.
+    mysql_admin(
+        "INSERT INTO task_details (forge, project, clone_url, ref_type, ref_name, commit_sha,"
+        f" created_at) VALUES ('gitlab', '{repo.project_path}', '{repo.clone_url}', 'branch',"
+        f" 'main', '{sha}', NOW(6) - INTERVAL 5 MINUTE)",
+        database=database,
+    )
+    task_id = mysql_admin("SELECT MAX(id) FROM task_details", database=database)[0][0]
+    mysql_admin(
+        "INSERT INTO task_states (task_id, state, queued_at, updated_at, attempt) VALUES"
+        f" ({task_id}, 'queued', NOW(6) - INTERVAL 5 MINUTE, NOW(6), 1)",
+        database=database,
+    )
+    done = wait_for_task(web, task_id, timeout=60)  # a worker's sweep every 10 s
+    assert done["state"] == "success" and done["enqueued_at"]
+    assert "reconciled" in task_log(web, task_id)
+
+
+@pytest.mark.usefixtures("workers")
+def test_a_burst_of_pushes_to_one_branch_is_all_recorded_and_superseded(start_web, git_server):
+    web = start_web(CICD_AUTO_CANCEL="true")
+    repo = new_repo(git_server, "burst")
+    sha = repo.commit({"ci.yaml": "build:\n  script: sleep 1\n"})
+    payload = gitlab_payload("push-event.json", repo, "refs/heads/main", sha)
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        answers = list(pool.map(lambda _: post_gitlab(web, payload), range(100)))
+    assert [a.status_code for a in answers] == [202] * 100
+    ids = sorted(a.json()["task_id"] for a in answers)
+    assert len(set(ids)) == 100
+    listed = requests.get(
+        f"{web}/api/tasks", params={"project": repo.project_path, "limit": 200}, timeout=10
+    ).json()
+    assert len(listed["tasks"]) == 100  # every accepted delivery is recorded
+    newest = wait_for_task(web, ids[-1], timeout=120)
+    assert newest["state"] == "success"
+    states = [wait_for_task(web, i, timeout=120)["state"] for i in ids[:-1]]
+    assert states.count("canceled") >= 90  # superseded before they ran
+    assert set(states) <= {"canceled", "success"}
