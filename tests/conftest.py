@@ -338,6 +338,8 @@ def docker_env(podman, registry, hosttools_image, busybox_image, tmp_path_factor
         "CICD_DOCKER_HOST": podman.docker_host,
         "CICD_DOCKER_NETWORK": "none",  # never podman's bridge here
         "CICD_DOCKER_PULL": "never",  # nothing can be pulled on these machines
+        "CICD_DOCKER_MEMORY": "1g",
+        "CICD_DOCKER_CPUS": "1.5",
         "CICD_DOCKER_VOLUMES": ",".join(
             [*HOST_TOOL_MOUNTS, f"{maven / 'repository'}:/cache/m2-repository:rw"]
         ),

@@ -290,3 +290,30 @@ def test_approval_only_for_matching_branches(agent, project):
     task_id = send(agent.web, project, with_approval(hello_maven(), "[main]"), branch="dev")
     task = wait_for_task(agent.web, task_id, timeout=120)
     assert task["state"] == "success" and task["approval"] is None
+
+
+def test_build_containers_are_locked_down(agent, project, busybox_image, docker_client):
+    ci = f"build:\n  image: {busybox_image}\n  script:\n    - echo up\n    - sleep 30\n"
+    task_id = send(agent.web, project, {"ci.yaml": ci})
+    wait_until(lambda: "up" in task_log(agent.web, task_id), 60, "the container to run")
+    (container,) = build_containers(docker_client)
+    host = container.attrs["HostConfig"]
+    assert host["Privileged"] is False
+    assert "no-new-privileges" in " ".join(host.get("SecurityOpt") or [])
+    assert host["Memory"] == 1024**3 and host["NanoCpus"] == 1_500_000_000
+    assert host["PidsLimit"] == 4096
+    assert host["NetworkMode"] == "none"
+    sources = [m["Source"] for m in container.attrs["Mounts"]]
+    assert not [s for s in sources if s.endswith(".sock")]
+    requests.post(f"{agent.web}/api/tasks/{task_id}/cancel", timeout=5)
+    assert wait_for_task(agent.web, task_id)["state"] == "canceled"
+
+
+def test_engine_sockets_cannot_be_mounted_into_builds(opscd_env):
+    import subprocess
+    import sys
+
+    env = {**opscd_env, "CICD_DOCKER_VOLUMES": "/var/run/docker.sock:/var/run/docker.sock"}
+    result = subprocess.run([sys.executable, "-m", "cicd.cli", "init-db"], env=env,
+                            capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert result.returncode != 0 and "owns the host" in result.stderr

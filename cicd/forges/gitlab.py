@@ -66,7 +66,7 @@ def parse(headers: Mapping[str, str], body: bytes) -> PushEvent | Ignored:
         raise PayloadError("body must be a JSON object")
 
     kind = payload.get("object_kind") or payload.get("event_name")
-    if kind not in _PREFIXES:
+    if not isinstance(kind, str) or kind not in _PREFIXES:
         return Ignored(f"{event} of kind {str(kind)[:64]!r} does not start builds")
     prefix, ref_type = _PREFIXES[kind]
 

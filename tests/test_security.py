@@ -1,0 +1,295 @@
+"""Hostile input and secrets: no injection, no escape from the workspace, nothing leaked.
+
+Against the real web process and workers; the webhook parser is also fuzzed
+in-process with hypothesis, seeded with GitLab's recorded payloads.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from pathlib import Path
+
+import pytest
+import requests
+from conftest import (
+    FIXTURES,
+    GIT_PASSWORD,
+    GitRepo,
+    gitlab_payload,
+    mysql_admin,
+    post_gitlab,
+    task_log,
+    wait_for_task,
+)
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from services import PrivateRedis
+
+from cicd.errors import PayloadError
+from cicd.forges import Ignored, PushEvent, gitlab
+
+pytestmark = pytest.mark.usefixtures("workers")
+
+ECHO_REF = 'build:\n  script:\n    - echo "ref=[$CI_COMMIT_REF_NAME]"\n    - pwd\n'
+
+
+def push_branch(web: str, repo: GitRepo, branch: str, ci: str = ECHO_REF) -> requests.Response:
+    sha = repo.commit({"ci.yaml": ci}, branch=branch)
+    return post_gitlab(web, gitlab_payload("push-event.json", repo, f"refs/heads/{branch}", sha))
+
+
+# --- hostile names --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "branch",
+    [
+        "feat/$(touch${IFS}/tmp/opscd-pwned)",
+        "x;touch${IFS}/tmp/opscd-pwned;`id`",
+        "fonctionnalité/été-🚀",
+        "a'b\"c|d&e>f",
+    ],
+)
+def test_branch_names_with_metacharacters_are_data_never_code(web, repo, opscd_env, branch):
+    marker = Path("/tmp/opscd-pwned")
+    marker.unlink(missing_ok=True)
+    response = push_branch(web, repo, branch)
+    assert response.status_code == 202, response.text
+    task = wait_for_task(web, response.json()["task_id"])
+    assert task["state"] == "success", task_log(web, task["task_id"])
+    assert task["branch"] == branch
+    log = task_log(web, task["task_id"])
+    assert f"ref=[{branch}]" in log
+    workspace_root = opscd_env["CICD_WORKSPACE_DIR"]
+    assert f"{workspace_root}/task-{task['task_id']}-" in log  # ran inside its workspace
+    assert not marker.exists()
+    assert not list(Path(workspace_root).glob("**/pwned"))
+
+
+@pytest.mark.parametrize(
+    ("ref", "reason"),
+    [
+        ("refs/heads/../../etc", "not a valid git ref name"),
+        ("refs/heads//etc/passwd", "not a valid git ref name"),
+        ("refs/heads/line\nbreak", "not a valid git ref name"),
+        ("refs/heads/" + "b" * 1000, "1 to 255 characters"),
+        ("refs/heads/-rf", "not a valid git ref name"),
+    ],
+)
+def test_impossible_ref_names_are_refused_clearly(web, repo, ref, reason):
+    payload = gitlab_payload("push-event.json", repo, ref, "a" * 40)
+    response = post_gitlab(web, payload)
+    assert response.status_code == 400
+    assert reason in response.json()["error"]
+
+
+def test_project_names_never_become_paths_or_commands(web, repo):
+    sha = repo.commit({"ci.yaml": ECHO_REF})
+    payload = gitlab_payload("push-event.json", repo, "refs/heads/main", sha)
+    payload["project"]["path_with_namespace"] = "../../$(id)/..;rm -rf /"
+    response = post_gitlab(web, payload)
+    assert response.status_code == 202
+    task = wait_for_task(web, response.json()["task_id"])
+    assert task["state"] == "success" and task["project"] == "../../$(id)/..;rm -rf /"
+
+
+# --- hostile bodies -------------------------------------------------------------------------
+
+
+def test_oversized_body_is_413(web):
+    body = b'{"object_kind": "push", "x": "' + b"a" * (6 * 1024 * 1024) + b'"}'
+    response = post_gitlab(web, body)
+    assert response.status_code == 413
+    assert "larger than" in response.json()["error"]
+
+
+def test_deeply_nested_json_is_400(web):
+    body = b'{"object_kind": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    response = post_gitlab(web, body)
+    assert response.status_code == 400
+
+
+@pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded", ""])
+def test_wrong_content_type_with_garbage_is_400(web, content_type):
+    response = post_gitlab(web, b"payload=%7B%7D", **{"Content-Type": content_type})
+    assert response.status_code == 400
+
+
+SEEDS = [json.loads((FIXTURES / "gitlab" / name).read_text())
+         for name in ("push-event.json", "tag-event.json", "system-push-event.json")]  # fmt: skip
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(max_size=50),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(), children),
+    max_leaves=12,
+)
+
+
+@st.composite
+def mutated_payloads(draw: st.DrawFn) -> dict:
+    """A recorded payload with some fields replaced, removed or retyped."""
+    payload = json.loads(json.dumps(draw(st.sampled_from(SEEDS))))
+    for _ in range(draw(st.integers(1, 4))):
+        target = payload
+        path = draw(st.sampled_from(
+            [("ref",), ("after",), ("checkout_sha",), ("object_kind",), ("project",),
+             ("project", "path_with_namespace"), ("project", "git_http_url"), ("commits",),
+             ("user_name",), ("before",), ("repository",)]
+        ))  # fmt: skip
+        for key in path[:-1]:
+            target = target.get(key) if isinstance(target, dict) else None
+        if isinstance(target, dict):
+            if draw(st.booleans()):
+                target.pop(path[-1], None)
+            else:
+                target[path[-1]] = draw(json_values)
+    return payload
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    payload=mutated_payloads(),
+    event=st.sampled_from(["Push Hook", "Tag Push Hook", "System Hook", "Note Hook"]),
+)
+def test_parser_only_ever_accepts_ignores_or_explains(payload, event):
+    try:
+        result = gitlab.parse({"X-Gitlab-Event": event}, json.dumps(payload).encode())
+    except PayloadError as error:
+        assert str(error)
+        return
+    assert isinstance(result, PushEvent | Ignored)
+    if isinstance(result, PushEvent):
+        assert result.clone_url.startswith(("http://", "https://"))
+        assert "\n" not in result.ref_name and ".." not in result.ref_name
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+          HealthCheck.function_scoped_fixture])  # fmt: skip
+@given(payload=mutated_payloads(), raw=st.binary(max_size=200))
+def test_the_webhook_never_answers_500(web, payload, raw):
+    for body in (json.dumps(payload).encode(), raw):
+        response = post_gitlab(web, body)
+        assert response.status_code in (200, 202, 400, 413), response.text
+
+
+# --- secrets --------------------------------------------------------------------------------
+
+
+def test_project_secrets_reach_the_build_masked_and_never_leave_the_server(web, repo, database_url):
+    token = "s3cr3t-" + uuid.uuid4().hex
+    url = f"{web}/api/projects/{repo.project_path}/secrets/DEPLOY_TOKEN"
+    assert requests.put(url, json={"value": token}, timeout=5).status_code == 201
+    listed = requests.get(f"{web}/api/projects/{repo.project_path}/secrets", timeout=5)
+    assert [s["name"] for s in listed.json()["secrets"]] == ["DEPLOY_TOKEN"]
+    assert token not in listed.text
+    database = database_url.rsplit("/", 1)[1].split("?")[0]
+    stored = mysql_admin("SELECT ciphertext FROM project_secrets", database=database)
+    assert stored and all(token not in row[0] for row in stored)  # encrypted at rest
+
+    ci = (
+        "build:\n"
+        "  secrets: [DEPLOY_TOKEN]\n"
+        "  script:\n"
+        "    - 'echo \"whole: $DEPLOY_TOKEN\"'\n"
+        "    - |\n"
+        '      head="${DEPLOY_TOKEN%????????}"; tail="${DEPLOY_TOKEN#"$head"}"\n'
+        "      printf 'split: %s' \"$head\"; sleep 0.4; printf '%s\\n' \"$tail\"\n"
+        f'    - test "${{#DEPLOY_TOKEN}}" -eq {len(token)}\n'
+    )
+    sha = repo.commit({"ci.yaml": ci})
+    task = wait_for_task(
+        web,
+        post_gitlab(web, gitlab_payload("push-event.json", repo, "refs/heads/main", sha)).json()[
+            "task_id"
+        ],
+    )
+    log = task_log(web, task["task_id"])
+    assert task["state"] == "success", log
+    assert token not in log and token[8:] not in log
+    assert "whole: [MASKED]" in log and "split: [MASKED]" in log
+    assert GIT_PASSWORD not in log
+
+    ci_missing = "build:\n  secrets: [NOT_SET]\n  script: 'true'\n"
+    sha = repo.commit({"ci.yaml": ci_missing})
+    task = wait_for_task(
+        web,
+        post_gitlab(web, gitlab_payload("push-event.json", repo, "refs/heads/main", sha)).json()[
+            "task_id"
+        ],
+    )
+    assert task["state"] == "failed" and "NOT_SET" in task["error"]
+    assert requests.delete(url, timeout=5).status_code == 204
+    assert requests.delete(url, timeout=5).status_code == 404
+
+
+def test_cli_manages_secrets_without_showing_values(web):
+    import subprocess
+    import sys
+
+    env = {"PATH": os.environ["PATH"], "CICD_API_URL": web}
+    run = lambda *args, **kw: subprocess.run(  # noqa: E731
+        [sys.executable, "-m", "cicd.cli", "secrets", *args], env=env, capture_output=True,
+        text=True, timeout=60, **kw,
+    )  # fmt: skip
+    added = run("set", "team/cli-app", "API_KEY", input="very-secret-value\n")
+    assert added.returncode == 0 and "added API_KEY" in added.stdout
+    listed = run("list", "team/cli-app")
+    assert "API_KEY" in listed.stdout and "very-secret-value" not in listed.stdout
+    assert run("rm", "team/cli-app", "API_KEY").returncode == 0
+    bad = run("set", "team/cli-app", "bad name", "--value", "x")
+    assert bad.returncode != 0 and "variable name" in bad.stderr
+
+
+# --- limits and locks -----------------------------------------------------------------------
+
+
+def test_log_limit_cuts_the_output_and_keeps_the_real_result(start_stack, git_server):
+    stack = start_stack("small-logs", CICD_MAX_LOG_BYTES="20000")
+    repo = GitRepo.create(git_server.root, f"limits/app-{uuid.uuid4().hex[:6]}")
+    repo.clone_url = git_server.repo_url(repo.project_path)
+    for ci, state, code in [
+        ("build:\n  script:\n    - yes 0123456789abcdef | head -n 4000\n", "success", 0),
+        ("build:\n  script:\n    - yes 0123456789abcdef | head -n 4000\n    - exit 2\n",
+         "failed", 2),
+    ]:  # fmt: skip
+        sha = repo.commit({"ci.yaml": ci})
+        response = post_gitlab(stack.web, gitlab_payload("push-event.json", repo,
+                                                         "refs/heads/main", sha))  # fmt: skip
+        task = wait_for_task(stack.web, response.json()["task_id"])
+        log = task_log(stack.web, task["task_id"])
+        assert task["state"] == state and task["exit_code"] == code
+        assert "log truncated here" in log
+        assert len(log.encode()) < 20000 + 1000
+        if code:
+            assert "ERROR: build failed: build script exited with code 2" in log
+
+
+def test_broker_with_a_password(start_stack, git_server, tmp_path):
+    password = "redis-" + uuid.uuid4().hex
+    broker = PrivateRedis(tmp_path / "redis", password=password).start()
+    try:
+        stack = start_stack("locked", CICD_BROKER_URL=broker.url)
+        repo = GitRepo.create(git_server.root, f"locked/app-{uuid.uuid4().hex[:6]}")
+        repo.clone_url = git_server.repo_url(repo.project_path)
+        sha = repo.commit({"ci.yaml": "build:\n  script: echo through a locked broker\n"})
+        response = post_gitlab(stack.web, gitlab_payload("push-event.json", repo,
+                                                         "refs/heads/main", sha))  # fmt: skip
+        task = wait_for_task(stack.web, response.json()["task_id"])
+        assert task["state"] == "success"
+        assert password not in stack.worker.output()
+    finally:
+        broker.stop()
+
+
+def test_ui_and_api_need_the_login_when_one_is_set(start_web):
+    web = start_web(CICD_UI_PASSWORD="ui-secret", CICD_API_TOKEN="api-" + "t" * 20)
+    assert requests.get(f"{web}/api/tasks", timeout=5).status_code == 401
+    assert requests.get(f"{web}/api/tasks", auth=("admin", "nope"), timeout=5).status_code == 401
+    assert requests.get(f"{web}/api/tasks", auth=("admin", "ui-secret"), timeout=5).ok
+    bearer = {"Authorization": "Bearer api-" + "t" * 20}
+    assert requests.get(f"{web}/api/agents", headers=bearer, timeout=5).ok
+    assert requests.get(f"{web}/healthz", timeout=5).ok
+    # The webhook keeps its own secret, not the UI login.
+    assert post_gitlab(web, b"{}", token="wrong").status_code == 401
+    assert "ignored" in post_gitlab(web, b"{}").json()  # reached the parser, no login asked
