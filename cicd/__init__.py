@@ -19,8 +19,12 @@ __all__ = ["create_app", "__version__"]
 
 __version__ = "0.1.0"
 
-#: Reachable without the UI login: the webhook checks its own secret; probes and scrapes.
-OPEN_ENDPOINTS = {"webhook.gitlab_webhook", "healthz", "metrics.metrics"}
+#: Reachable without the UI login: the webhook checks its own secret; probes, scrapes, and
+#: the build badges project READMEs embed (they show a branch's last state, nothing else).
+OPEN_ENDPOINTS = {"webhook.gitlab_webhook", "healthz", "metrics.metrics", "web.badge"}
+#: Methods that change something: with a Basic login they also need X-Requested-With,
+#: which a page of another site cannot send, so it cannot act with the user's login.
+UNSAFE_METHODS = {"POST", "PUT", "PATCH", "DELETE"}
 
 
 def _require_login(settings: Settings) -> Callable[[], Response | None]:
@@ -41,6 +45,10 @@ def _require_login(settings: Settings) -> Callable[[], Response | None]:
             user_ok = hmac.compare_digest((auth.username or "").encode(), settings.ui_user.encode())
             password_ok = hmac.compare_digest((auth.password or "").encode(), password.encode())
             if user_ok and password_ok:
+                if request.method in UNSAFE_METHODS and not request.headers.get("X-Requested-With"):
+                    response = jsonify(error="send an X-Requested-With header with changes")
+                    response.status_code = 403
+                    return response
                 g.user = auth.username
                 return None
         response = jsonify(error="login required")
@@ -66,11 +74,12 @@ def create_app(settings: Settings | None = None) -> Flask:
         JSON_SORT_KEYS=False,
     )
 
-    from cicd import api, metrics, webhook
+    from cicd import api, metrics, web, webhook
 
     app.register_blueprint(webhook.bp)
     app.register_blueprint(api.bp)
     app.register_blueprint(metrics.bp)
+    app.register_blueprint(web.bp)
 
     if settings.ui_password or settings.api_token:
         app.before_request(_require_login(settings))

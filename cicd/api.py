@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import re
 import time
 from collections.abc import Iterator
 from typing import Any
 
 from flask import Blueprint, Response, current_app, g, jsonify, request, url_for
 from sqlalchemy import select, update
+from sqlalchemy.orm import contains_eager
 
 from cicd import db, secrets
 from cicd.errors import ConfigError
@@ -152,7 +154,12 @@ def list_agents() -> Response:
 @bp.get("/tasks")
 def list_tasks() -> Response:
     """Builds, newest first; filter with ``project``, ``branch``, ``tag``, ``state``."""
-    query = select(TaskDetail).join(TaskDetail.status).order_by(TaskDetail.id.desc())
+    query = (
+        select(TaskDetail)
+        .join(TaskDetail.status)
+        .options(contains_eager(TaskDetail.status))
+        .order_by(TaskDetail.id.desc())
+    )
     args = request.args
     if project := args.get("project"):
         query = query.where(TaskDetail.project == project)
@@ -212,6 +219,7 @@ def get_log(task_id: int) -> Response:
 
 
 FOLLOW_POLL_SECONDS = 0.5
+_LINE_BREAKS = re.compile(r"\r\n|\r|\n")
 FOLLOW_KEEPALIVE_SECONDS = 15
 
 
@@ -228,7 +236,8 @@ def _follow(task_id: int, after: int) -> Iterator[str]:
             ).all()
         for row_id, content in rows:
             after = row_id
-            data = "\n".join(f"data: {line}" for line in content.split("\n"))
+            # EventSource ends a line at \r too: split there, or the rest is lost.
+            data = "\n".join(f"data: {line}" for line in _LINE_BREAKS.split(content))
             yield f"id: {row_id}\n{data}\n\n"
         if rows:
             quiet_since = time.monotonic()

@@ -135,6 +135,7 @@ def _http() -> requests.Session:
     import requests
 
     session = requests.Session()
+    session.headers["X-Requested-With"] = "cicd"
     if token := os.environ.get("CICD_API_TOKEN"):
         session.headers["Authorization"] = f"Bearer {token}"
     elif password := os.environ.get("CICD_UI_PASSWORD"):

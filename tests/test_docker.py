@@ -256,7 +256,10 @@ def test_approval_holds_publish_until_a_person_approves(
     )
     # Approving needs the login when one is set, and records who approved.
     assert api(ui, f"/tasks/{task_id}/approve", "post").status_code == 401
-    response = api(ui, f"/tasks/{task_id}/approve", "post", auth=("admin", "ui-pw"))
+    forged = api(ui, f"/tasks/{task_id}/approve", "post", auth=("admin", "ui-pw"))
+    assert forged.status_code == 403  # a cross-site form cannot send X-Requested-With
+    response = api(ui, f"/tasks/{task_id}/approve", "post", auth=("admin", "ui-pw"),
+                   headers={"X-Requested-With": "test"})  # fmt: skip
     assert response.status_code == 200, response.text
     task = wait_for_task(agent.web, task_id, timeout=120)
     assert task["state"] == "success", task_log(agent.web, task_id)

@@ -317,7 +317,7 @@ def test_flower_refuses_to_run_without_a_login(opscd_env):
 def _answers(url: str) -> bool:
     try:
         return requests.get(url, timeout=2).ok
-    except requests.ConnectionError:
+    except requests.RequestException:
         return False
 
 
@@ -355,3 +355,12 @@ def test_builds_go_to_agents_of_their_language(start_web, opscd_env, git_server,
         python_node.stop()
         if java_node is not None:
             java_node.stop()
+
+
+def test_live_log_keeps_text_after_a_carriage_return(web, repo):
+    ci = "build:\n  script:\n    - printf 'progress 10%%\\rprogress 100%%\\n'\n"
+    task = wait_for_task(web, start_build(web, repo, ci))
+    text = requests.get(
+        f"{web}/api/tasks/{task['task_id']}/log", params={"follow": 1}, timeout=10
+    ).text
+    assert "data: progress 10%\ndata: progress 100%\n" in text
