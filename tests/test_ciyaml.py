@@ -76,8 +76,14 @@ def test_to_dict_is_plain_json_data() -> None:
             "script": ["make"],
             "env": {},
             "timeout": 600,
+            "secrets": [],
         },
-        "publish": {"dockerfile": "Dockerfile", "context": ".", "build_args": {}},
+        "publish": {
+            "dockerfile": "Dockerfile",
+            "context": ".",
+            "build_args": {},
+            "approval": False,
+        },
     }
 
 
@@ -378,7 +384,7 @@ def test_unknown_key_is_reported_with_line_and_suggestion() -> None:
     )
     assert message == (
         "ci.yaml line 4: build.timout: unknown field (did you mean timeout?); "
-        "allowed fields: language, image, workdir, script, env, timeout"
+        "allowed fields: language, image, workdir, script, env, timeout, secrets"
     )
 
 
@@ -395,7 +401,7 @@ def test_several_problems_are_listed_in_file_order() -> None:
         "ci.yaml is invalid (3 problems):",
         "  ci.yaml line 1: stages: unknown field; allowed fields: build, publish",
         "  ci.yaml line 3: build.scirpt: unknown field (did you mean script?); "
-        "allowed fields: language, image, workdir, script, env, timeout",
+        "allowed fields: language, image, workdir, script, env, timeout, secrets",
         '  ci.yaml line 4: build.workdir: must be an absolute path such as "/workspace", not "src"',
     ]
 
@@ -439,7 +445,7 @@ def test_build_that_is_not_a_mapping() -> None:
     message = error_of("build: make\n")
     assert message == (
         "ci.yaml line 1: build: must be a mapping with the fields "
-        "language, image, workdir, script, env, timeout, not a string"
+        "language, image, workdir, script, env, timeout, secrets, not a string"
     )
 
 
