@@ -29,7 +29,7 @@ from cicd.models import (
 )
 from cicd.queue import BrokerUnavailable, revoke_build, send_publish, send_task
 
-__all__ = ["bp", "task_to_dict", "external_url"]
+__all__ = ["bp", "task_to_dict", "agent_to_dict", "external_url", "fleet", "task_details"]
 
 bp = Blueprint("api", __name__, url_prefix="/api")
 
@@ -139,16 +139,31 @@ def agent_to_dict(agent: AgentState, offline_after: float, now: dt.datetime) -> 
     }
 
 
-@bp.get("/agents")
-def list_agents() -> Response:
-    """Every worker node that ever heartbeated, online first."""
+def fleet() -> list[dict[str, Any]]:
+    """Every worker node that ever heartbeated, online first (for the API and the pages)."""
     offline_after = current_app.config["AGENT_OFFLINE_AFTER"]
     with db.session() as session:
         agents = session.scalars(select(AgentState).order_by(AgentState.hostname)).all()
         now = utcnow()
         rows = [agent_to_dict(a, offline_after, now) for a in agents]
     rows.sort(key=lambda a: not a["online"])
-    return jsonify(agents=rows)
+    return rows
+
+
+def task_details(task_id: int) -> dict[str, Any] | None:
+    """One build with its stages and approval, or None (for the API and the pages)."""
+    with db.session() as session:
+        task = session.get(TaskDetail, task_id)
+        if task is None:
+            return None
+        stages = session.scalars(select(TaskStage).where(TaskStage.task_id == task_id)).all()
+        return task_to_dict(task, list(stages), session.get(TaskApproval, task_id))
+
+
+@bp.get("/agents")
+def list_agents() -> Response:
+    """Every worker node that ever heartbeated, online first."""
+    return jsonify(agents=fleet())
 
 
 @bp.get("/tasks")
@@ -186,13 +201,8 @@ def list_tasks() -> Response:
 
 @bp.get("/tasks/<int:task_id>")
 def get_task(task_id: int) -> Response:
-    with db.session() as session:
-        task = session.get(TaskDetail, task_id)
-        if task is None:
-            return _error(404, f"no task {task_id}")
-        stages = session.scalars(select(TaskStage).where(TaskStage.task_id == task_id)).all()
-        approval = session.get(TaskApproval, task_id)
-        return jsonify(task_to_dict(task, list(stages), approval))
+    data = task_details(task_id)
+    return jsonify(data) if data is not None else _error(404, f"no task {task_id}")
 
 
 @bp.get("/tasks/<int:task_id>/log")

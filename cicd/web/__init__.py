@@ -25,13 +25,10 @@ from sqlalchemy import Select, func, select
 from sqlalchemy.orm import contains_eager
 
 from cicd import __version__, db
-from cicd.api import agent_to_dict, task_to_dict
+from cicd.api import fleet, task_details, task_to_dict
 from cicd.models import (
-    AgentState,
     RefType,
-    TaskApproval,
     TaskDetail,
-    TaskStage,
     TaskState,
     TaskStatus,
     utcnow,
@@ -103,13 +100,9 @@ def builds() -> str:
 @bp.get("/tasks/<int:task_id>")
 def task_page(task_id: int) -> str | tuple[str, int]:
     """One build: its stages as a timeline, commit, image, error, buttons and live log."""
-    with db.session() as session:
-        task = session.get(TaskDetail, task_id)
-        if task is None:
-            return render_template("not_found.html", what=f"build #{task_id}"), 404
-        stages = session.scalars(select(TaskStage).where(TaskStage.task_id == task_id)).all()
-        approval = session.get(TaskApproval, task_id)
-        data = task_to_dict(task, list(stages), approval)
+    data = task_details(task_id)
+    if data is None:
+        return render_template("not_found.html", what=f"build #{task_id}"), 404
     now = utcnow()
     data["elapsed"] = _elapsed(data, now)
     for stage in data["stages"]:
@@ -120,14 +113,10 @@ def task_page(task_id: int) -> str | tuple[str, int]:
 @bp.get("/agents")
 def agents() -> str:
     """The worker nodes, online first, as ``GET /api/agents`` lists them."""
-    offline_after = current_app.config["AGENT_OFFLINE_AFTER"]
-    with db.session() as session:
-        rows = session.scalars(select(AgentState).order_by(AgentState.hostname)).all()
-        now = utcnow()
-        nodes = [agent_to_dict(agent, offline_after, now) for agent in rows]
-    nodes.sort(key=lambda node: not node["online"])
     template = "_agents.html" if request.args.get("partial") else "agents.html"
-    return render_template(template, agents=nodes, offline_after=offline_after)
+    return render_template(
+        template, agents=fleet(), offline_after=current_app.config["AGENT_OFFLINE_AFTER"]
+    )
 
 
 @bp.get("/projects")
