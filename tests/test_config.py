@@ -62,3 +62,15 @@ def test_web_refuses_to_start_without_a_webhook_secret(command):
     result = run(command, CICD_DATABASE_URL="sqlite://", CICD_BROKER_URL="redis://x")
     assert result.returncode != 0
     assert "CICD_WEBHOOK_SECRET is not set" in result.stderr
+
+
+def test_readme_table_lists_every_setting():
+    from cicd.config import Settings
+
+    readme = (ROOT / "README.md").read_text()
+    table = readme[readme.index("## Configuration") :].split("\n## ", 1)[0]
+    missing = [
+        f"CICD_{name.upper()}" for name in Settings.model_fields
+        if f"CICD_{name.upper()}" not in table
+    ]  # fmt: skip
+    assert missing == []
