@@ -37,6 +37,11 @@ class Settings(BaseSettings):
     broker_url: str | None = Field(
         default=None, description="Celery broker URL, e.g. redis://127.0.0.1:6379/0"
     )
+    broker_prefix: str = Field(
+        default="",
+        description="Prefix of every key OpsCD uses in Redis, so several installations "
+        "(or test runs) can share one Redis server",
+    )
     webhook_secret: SecretStr | None = Field(
         default=None,
         description="Shared secret GitLab sends as X-Gitlab-Token; required by the web process",

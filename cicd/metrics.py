@@ -94,12 +94,12 @@ class OpsCDCollector(Collector):
         queue = GaugeMetricFamily(
             "opscd_queue_length", "Builds waiting in a broker queue", labels=["queue"]
         )
-        for name, length in _queue_lengths(settings.broker_url):
+        for name, length in _queue_lengths(settings.broker_url, settings.broker_prefix):
             queue.add_metric([name], length)
         yield queue
 
 
-def _queue_lengths(broker_url: str) -> list[tuple[str, int]]:
+def _queue_lengths(broker_url: str, prefix: str = "") -> list[tuple[str, int]]:
     """Messages waiting in each build queue (Redis lists), or nothing for other brokers."""
     from workers.celery_app import BUILD_QUEUE, language_queue
 
@@ -112,7 +112,7 @@ def _queue_lengths(broker_url: str) -> list[tuple[str, int]]:
         client = redis.Redis.from_url(broker_url, socket_connect_timeout=1, socket_timeout=2)
         with client.pipeline() as pipe:
             for name in names:
-                pipe.llen(name)
+                pipe.llen(prefix + name)
             return list(zip(names, pipe.execute(), strict=True))
     except redis.RedisError:
         return []

@@ -18,7 +18,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +44,9 @@ MYSQL_USER = os.environ.get("OPSCD_TEST_MYSQL_USER", "root")
 MYSQL_PASSWORD = os.environ.get("OPSCD_TEST_MYSQL_PASSWORD", "")
 REDIS_URL = os.environ.get("OPSCD_TEST_REDIS_URL", "redis://127.0.0.1:6379/13")
 WEBHOOK_SECRET = "test-webhook-secret-" + uuid.uuid4().hex
+#: This test session's mark on the shared Redis and on its worker names, so two
+#: sessions on one machine never take each other's builds.
+SESSION = uuid.uuid4().hex[:6]
 GIT_USER, GIT_PASSWORD = "ci-bot", "git-pass-" + uuid.uuid4().hex[:12]
 FINISHED = {"success", "failed", "canceled"}
 
@@ -147,6 +150,7 @@ def opscd_env(database_url: str, broker_url: str, tmp_path_factory) -> dict[str,
         CICD_GIT_PASSWORD=GIT_PASSWORD,
         CICD_WORKSPACE_DIR=str(tmp_path_factory.mktemp("workspaces")),
         CICD_EXECUTOR="shell",
+        CICD_BROKER_PREFIX=f"opscd-test-{SESSION}:",
         CICD_AGENT_OFFLINE_AFTER="6",
         CICD_SECRETS_KEY="test-secrets-key-" + uuid.uuid4().hex,
         # This stack has no container engine: publishing must fail clearly.
@@ -222,7 +226,7 @@ def web(start_web) -> str:
 
 def worker_args(name: str, *extra: str) -> list[str]:
     return [sys.executable, "-m", "celery", "-A", "workers.celery_app", "worker",
-            "-n", f"{name}@%h", "--loglevel", "INFO", "-E", *extra]  # fmt: skip
+            "-n", f"{name}@t{SESSION}", "--loglevel", "INFO", "-E", *extra]  # fmt: skip
 
 
 def wait_ready(node: Process, timeout: float = 60) -> None:
@@ -301,18 +305,37 @@ class Stack:
 
 
 @pytest.fixture(scope="session")
-def start_stack(opscd_env, start_web, tmp_path_factory) -> Iterator:
-    """Factory of isolated stacks (own Redis database), e.g. a docker-executor agent."""
+def isolated_env(opscd_env, make_database) -> Callable[..., dict[str, str]]:
+    """Factory: settings of a separate installation, with a database and broker keys of its own.
+
+    Its workers never see the session's builds: a reconciler or reaper there
+    would otherwise send them to its own broker.
+    """
+
+    def make(name: str, **overrides: str) -> dict[str, str]:
+        from sqlalchemy import create_engine
+
+        from cicd.models import Base
+
+        env = {**opscd_env, "CICD_BROKER_PREFIX": f"opscd-test-{SESSION}-{name}:"}
+        if "CICD_DATABASE_URL" not in overrides:
+            _, url = make_database(f"opscd_{name.replace('-', '_')}")
+            engine = create_engine(url)
+            Base.metadata.create_all(engine)
+            engine.dispose()
+            env["CICD_DATABASE_URL"] = url
+        return {**env, **overrides}
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def start_stack(isolated_env, start_web, tmp_path_factory) -> Iterator:
+    """Factory of isolated stacks (own database and broker keys), e.g. a docker-executor agent."""
     stacks: list[Stack] = []
-    redis_base = opscd_env["CICD_BROKER_URL"].rsplit("/", 1)[0]
-    free_databases = iter([14, 15, 10, 9, 8, 7, 6, 5, 4, 3])
 
     def start(name: str, **overrides: str) -> Stack:
-        broker = overrides.pop("CICD_BROKER_URL", None)
-        if broker is None:
-            broker = f"{redis_base}/{next(free_databases)}"
-            redis.Redis.from_url(broker).flushdb()
-        env = {**opscd_env, "CICD_BROKER_URL": broker, **overrides}
+        env = isolated_env(name, **overrides)
         web = start_web(**{k: v for k, v in env.items() if k.startswith("CICD_")})
         worker = Process(name, worker_args(name), env, tmp_path_factory.mktemp(f"{name}-logs"))
         wait_ready(worker)

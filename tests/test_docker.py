@@ -240,7 +240,8 @@ def api(web: str, path: str, method: str = "get", **kwargs) -> requests.Response
 def test_approval_holds_publish_until_a_person_approves(
     agent, start_web, project, registry, opscd_env
 ):
-    ui = start_web(CICD_BROKER_URL=agent.env["CICD_BROKER_URL"], CICD_UI_PASSWORD="ui-pw")
+    ui = start_web(**{k: v for k, v in agent.env.items() if k.startswith("CICD_")},
+                   CICD_UI_PASSWORD="ui-pw")  # fmt: skip
     task_id = send(agent.web, project, with_approval(hello_maven(), "[main, 'release/*']"))
     task = wait_until(
         lambda: (t := api(agent.web, f"/tasks/{task_id}").json())["state"] == "waiting" and t,

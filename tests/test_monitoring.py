@@ -16,7 +16,6 @@ import uuid
 from pathlib import Path
 
 import pytest
-import redis
 import requests
 from conftest import (
     GitRepo,
@@ -324,11 +323,9 @@ def _answers(url: str) -> bool:
 # --- agents per language --------------------------------------------------------------------
 
 
-def test_builds_go_to_agents_of_their_language(start_web, opscd_env, git_server, tmp_path):
-    broker = opscd_env["CICD_BROKER_URL"].rsplit("/", 1)[0] + "/12"
-    redis.Redis.from_url(broker).flushdb()
-    env = {**opscd_env, "CICD_BROKER_URL": broker}
-    web = start_web(CICD_BROKER_URL=broker)
+def test_builds_go_to_agents_of_their_language(start_web, isolated_env, git_server, tmp_path):
+    env = isolated_env("languages")
+    web = start_web(**{k: v for k, v in env.items() if k.startswith("CICD_")})
     python_node = Process("pynode", worker_args("pynode"),
                           {**env, "CICD_WORKER_LANGUAGES": "python"}, tmp_path)  # fmt: skip
     java_node = None

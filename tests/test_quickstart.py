@@ -19,7 +19,6 @@ import uuid
 from pathlib import Path
 
 import pytest
-import redis
 import requests
 from conftest import (
     ROOT,
@@ -131,16 +130,13 @@ def test_cicd_run_exits_with_the_build_status(example: str, status: int, expecte
     assert "publish skipped" in result.stderr or status != 0
 
 
-def test_honcho_runs_the_procfile_against_mariadb_and_redis(opscd_env, git_server, tmp_path):
+def test_honcho_runs_the_procfile_against_mariadb_and_redis(isolated_env, git_server, tmp_path):
     base = next(
         port for port in range(21000, 30000, 300)
         if not any(port_open(port + offset) for offset in (0, 100, 200))
     )  # fmt: skip
-    broker = opscd_env["CICD_BROKER_URL"].rsplit("/", 1)[0] + "/11"
-    redis.Redis.from_url(broker).flushdb()
     env = {
-        **opscd_env,
-        "CICD_BROKER_URL": broker,
+        **isolated_env("honcho"),
         "CICD_AGENT_NAME": f"honcho{uuid.uuid4().hex[:4]}",
         "CICD_FLOWER_USER": "ops",
         "CICD_FLOWER_PASSWORD": "honcho-flower",

@@ -55,6 +55,7 @@ def celery_options(settings: Settings) -> dict[str, Any]:
             # every ~10 s (kombu's default is ~100 s), sooner with a short timeout.
             "unacked_restore_interval": max(1, min(10, settings.broker_visibility_timeout // 4)),
             "unacked_restore_throttle": 1,
+            "global_keyprefix": settings.broker_prefix,
             # The webhook must answer within GitLab's few seconds even when the
             # broker is unreachable: fail the connect fast and answer 503.
             "socket_connect_timeout": 2,

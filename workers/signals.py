@@ -62,6 +62,12 @@ def _record(
                     row.state, row.finished_at = StageState.CANCELED, now
                 session.commit()
                 return
+            if status.state.finished or (
+                stage_state is StageState.RUNNING
+                and row is not None
+                and row.state in (StageState.SUCCESS, StageState.SKIPPED)
+            ):
+                return  # a redelivered message of a stage that already ended: changes nothing
             row = row or TaskStage(task_id=task_id, stage=stage, started_at=now)
             if stage_state is StageState.RUNNING:
                 row.started_at, row.finished_at = now, None

@@ -20,7 +20,7 @@ from sqlalchemy import select
 from cicd import db
 from cicd.config import load_settings
 from cicd.errors import BuildCanceled, OpsCDError
-from cicd.models import Stage, TaskState, TaskStatus
+from cicd.models import Stage, StageState, TaskStage, TaskState, TaskStatus
 from workers.logs import LogWriter, Masker, stored_log_bytes, task_log_store
 from workers.workspace import remove_workspace
 
@@ -49,19 +49,33 @@ def is_canceled(task_id: int) -> bool:
     return state is TaskState.CANCELED
 
 
-def is_stale(ctx: dict[str, Any]) -> bool:
-    """A message for a canceled build, or for a run that was superseded by a newer attempt."""
+def is_stale(ctx: dict[str, Any], stage: Stage) -> bool:
+    """A message that must not run: its build ended or was canceled, a newer attempt
+    replaced its run, or this stage already succeeded (Redis redelivers a message
+    whose acknowledgement was lost, e.g. across a broker restart)."""
+    task_id = int(ctx["task_id"])
 
-    def read() -> tuple[TaskState, int] | None:
+    def read() -> tuple[TaskState, int, StageState | None] | None:
         with db.session() as session:
-            query = select(TaskStatus.state, TaskStatus.attempt)
-            return session.execute(query.where(TaskStatus.task_id == int(ctx["task_id"]))).first()
+            row = session.execute(
+                select(TaskStatus.state, TaskStatus.attempt).where(TaskStatus.task_id == task_id)
+            ).first()
+            done = session.scalar(
+                select(TaskStage.state).where(
+                    TaskStage.task_id == task_id, TaskStage.stage == stage
+                )
+            )
+            return (*row, done) if row is not None else None
 
-    row = db.retrying(read, f"task {ctx['task_id']}: checking its state")
-    if row is None:
+    found = db.retrying(read, f"task {task_id}: checking its state")
+    if found is None:
         return True
-    state, attempt = row
-    return state is TaskState.CANCELED or int(ctx.get("attempt", 1)) != attempt
+    state, attempt, stage_state = found
+    return (
+        state.finished
+        or int(ctx.get("attempt", 1)) != attempt
+        or stage_state in (StageState.SUCCESS, StageState.SKIPPED)
+    )
 
 
 def describe_error(error: BaseException) -> str:
@@ -82,7 +96,7 @@ class StageTask(Task):
     def before_start(self, task_id: str, args: tuple, kwargs: dict) -> None:
         """A stage of a canceled build, or of an older run of it, does not start."""
         ctx = args[0] if args and isinstance(args[0], dict) else {}
-        if "task_id" in ctx and is_stale(ctx):
+        if "task_id" in ctx and is_stale(ctx, self.stage):
             remove_workspace(ctx.get("workspace"))
             raise Ignore()
 
