@@ -13,6 +13,7 @@ from celery.utils.nodenames import worker_direct
 from kombu.exceptions import KombuError
 from redis.exceptions import RedisError
 from sqlalchemy import update
+from sqlalchemy.orm import Session
 
 from cicd import db
 from cicd.errors import OpsCDError
@@ -54,14 +55,18 @@ def enqueue_build(task_id: int, attempt: int = 1, queue: str = BUILD_QUEUE) -> N
         raise BrokerUnavailable(f"could not send build {task_id} to the broker: {error}") from None
 
 
-def send_task(task_id: int) -> None:
-    """Enqueue a committed task and record the outcome; raises :class:`BrokerUnavailable`."""
+def send_task(task_id: int, session: Session | None = None) -> None:
+    """Enqueue a committed task and record the outcome; raises :class:`BrokerUnavailable`.
+
+    ``session``: the caller's, to record the outcome without a second checkout.
+    """
     try:
         enqueue_build(task_id)
     except BrokerUnavailable:
-        _set_status(task_id, state=TaskState.FAILED, error=BROKER_DOWN, finished_at=utcnow())
+        _set_status(task_id, session, state=TaskState.FAILED, error=BROKER_DOWN,
+                    finished_at=utcnow())  # fmt: skip
         raise
-    _set_status(task_id, enqueued_at=utcnow())
+    _set_status(task_id, session, enqueued_at=utcnow())
 
 
 def send_publish(task_id: int, node: str, ctx: dict) -> None:
@@ -87,7 +92,12 @@ def revoke_build(task_id: int) -> None:
         pass
 
 
-def _set_status(task_id: int, **values: object) -> None:
-    with db.session() as session:
-        session.execute(update(TaskStatus).where(TaskStatus.task_id == task_id).values(**values))
+def _set_status(task_id: int, session: Session | None, **values: object) -> None:
+    statement = update(TaskStatus).where(TaskStatus.task_id == task_id).values(**values)
+    if session is not None:
+        session.execute(statement)
         session.commit()
+        return
+    with db.session() as own:
+        own.execute(statement)
+        own.commit()

@@ -62,7 +62,7 @@ def _record_and_enqueue(event: PushEvent) -> tuple[Response, int]:
             session.rollback()
             return _redelivery(session, event, error)
         task_id = task.id
-    answer = _enqueue(task_id, status=202)
+        answer = _enqueue(task_id, status=202, session=session)
     if current_app.config["AUTO_CANCEL"] and event.ref_type == "branch":
         _cancel_superseded(event, task_id)
     return answer
@@ -116,13 +116,13 @@ def _redelivery(session: Session, event: PushEvent, error: IntegrityError) -> tu
     ).rowcount
     session.commit()
     if claimed:
-        return _enqueue(task.id, status=202)
+        return _enqueue(task.id, status=202, session=session)
     return _answer(200, task_id=task.id, url=_task_url(task.id), duplicate=True)
 
 
-def _enqueue(task_id: int, status: int) -> tuple[Response, int]:
+def _enqueue(task_id: int, status: int, session: Session | None = None) -> tuple[Response, int]:
     try:
-        send_task(task_id)
+        send_task(task_id, session)
     except BrokerUnavailable as error:
         log.error("webhook: %s", error)
         return _answer(503, task_id=task_id, error="broker unavailable; redeliver later")

@@ -90,9 +90,10 @@ def celery_options(settings: Settings) -> dict[str, Any]:
         # Backstop behind the executors' own timeouts: a stage stuck outside
         # its script (e.g. a hung git) is killed, never holds a slot forever.
         "task_time_limit": settings.max_build_timeout + settings.clone_timeout + 600,
-        # Task events let Flower follow builds.
+        # Task events let Flower follow builds from the moment a worker takes
+        # them. ("sent" events are off: one more Redis publish per webhook, and
+        # OpsCD's own pages show queued builds.)
         "worker_send_task_events": True,
-        "task_send_sent_event": True,
         "worker_hijack_root_logger": False,
     }
 

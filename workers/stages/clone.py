@@ -124,15 +124,15 @@ def build_variables(task: TaskDetail) -> dict[str, str]:
 def fetch_commit(checkout: Path, url: str, ref: str, sha: str, log: LogWriter) -> None:
     """Fetch exactly ``sha``; if the server refuses a fetch by id, fetch ``ref`` and find it."""
     env = _git_environment(checkout.parent / "home")
-    _git(["init", "-q"], checkout, env, log)
-    _git(["remote", "add", "origin", url], checkout, env, log)
+    # No template (no sample hooks to copy) and no remote: fetch straight from the URL.
+    _git(["init", "-q", "--template="], checkout, env, log)
     try:
-        _git(["fetch", "-q", "--no-tags", "--depth=1", "origin", sha], checkout, env, log)
+        _git(["fetch", "-q", "--no-tags", "--depth=1", url, sha], checkout, env, log)
     except StageError as by_id:
         if not any(refusal in by_id.message for refusal in _FETCH_BY_ID_REFUSED):
             raise
         log.line(f"Server refused a fetch by commit id; fetching {ref} instead")
-        _git(["fetch", "-q", "--no-tags", "origin", f"+{ref}:refs/opscd/build"], checkout, env, log)
+        _git(["fetch", "-q", "--no-tags", url, f"+{ref}:refs/opscd/build"], checkout, env, log)
         try:
             _git(["cat-file", "-e", f"{sha}^{{commit}}"], checkout, env, log)
         except StageError:
