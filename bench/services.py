@@ -1,0 +1,460 @@
+"""What the benchmarks run against: MariaDB, Redis, gunicorn, celery worker nodes, a git server.
+
+Everything is real and on loopback. MariaDB and Redis are used where they
+answer on 127.0.0.1 and started the way ``scripts/test`` starts them where
+they do not (and stopped again at the end). The bench gets a database of its
+own (``opscd_bench_<random>``, dropped at the end) and a Redis database number
+of its own (flushed before and after).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterable
+from contextlib import suppress
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pymysql
+import redis
+import requests
+
+__all__ = [
+    "ROOT",
+    "MySQL",
+    "BenchRepo",
+    "Process",
+    "ensure_services",
+    "free_port",
+    "wait_until",
+    "start_web",
+    "start_worker",
+    "make_repo",
+    "tree_rss",
+    "tree_pss",
+    "tree_cpu_seconds",
+    "find_process",
+    "ForeignCpu",
+]
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def port_open(port: int, host: str = "127.0.0.1") -> bool:
+    with socket.socket() as sock:
+        sock.settimeout(0.5)
+        return sock.connect_ex((host, port)) == 0
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.05):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
+
+
+# --- MariaDB and Redis -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MySQL:
+    """How to reach MariaDB: ``OPSCD_BENCH_MYSQL_*``, else the tests' ``OPSCD_TEST_MYSQL_*``."""
+
+    host: str
+    port: int
+    user: str
+    password: str
+
+    @classmethod
+    def from_environment(cls) -> MySQL:
+        def get(name: str, default: str) -> str:
+            return os.environ.get(
+                f"OPSCD_BENCH_MYSQL_{name}", os.environ.get(f"OPSCD_TEST_MYSQL_{name}", default)
+            )
+
+        return cls(
+            get("HOST", "127.0.0.1"),
+            int(get("PORT", "3306")),
+            get("USER", "root"),
+            get("PASSWORD", ""),
+        )
+
+    def connect(self, database: str | None = None) -> pymysql.Connection:
+        return pymysql.connect(
+            host=self.host,
+            port=self.port,
+            user=self.user,
+            password=self.password,
+            database=database,
+            autocommit=True,
+        )
+
+    def query(self, sql: str, database: str | None = None) -> list[tuple]:
+        connection = self.connect(database)
+        with connection, connection.cursor() as cursor:
+            cursor.execute(sql)
+            return list(cursor.fetchall())
+
+    def url(self, database: str) -> str:
+        credentials = self.user + (f":{self.password}" if self.password else "")
+        return f"mysql+pymysql://{credentials}@{self.host}:{self.port}/{database}?charset=utf8mb4"
+
+    def create_database(self) -> str:
+        name = f"opscd_bench_{uuid.uuid4().hex[:10]}"
+        self.query(f"CREATE DATABASE {name} CHARACTER SET utf8mb4 COLLATE utf8mb4_bin")
+        return name
+
+    def drop_database(self, name: str) -> None:
+        self.query(f"DROP DATABASE IF EXISTS {name}")
+
+
+def _log(message: str) -> None:
+    print(f"[bench] {message}", file=sys.stderr, flush=True)
+
+
+def ensure_services(mysql: MySQL, redis_url: str, state: Path) -> list[Callable[[], None]]:
+    """Make sure MariaDB and Redis answer; start them as ``scripts/test`` does if they do not.
+
+    Returns how to stop what was started here (nothing, when both were running).
+    """
+    stops: list[Callable[[], None]] = []
+    redis_port = redis.Redis.from_url(redis_url).connection_pool.connection_kwargs["port"]
+    if not port_open(mysql.port, mysql.host):
+        if mysql.host not in ("127.0.0.1", "localhost") or not Path("/usr/sbin/mariadbd").exists():
+            raise SystemExit(
+                f"MariaDB does not answer on {mysql.host}:{mysql.port}: start it, or install it "
+                "(apt-get install -y mariadb-server) and run ./scripts/test once"
+            )
+        _log("starting MariaDB")
+        pidfile = state / "mariadb.pid"
+        Path("/run/mysqld").mkdir(exist_ok=True)
+        with suppress(OSError):
+            shutil.chown("/run/mysqld", "mysql", "mysql")
+        subprocess.run(
+            [
+                "start-stop-daemon",
+                "--start",
+                "--oknodo",
+                "--background",
+                "--make-pidfile",
+                "--pidfile",
+                str(pidfile),
+                "--exec",
+                "/usr/sbin/mariadbd",
+                "--",
+                "--user=mysql",
+            ],
+            check=True,
+        )
+        wait_until(lambda: port_open(mysql.port), 30, "MariaDB to listen", interval=0.2)
+
+        def stop_mariadb() -> None:
+            _log("stopping the MariaDB it started")
+            with suppress(OSError, ValueError):
+                os.kill(int(pidfile.read_text()), signal.SIGTERM)
+            with suppress(TimeoutError):
+                wait_until(lambda: not port_open(mysql.port), 20, "MariaDB to stop", 0.2)
+
+        stops.append(stop_mariadb)
+    if not port_open(redis_port):
+        if shutil.which("redis-server") is None:
+            raise SystemExit(
+                f"Redis does not answer on 127.0.0.1:{redis_port}: start it, or install it "
+                "(apt-get install -y redis-server)"
+            )
+        _log("starting Redis")
+        subprocess.run(
+            [
+                "redis-server",
+                "--daemonize",
+                "yes",
+                "--bind",
+                "127.0.0.1",
+                "--port",
+                str(redis_port),
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(state),
+                "--logfile",
+                str(state / "redis.log"),
+            ],
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
+        wait_until(lambda: port_open(redis_port), 30, "Redis to listen", interval=0.2)
+
+        def stop_redis() -> None:
+            _log("stopping the Redis it started")
+            with suppress(redis.RedisError):
+                redis.Redis(port=redis_port).shutdown(nosave=True)
+
+        stops.append(stop_redis)
+    return stops
+
+
+# --- processes ---------------------------------------------------------------------------------
+
+
+class Process:
+    """A child in a process group of its own, output to a file; stopped with SIGTERM, then KILL."""
+
+    def __init__(self, name: str, args: list[str], env: dict[str, str], log_dir: Path) -> None:
+        self.name = name
+        self.log_path = log_dir / f"{name}.log"
+        self._log = self.log_path.open("wb")
+        self.popen = subprocess.Popen(
+            args,
+            env=env,
+            cwd=ROOT,
+            stdin=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def check_alive(self) -> None:
+        if self.popen.poll() is not None:
+            raise RuntimeError(f"{self.name} exited ({self.popen.returncode}):\n{self.output()}")
+
+    def stop(self, timeout: float = 20) -> None:
+        if self.popen.poll() is None:
+            with suppress(ProcessLookupError):
+                os.killpg(self.popen.pid, signal.SIGTERM)
+            try:
+                self.popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                with suppress(ProcessLookupError):
+                    os.killpg(self.popen.pid, signal.SIGKILL)
+                self.popen.wait()
+        self._log.close()
+
+
+def start_web(name: str, app: str, env: dict[str, str], log_dir: Path) -> tuple[Process, str]:
+    """gunicorn with the Procfile's web options (2 gthread workers, 8 threads each)."""
+    port = free_port()
+    args = [
+        sys.executable,
+        "-m",
+        "gunicorn",
+        "--no-control-socket",
+        "--bind",
+        f"127.0.0.1:{port}",
+        "--workers",
+        "2",
+        "--worker-class",
+        "gthread",
+        "--threads",
+        "8",
+        app,
+    ]
+    process = Process(name, args, env, log_dir)
+    base = f"http://127.0.0.1:{port}"
+
+    def up() -> bool:
+        process.check_alive()
+        try:
+            return requests.get(base + "/healthz", timeout=2).ok
+        except requests.RequestException:
+            return False
+
+    try:
+        wait_until(up, 60, f"{name} to answer", interval=0.1)
+    except BaseException:
+        process.stop()
+        raise
+    return process, base
+
+
+def start_worker(
+    name: str, app: str, env: dict[str, str], log_dir: Path, concurrency: int = 3
+) -> Process:
+    """``celery -A APP worker -n NAME@%h -c 3``, as the Procfile runs it (log level INFO)."""
+    args = [
+        sys.executable,
+        "-m",
+        "celery",
+        "-A",
+        app,
+        "worker",
+        "-n",
+        f"{name}@%h",
+        "--concurrency",
+        str(concurrency),
+        "--loglevel",
+        "INFO",
+        "-E",
+    ]
+    return Process(name, args, env, log_dir)
+
+
+def wait_ready(nodes: Iterable[Process], timeout: float = 60) -> None:
+    for node in nodes:
+
+        def ready(node: Process = node) -> bool:
+            node.check_alive()
+            return " ready." in node.output()
+
+        wait_until(ready, timeout, f"{node.name} to be ready", interval=0.1)
+
+
+# --- the git repository the builds clone ---------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BenchRepo:
+    """A bare repository on disk; ``main`` builds ``script: true``, ``stamp`` prints the time."""
+
+    path: str  # project path, e.g. "bench/app"
+    shas: dict[str, str]  # branch → commit
+
+
+CI_YAML = {
+    "main": 'build:\n  script: "true"\n',
+    "stamp": 'build:\n  script: "date +%s.%N"\n',
+}
+
+
+def make_repo(root: Path, project: str = "bench/app") -> BenchRepo:
+    """Create ``root/<project>.git`` with plain git commands: one commit per branch."""
+    env = {
+        "PATH": os.environ.get("PATH", os.defpath),
+        "HOME": str(root),
+        "LC_ALL": "C",
+        "GIT_CONFIG_NOSYSTEM": "1",
+        "GIT_CONFIG_GLOBAL": os.devnull,
+        "GIT_AUTHOR_NAME": "OpsCD bench",
+        "GIT_AUTHOR_EMAIL": "bench@opscd.invalid",
+        "GIT_COMMITTER_NAME": "OpsCD bench",
+        "GIT_COMMITTER_EMAIL": "bench@opscd.invalid",
+    }
+
+    def git(*args: str, cwd: Path) -> str:
+        return subprocess.run(
+            ["git", *args], cwd=cwd, env=env, check=True, capture_output=True, text=True
+        ).stdout.strip()
+
+    bare = root / f"{project}.git"
+    work = root / "_work"
+    bare.mkdir(parents=True)
+    work.mkdir()
+    git("init", "-q", "--bare", "--initial-branch=main", ".", cwd=bare)
+    git("init", "-q", "--initial-branch=main", ".", cwd=work)
+    shas = {}
+    for branch, ci_yaml in CI_YAML.items():
+        git("checkout", "-q", "-B", branch, cwd=work)
+        (work / "ci.yaml").write_text(ci_yaml)
+        (work / "README.md").write_text(f"OpsCD benchmark project, branch {branch}\n")
+        git("add", "-A", cwd=work)
+        git("commit", "-q", "-m", f"bench: {branch}", cwd=work)
+        shas[branch] = git("rev-parse", "HEAD", cwd=work)
+        git("push", "-q", str(bare), f"{branch}:refs/heads/{branch}", cwd=work)
+    return BenchRepo(project, shas)
+
+
+# --- process trees: memory and CPU ---------------------------------------------------------
+
+
+def _tree(pid: int) -> list[psutil.Process]:
+    try:
+        root = psutil.Process(pid)
+        return [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
+
+
+def tree_rss(pid: int) -> int:
+    """Resident memory of a process and all its descendants, in bytes."""
+    total = 0
+    for process in _tree(pid):
+        with suppress(psutil.NoSuchProcess):
+            total += process.memory_info().rss
+    return total
+
+
+def tree_pss(pid: int) -> int:
+    """Proportional set size of a process tree: pages shared after a fork count once in total."""
+    total = 0
+    for process in _tree(pid):
+        with suppress(psutil.NoSuchProcess, psutil.AccessDenied):
+            total += process.memory_full_info().pss
+    return total
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU time (user + system) of a process, its living descendants and their ended children.
+
+    Ended children (git, ``sh``) count once their parent has waited for them.
+    """
+    total = 0.0
+    for process in _tree(pid):
+        with suppress(psutil.NoSuchProcess):
+            times = process.cpu_times()
+            total += times.user + times.system + times.children_user + times.children_system
+    return total
+
+
+def find_process(*names: str) -> int | None:
+    """The pid of a running process named one of ``names`` (e.g. ``mariadbd``), if any."""
+    for process in psutil.process_iter(["name"]):
+        if process.info["name"] in names:
+            return process.pid
+    return None
+
+
+class ForeignCpu:
+    """CPU used meanwhile by processes that are not the bench's (nor MariaDB's and Redis's).
+
+    Other work on the machine skews every figure; this says how much there was,
+    as a percentage of all cores over the time measured.
+    """
+
+    def __init__(self, service_pids: Iterable[int]) -> None:
+        self.services = set(service_pids)
+        self.start = time.monotonic()
+        self.before = self._foreign()
+
+    def _foreign(self) -> dict[int, float]:
+        own = {os.getpid(), *(child.pid for child in psutil.Process().children(recursive=True))}
+        own |= self.services
+        times: dict[int, float] = {}
+        for process in psutil.process_iter():
+            if process.pid in own:
+                continue
+            with suppress(psutil.Error):
+                cpu = process.cpu_times()
+                times[process.pid] = cpu.user + cpu.system + cpu.children_user + cpu.children_system
+        return times
+
+    def percent(self) -> float:
+        after = self._foreign()
+        used = sum(max(0.0, total - self.before.get(pid, 0.0)) for pid, total in after.items())
+        elapsed = time.monotonic() - self.start
+        return round(100 * used / elapsed / (os.cpu_count() or 1), 1)

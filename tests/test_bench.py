@@ -1,0 +1,109 @@
+"""The benchmark command runs every scenario and writes its results: ``python -m bench --smoke``.
+
+Against the MariaDB and Redis the test suite uses, in a database and a Redis
+database of its own; the results go to a temporary file, so the committed
+``bench/results.json`` stays as it is. No timing is asserted: this checks
+that the bench works, not how fast OpsCD is.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SCENARIOS = {"webhook", "dispatch", "pipelines", "heartbeats", "memory"}
+BENCH_REDIS_DB = "11"  # the tests use 13 to 15; a full bench run uses 12
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory) -> tuple[dict, str, subprocess.CompletedProcess]:
+    out = tmp_path_factory.mktemp("bench")
+    output, doc = out / "results.json", out / "benchmarks.md"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CICD_")}
+    done = subprocess.run(
+        [sys.executable, "-m", "bench", "--smoke", "--redis-db", BENCH_REDIS_DB,
+         "--output", str(output), "--doc", str(doc)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=280,
+    )  # fmt: skip
+    assert done.returncode == 0, f"bench failed:\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
+    return json.loads(output.read_text()), doc.read_text(), done
+
+
+@pytest.mark.timeout(300)
+def test_smoke_run_writes_every_scenario(smoke) -> None:
+    results, doc, _ = smoke
+    assert set(results["scenarios"]) == SCENARIOS
+    assert results["meta"]["mode"] == "smoke"
+    for key in ("cpu_model", "cores", "memory_gib"):
+        assert results["machine"][key]
+    for package in ("python", "celery", "kombu", "redis_server", "mariadb", "flask", "gunicorn"):
+        assert results["versions"][package]
+    assert {t["target"].split(" ")[0] for t in results["targets"]} == {
+        "webhook", "dispatch", "pipelines/s",
+    }  # fmt: skip
+    for title in ("Webhook throughput", "Dispatch latency", "Pipeline throughput", "heartbeating",
+                  "Memory", "Machine and versions"):  # fmt: skip
+        assert title in doc
+
+
+@pytest.mark.timeout(300)
+def test_smoke_run_measured_the_real_path(smoke) -> None:
+    """Each scenario did what it says: requests answered, builds succeeded, rows written."""
+    results, _, _ = smoke
+    scenarios = results["scenarios"]
+    webhook = scenarios["webhook"]["runs"]
+    for system in ("opscd", "baseline"):
+        (run,) = webhook[system]
+        assert run["requests"] > 0
+        assert sum(run["errors"].values()) == 0, run["errors"]
+        assert run["queued_in_broker"] >= run["requests"]
+    assert webhook["opscd"][0]["rows_committed"] >= webhook["opscd"][0]["requests"]
+
+    pooled = scenarios["dispatch"]["pooled"]
+    assert pooled["first_stage"]["n"] == pooled["script"]["n"] > 0
+    assert pooled["celery"]["n"] > 0
+
+    for nodes, result in scenarios["pipelines"]["by_nodes"].items():
+        for run in result["runs"]["opscd"]:
+            assert sum(run["builds_per_node"].values()) == run["count"], nodes
+    assert set(scenarios["pipelines"]["by_nodes"]) == {"1", "2"}
+
+    heartbeats = scenarios["heartbeats"]
+    assert heartbeats["agent_rows"] == heartbeats["agents"] == 200
+    assert all(run["errors"] == 0 for run in heartbeats["runs"])
+
+    memory = scenarios["memory"]
+    for key in ("web_opscd", "web_baseline", "worker_opscd", "worker_noop"):
+        assert memory[key]["load_rss_mib"] > 0
+        assert memory[key]["load_pss_mib"] > 0
+
+
+def test_smoke_run_cleans_up(smoke) -> None:
+    """Its database is dropped and nothing it started is left running."""
+    import psutil
+    import pymysql
+
+    results, _, _ = smoke
+    connection = pymysql.connect(
+        host=os.environ.get("OPSCD_TEST_MYSQL_HOST", "127.0.0.1"),
+        port=int(os.environ.get("OPSCD_TEST_MYSQL_PORT", "3306")),
+        user=os.environ.get("OPSCD_TEST_MYSQL_USER", "root"),
+        password=os.environ.get("OPSCD_TEST_MYSQL_PASSWORD", ""),
+    )
+    with connection, connection.cursor() as cursor:
+        cursor.execute("SHOW DATABASES LIKE %s", (results["meta"]["database"],))
+        assert cursor.fetchall() == ()
+    leftovers = []
+    for process in psutil.process_iter(["pid", "cmdline"]):
+        try:
+            if process.environ().get("BENCH_REDIS_URL") == results["meta"]["redis_url"]:
+                leftovers.append(process.info)
+        except (psutil.AccessDenied, psutil.NoSuchProcess):
+            continue
+    assert leftovers == []
