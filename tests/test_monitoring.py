@@ -338,7 +338,9 @@ def test_builds_go_to_agents_of_their_language(start_web, isolated_env, git_serv
         # Only a python agent is up: it hands the java builds on, and they wait.
         for task_id in java:
             wait_until(lambda t=task_id: "handing the build" in task_log(web, t), 30, "hand-on")
-            assert get_task(web, task_id)["state"] == "queued"
+            wait_until(lambda t=task_id: get_task(web, t)["state"] == "queued", 10, "queued")
+        time.sleep(2)  # and they stay queued: no agent here builds java
+        assert [get_task(web, t)["state"] for t in java] == ["queued", "queued"]
         java_node = Process("javanode", worker_args("javanode"),
                             {**env, "CICD_WORKER_LANGUAGES": "java"}, tmp_path)  # fmt: skip
         wait_ready(java_node)
