@@ -301,9 +301,7 @@ def _describe(error: ValidationError) -> str:
     lines = []
     for item in error.errors():
         name = "CICD_" + "_".join(str(p) for p in item["loc"]).upper()
-        if item["type"] == "missing":
-            lines.append(f"{name} is not set: {Settings.model_fields[item['loc'][0]].description}")
-        elif item["loc"]:
+        if item["loc"]:
             lines.append(f"{name}: {item['msg']}")
         else:
             lines.append(item["msg"].removeprefix("Value error, "))

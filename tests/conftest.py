@@ -13,10 +13,8 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -35,6 +33,7 @@ from containers import (
     make_host_tools_image,
 )
 from gitserver import GitHttpServer, GitRepo
+from services import free_port, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
@@ -49,22 +48,6 @@ WEBHOOK_SECRET = "test-webhook-secret-" + uuid.uuid4().hex
 SESSION = uuid.uuid4().hex[:6]
 GIT_USER, GIT_PASSWORD = "ci-bot", "git-pass-" + uuid.uuid4().hex[:12]
 FINISHED = {"success", "failed", "canceled"}
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_until(predicate, timeout: float, what: str, interval: float = 0.1) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 # --- databases ------------------------------------------------------------------------------

@@ -42,18 +42,17 @@ import os
 import resource
 import shutil
 import signal
-import socket
 import subprocess
 import tarfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Self
+from typing import Self
 from xml.sax.saxutils import escape
 
 import docker
 import requests
+from services import free_port, wait_until
 
 __all__ = [
     "HOST_TOOL_MOUNTS",
@@ -109,22 +108,6 @@ _HOST_TOOL_PATHS = (
 HOST_TOOL_MOUNTS: list[str] = [
     f"{path}:{path}:ro" for path in _HOST_TOOL_PATHS if Path(path).exists()
 ]
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _wait_until(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
 
 
 def _stop_process(popen: subprocess.Popen[bytes], timeout: float = 10) -> None:
@@ -187,7 +170,7 @@ class Registry:
         ).stdout  # fmt: skip
         (self.root / "htpasswd").write_text(htpasswd.strip() + "\n")
         (self.root / "data").mkdir(exist_ok=True)
-        self.port = _free_port()
+        self.port = free_port()
         config = self.root / "config.yml"
         config.write_text(
             "version: 0.1\n"
@@ -204,7 +187,7 @@ class Registry:
                 cwd=self.root, start_new_session=True,
             )  # fmt: skip
         try:
-            _wait_until(self._answers_401, 20, f"the registry on {self.address}")
+            wait_until(self._answers_401, 20, f"the registry on {self.address}")
         except BaseException:
             self.stop()
             raise
@@ -395,7 +378,7 @@ class PodmanService:
                 stderr=subprocess.STDOUT, start_new_session=True,
             )  # fmt: skip
         try:
-            _wait_until(self._pings, 30, f"podman to answer on {self.docker_host}")
+            wait_until(self._pings, 30, f"podman to answer on {self.docker_host}")
         except BaseException:
             self.stop()
             raise

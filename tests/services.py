@@ -11,29 +11,36 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
-__all__ = ["PrivateRedis", "PrivateMariaDB", "free_port"]
+__all__ = ["PrivateRedis", "PrivateMariaDB", "free_port", "port_open", "wait_until"]
 
 
 def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
 
 
-def _port_open(port: int) -> bool:
+def port_open(port: int) -> bool:
     with socket.socket() as sock:
         return sock.connect_ex(("127.0.0.1", port)) == 0
 
 
-def _wait(predicate, timeout: float, what: str) -> None:
+def wait_until(
+    predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.1
+) -> Any:
+    """Poll ``predicate`` until it returns something true; return that, or fail saying what."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 class PrivateRedis:
@@ -58,7 +65,7 @@ class PrivateRedis:
         if self.password:
             args += ["--requirepass", self.password]
         self.process = subprocess.Popen(args, start_new_session=True)
-        _wait(lambda: _port_open(self.port), 10, "redis to listen")
+        wait_until(lambda: port_open(self.port), 10, "redis to listen")
         return self
 
     def stop(self) -> None:
@@ -95,7 +102,7 @@ class PrivateMariaDB:
             stdout=(self.root / "mysqld.log").open("ab"), stderr=subprocess.STDOUT,
             start_new_session=True,
         )  # fmt: skip
-        _wait(lambda: _port_open(self.port), 60, "mariadb to listen")
+        wait_until(lambda: port_open(self.port), 60, "mariadb to listen")
         return self
 
     def stop(self) -> None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -29,6 +28,7 @@ from conftest import (
     wait_for_task,
     wait_until,
 )
+from services import port_open
 
 README = (ROOT / "README.md").read_text()
 
@@ -38,11 +38,6 @@ def readme_command(after: str) -> str:
     block = re.search(re.escape(after) + r".*?```sh\n(.*?)\n```", README, re.S)
     assert block, f"no command after {after!r} in the README"
     return block.group(1).strip()
-
-
-def port_open(port: int) -> bool:
-    with socket.socket() as sock:
-        return sock.connect_ex(("127.0.0.1", port)) == 0
 
 
 def processes_mentioning(text: str) -> list[str]:
