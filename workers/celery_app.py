@@ -11,6 +11,7 @@ from typing import Any
 
 from celery import Celery
 from celery.signals import celeryd_after_setup
+from kombu.transport import TRANSPORT_ALIASES
 
 from cicd.config import Settings, load_settings
 
@@ -84,6 +85,11 @@ def celery_options(settings: Settings) -> dict[str, Any]:
         # stage may run twice, so every stage starts from a clean state.
         "task_acks_late": True,
         "task_reject_on_worker_lost": True,
+        # A lost broker connection does not stop the stages that run: the build
+        # goes on and its acknowledgement reaches Redis after the reconnect
+        # (workers.redis_transport). Celery 6 turns this on by default, which
+        # would cancel and redeliver every build in flight at each broker blip.
+        "worker_cancel_long_running_tasks_on_connection_loss": False,
         # Every node also consumes its own queue, "<nodename>.dq2"; the clone
         # stage routes the rest of its chain there (the checkout is local).
         "worker_direct": True,
@@ -112,6 +118,12 @@ def _consume_language_queues(sender: str, instance: Any, **_: Any) -> None:
     for language in load_settings().languages or LANGUAGES:
         queues.select_add(language_queue(language))
 
+
+# kombu finds a transport by the URL's scheme in TRANSPORT_ALIASES: "redis" (also
+# rediss:// and redis+socket://) names kombu's Redis transport with the fixes that
+# let a node with a build in flight outlive a broker restart. Done by name rather
+# than with broker_transport so that URLs stay redis:// for Flower and the logs.
+TRANSPORT_ALIASES["redis"] = TRANSPORT_ALIASES["rediss"] = "workers.redis_transport:Transport"
 
 app = Celery(
     "opscd",
