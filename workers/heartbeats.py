@@ -1,39 +1,50 @@
 """Agent heartbeats: each worker node keeps its own ``agent_states`` row current.
 
-Worker-side, not an event consumer: the node writes its row at start
-(``worker_ready``), at every Celery heartbeat (``heartbeat_sent``, every 2 s
-by default) and at a graceful stop (``worker_shutdown``). No extra process has
-to run for the fleet to be visible, and a node that cannot reach the database
-shows up as not heartbeating. A node that stops heartbeating (killed, host
-down, network cut) is shown offline once its last heartbeat is older than
+Worker-side, not an event consumer, and not tied to the broker: a thread of
+the node's main process (:class:`Heartbeat`) writes the row every
+:data:`INTERVAL` seconds straight to the database, from ``worker_ready`` to a
+graceful stop (``worker_shutdown``, which marks the node offline at once).
+Celery's own heartbeats stop while the broker is away, and a node that cannot
+reach the broker is not a dead node: its builds go on and must not be run
+again elsewhere. A node that stops heartbeating (killed, host down, database
+unreachable from it) is shown offline once its last heartbeat is older than
 ``CICD_AGENT_OFFLINE_AFTER``: readers compute that, nobody deletes rows.
+
+The same thread runs the reaper (:mod:`workers.reaper`), but only once its
+own heartbeats have reached the database for a whole ``CICD_AGENT_OFFLINE_AFTER``:
+right after a database outage every node's row is old, and none of them is dead.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import threading
+import time
 from dataclasses import dataclass
 
-from celery.worker.state import active_requests, all_total_count
+from celery.worker.state import all_total_count
 
 from cicd import __version__, db
+from cicd.config import load_settings
 from cicd.models import AgentState, utcnow
+from workers import reaper
+from workers.capacity import builds_in_flight
 
-__all__ = ["Node", "node", "record_heartbeat", "record_offline"]
+__all__ = ["INTERVAL", "Heartbeat", "Node", "record_heartbeat", "record_offline"]
 
 log = logging.getLogger(__name__)
+
+#: Seconds between two heartbeats of a node (Celery's own default interval).
+INTERVAL = 2.0
 
 
 @dataclass
 class Node:
-    """This process's worker node, known once ``worker_ready`` fires."""
+    """A worker node, as its heartbeats describe it."""
 
     hostname: str
     concurrency: int
-
-
-node: Node | None = None
 
 
 def _load_average() -> str | None:
@@ -43,13 +54,15 @@ def _load_average() -> str | None:
         return None
 
 
-def record_heartbeat(current: Node, starting: bool = False) -> None:
-    """Upsert this node's row: online, running builds, processed, load, version, now."""
+def record_heartbeat(current: Node) -> bool:
+    """Upsert this node's row: online, builds in flight, processed, load, version, now.
+
+    Returns whether the row was written; a failure is logged, never raised.
+    """
     now = utcnow()
     values = {
         "online": True,
         "concurrency": current.concurrency,
-        "active": len(active_requests),
         "processed": all_total_count[0],
         "loadavg": _load_average(),
         "sw_version": f"opscd {__version__}",
@@ -57,6 +70,7 @@ def record_heartbeat(current: Node, starting: bool = False) -> None:
     }
     try:
         with db.session() as session:
+            values["active"] = builds_in_flight(session, current.hostname)
             row = session.get(AgentState, current.hostname)
             if row is None:
                 row = AgentState(hostname=current.hostname, first_seen=now)
@@ -64,8 +78,10 @@ def record_heartbeat(current: Node, starting: bool = False) -> None:
             for key, value in values.items():
                 setattr(row, key, value)
             session.commit()
-    except Exception:  # the node keeps building; its row just ages
-        log.exception("%s: could not record its heartbeat", current.hostname)
+    except Exception as error:  # the node keeps building; its row just ages
+        log.error("%s: could not record its heartbeat (%s)", current.hostname, error)
+        return False
+    return True
 
 
 def record_offline(current: Node) -> None:
@@ -78,3 +94,40 @@ def record_offline(current: Node) -> None:
                 session.commit()
     except Exception:
         log.exception("%s: could not record going offline", current.hostname)
+
+
+class Heartbeat(threading.Thread):
+    """The node's heartbeat thread: its row every :data:`INTERVAL` s, then the reaper."""
+
+    def __init__(self, node: Node) -> None:
+        super().__init__(name=f"opscd-heartbeat-{node.hostname}", daemon=True)
+        self.node = node
+        self._stopped = threading.Event()
+        #: Since when (monotonic) every heartbeat reached the database; None after a failure.
+        self._healthy_since: float | None = None
+
+    def beat(self) -> None:
+        """One heartbeat; the reaper's sweep once the database answered long enough."""
+        if not record_heartbeat(self.node):
+            self._healthy_since = None
+            return
+        now = time.monotonic()
+        if self._healthy_since is None:
+            self._healthy_since = now
+        if now - self._healthy_since >= load_settings().agent_offline_after:
+            reaper.sweep()
+
+    def run(self) -> None:
+        while not self._stopped.is_set():
+            started = time.monotonic()
+            try:
+                self.beat()
+            except Exception:
+                log.exception("%s: heartbeat failed", self.node.hostname)
+            self._stopped.wait(max(0.0, INTERVAL - (time.monotonic() - started)))
+
+    def stop(self) -> None:
+        """Stop beating (a graceful shutdown), then say the node is offline."""
+        self._stopped.set()
+        self.join(timeout=10)
+        record_offline(self.node)

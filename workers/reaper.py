@@ -1,8 +1,10 @@
 """Builds nobody is running any more: reruns for those of dead agents, sends for unsent ones.
 
-Every worker node runs :func:`sweep` from its heartbeat, at most every
+Every worker node runs :func:`sweep` from its heartbeat thread, at most every
 ``CICD_REAPER_INTERVAL`` seconds, so this needs no extra process and works
-as long as one node is alive. Each fix is claimed with a conditional UPDATE,
+as long as one node is alive (and only once that node's own heartbeats have
+reached the database for ``CICD_AGENT_OFFLINE_AFTER``: see
+:mod:`workers.heartbeats`). Each fix is claimed with a conditional UPDATE,
 so two nodes sweeping at once never act twice on one build.
 
 - A build ``running`` on a node that stopped heartbeating (killed, host down)
@@ -25,7 +27,12 @@ from cicd import db
 from cicd.config import load_settings
 from cicd.models import AgentState, TaskLog, TaskStage, TaskState, TaskStatus, utcnow
 
-__all__ = ["sweep", "rerun_builds_of_dead_agents", "send_unsent_builds"]
+__all__ = [
+    "sweep",
+    "rerun_builds_of_dead_agents",
+    "rerun_builds_of_restarted_node",
+    "send_unsent_builds",
+]
 
 log = logging.getLogger(__name__)
 _last_sweep = 0.0
@@ -65,9 +72,33 @@ def rerun_builds_of_dead_agents() -> list[int]:
     return handled
 
 
-def _rerun(task_id: int, node: str, attempt: int, max_attempts: int) -> bool:
+def rerun_builds_of_restarted_node(node: str) -> list[int]:
+    """At a node's start: builds still ``running`` under its name are its former life's.
+
+    A node restarted (crash, OOM kill, host reboot) sooner than
+    ``CICD_AGENT_OFFLINE_AFTER`` never looked dead, so nobody else reruns them;
+    and they would hold its slots forever. Run before the node consumes anything.
+    """
+    settings = load_settings()
+    with db.session() as session:
+        orphans = session.execute(
+            select(TaskStatus.task_id, TaskStatus.attempt).where(
+                TaskStatus.state == TaskState.RUNNING, TaskStatus.worker == node
+            )
+        ).all()
+    return [
+        task_id
+        for task_id, attempt in orphans
+        if _rerun(task_id, node, attempt, settings.max_attempts, "restarted")
+    ]
+
+
+def _rerun(
+    task_id: int, node: str, attempt: int, max_attempts: int,
+    what: str = "stopped responding",
+) -> bool:  # fmt: skip
     gave_up = attempt >= max_attempts
-    reason = f"agent {node} stopped responding during the build (run {attempt} of {max_attempts})"
+    reason = f"agent {node} {what} during the build (run {attempt} of {max_attempts})"
     values: dict = {"attempt": attempt + 1, "stage": None, "worker": None}
     if gave_up:
         values.update(state=TaskState.FAILED, finished_at=utcnow(), error=f"{reason}; not rerun")

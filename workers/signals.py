@@ -17,13 +17,15 @@ from cicd import db
 from cicd.config import load_settings
 from cicd.errors import BuildFailed
 from cicd.models import Stage, StageState, TaskStage, TaskState, TaskStatus, utcnow
-from workers import heartbeats, reaper, workspace
+from workers import capacity, heartbeats, reaper, workspace
 from workers.celery_app import STAGE_TASKS
 
 __all__: list[str] = []
 
 log = logging.getLogger(__name__)
 _STAGE_BY_TASK = {name: Stage(stage) for stage, name in STAGE_TASKS.items()}
+#: The node's heartbeat thread, from worker_ready to worker_shutdown (main process).
+_heartbeat: heartbeats.Heartbeat | None = None
 
 
 def _build_of(sender: Any, args: Any) -> tuple[int, Stage, int] | None:
@@ -94,10 +96,10 @@ def on_stage_start(sender: Any = None, args: Any = None, **_: Any) -> None:
     if build is None:
         return
     _, stage, _ = build
+    if stage is Stage.CLONE:
+        return  # a clone starts by claiming a slot on the node (StageTask.before_start)
     hostname = sender.request.hostname
     values: dict[str, Any] = {"state": TaskState.RUNNING, "stage": stage, "worker": hostname}
-    if stage is Stage.CLONE:
-        values.update(started_at=utcnow(), finished_at=None, exit_code=None, error=None)
     _record(build, StageState.RUNNING, hostname, values)
 
 
@@ -163,13 +165,29 @@ def _remove_leftover_containers(sender: Any) -> None:
         log.warning("%s: removed %d leftover build container(s)", node, removed)
 
 
+@signals.celeryd_after_setup.connect
+def on_node_setup(sender: str, instance: Any, **_: Any) -> None:
+    """Before the pool forks and the node consumes: its name and slots, and its former life.
+
+    Builds still recorded ``running`` under this node's name ran in a process
+    that is gone (a restart): they are run again, on any node.
+    """
+    capacity.node.configure(sender, int(instance.concurrency or 1))
+    try:
+        reaper.rerun_builds_of_restarted_node(sender)
+    except Exception:
+        log.exception("%s: could not look for the builds of its former run", sender)
+
+
 @signals.worker_ready.connect
 def on_worker_ready(sender: Any = None, **_: Any) -> None:
-    """The node is up: its agent row says so, and what a crash left behind goes."""
-    heartbeats.node = heartbeats.Node(
-        hostname=sender.hostname, concurrency=sender.controller.concurrency
+    """The node is up: its heartbeats start, and what a crash left behind goes."""
+    global _heartbeat
+    capacity.node.attach(sender)
+    _heartbeat = heartbeats.Heartbeat(
+        heartbeats.Node(hostname=sender.hostname, concurrency=sender.controller.concurrency)
     )
-    heartbeats.record_heartbeat(heartbeats.node)
+    _heartbeat.start()
     _remove_leftover_containers(sender)
     try:
         workspace.remove_finished_workspaces()
@@ -179,14 +197,12 @@ def on_worker_ready(sender: Any = None, **_: Any) -> None:
 
 @signals.heartbeat_sent.connect
 def on_heartbeat(**_: Any) -> None:
-    """Every 2 s: this node is alive; now and then, look for builds nobody runs."""
-    if heartbeats.node is not None:
-        heartbeats.record_heartbeat(heartbeats.node)
-        reaper.sweep()
+    """Every 2 s while the broker is up: pause or resume the shared queues (capacity)."""
+    capacity.node.rebalance()
 
 
 @signals.worker_shutdown.connect
 def on_worker_shutdown(sender: Any = None, **_: Any) -> None:
     _remove_leftover_containers(sender)
-    if heartbeats.node is not None:
-        heartbeats.record_offline(heartbeats.node)
+    if _heartbeat is not None:
+        _heartbeat.stop()

@@ -14,13 +14,14 @@ import logging
 from typing import Any
 
 from celery import Task
-from celery.exceptions import Ignore
+from celery.exceptions import Ignore, Reject
 from sqlalchemy import select
 
 from cicd import db
 from cicd.config import load_settings
 from cicd.errors import BuildCanceled, OpsCDError
 from cicd.models import Stage, StageState, TaskStage, TaskState, TaskStatus
+from workers import capacity
 from workers.logs import LogWriter, Masker, stored_log_bytes, task_log_store
 from workers.workspace import remove_workspace
 
@@ -93,11 +94,32 @@ class StageTask(Task):
     #: a stage that raises is not retried: a failed build is a result.
     max_retries = 0
 
+    #: Counts the node's builds before each acknowledgement (main process; see capacity).
+    Request = "workers.capacity:StageRequest"
+
     def before_start(self, task_id: str, args: tuple, kwargs: dict) -> None:
-        """A stage of a canceled build, or of an older run of it, does not start."""
+        """A stage of a canceled build, or of an older run of it, does not start; a clone
+        starts only with a free slot on this node, else it goes back to the shared queue."""
         ctx = args[0] if args and isinstance(args[0], dict) else {}
-        if "task_id" in ctx and is_stale(ctx, self.stage):
+        if "task_id" not in ctx:
+            return
+        if is_stale(ctx, self.stage):
             remove_workspace(ctx.get("workspace"))
+            raise Ignore()
+        if self.stage is Stage.CLONE:
+            self._claim_slot(int(ctx["task_id"]), int(ctx.get("attempt", 1)))
+
+    def _claim_slot(self, task_id: int, attempt: int) -> None:
+        node = capacity.node
+        hostname = self.request.hostname or node.hostname or "local"
+        claim = db.retrying(
+            lambda: capacity.claim_slot(task_id, attempt, hostname, node.concurrency or 1),
+            f"task {task_id}: claiming a slot on {hostname}",
+        )
+        if claim is capacity.Claim.FULL:
+            log.info("task %s: %s is full; back to the shared queue", task_id, hostname)
+            raise Reject("node full", requeue=True)
+        if claim is capacity.Claim.GONE:
             raise Ignore()
 
     def log_writer(self, ctx: dict[str, Any]) -> LogWriter:
