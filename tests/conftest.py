@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -205,6 +206,24 @@ def start_web(opscd_env: dict[str, str], tmp_path_factory) -> Iterator:
 @pytest.fixture(scope="session")
 def web(start_web) -> str:
     return start_web()
+
+
+def procfile_command(role: str) -> str:
+    """The Procfile's command line of ``role`` (``web``, ``worker``, ``flower``)."""
+    for line in (ROOT / "Procfile").read_text().splitlines():
+        name, _, command = line.partition(":")
+        if name.strip() == role:
+            return command.strip()
+    raise AssertionError(f"the Procfile has no {role} process")
+
+
+def procfile_worker(name: str, env: dict[str, str], log_dir: Path, **settings: str) -> Process:
+    """A worker node started as the Procfile starts it, named ``<name>@<host>``."""
+    path = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '/usr/bin:/bin')}"
+    worker_env = {**env, "PATH": path, "CICD_AGENT_NAME": name, **settings}
+    args = ["sh", "-c", "exec " + procfile_command("worker")]
+    assert shlex.split(procfile_command("worker"))[0] == "celery"
+    return Process(name, args, worker_env, log_dir)
 
 
 def worker_args(name: str, *extra: str) -> list[str]:

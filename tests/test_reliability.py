@@ -22,6 +22,7 @@ from conftest import (
     gitlab_payload,
     mysql_admin,
     post_gitlab,
+    procfile_worker,
     task_log,
     wait_for_task,
     wait_ready,
@@ -68,7 +69,7 @@ def test_killed_worker_build_reruns_on_another_node(start_stack, git_server, tmp
     assert log.count("\ndone\n") == 1
 
 
-def test_worker_host_death_redelivers_after_the_visibility_timeout(start_stack, git_server):
+def test_a_worker_host_that_restarts_runs_its_build_again_once(start_stack, git_server):
     env = {"CICD_MAX_BUILD_TIMEOUT": "6", "CICD_BUILD_TIMEOUT": "6",
            "CICD_VISIBILITY_TIMEOUT": "8", "CICD_AGENT_OFFLINE_AFTER": "60"}  # fmt: skip
     stack = start_stack("host", **env)
@@ -87,6 +88,9 @@ def test_worker_host_death_redelivers_after_the_visibility_timeout(start_stack, 
     log = task_log(stack.web, task_id)
     assert log.count("\nfinished\n") == 1  # completed once
     assert log.count("Build succeeded") == 1
+    # Sooner than the offline bound: the node itself reruns what its former life left
+    # running; Redis's redelivery of the old attempt (visibility timeout) is ignored.
+    assert "restarted during the build" in log
 
 
 def test_redis_restart_loses_nothing_and_runs_nothing_twice(
@@ -190,3 +194,92 @@ def test_a_burst_of_pushes_to_one_branch_is_all_recorded_and_superseded(start_we
     states = [wait_for_task(web, i, timeout=120)["state"] for i in ids[:-1]]
     assert states.count("canceled") >= 90  # superseded before they ran
     assert set(states) <= {"canceled", "success"}
+
+
+# --- outages with builds in flight, Procfile workers ------------------------------------------
+
+
+def outage_stack(isolated_env, start_web, tmp_path, name: str, **settings: str):
+    """A web process and two Procfile worker nodes of an installation of their own."""
+    env = isolated_env(name, CICD_AGENT_OFFLINE_AFTER="4", CICD_REAPER_INTERVAL="1", **settings)
+    web = start_web(**{k: v for k, v in env.items() if k.startswith("CICD_")})
+    tag = uuid.uuid4().hex[:4]
+    nodes = []
+    for side in ("a", "b"):  # one after the other: their heartbeats are not in step
+        nodes.append(procfile_worker(f"{name}{side}{tag}", env, tmp_path))
+        wait_ready(nodes[-1])
+        time.sleep(1)
+    return web, nodes
+
+
+def agents_online(web: str, nodes: list[Process]) -> bool:
+    rows = requests.get(f"{web}/api/agents", timeout=5).json()["agents"]
+    online = {row["hostname"].split("@")[0] for row in rows if row["online"]}
+    return all(node.name in online for node in nodes)
+
+
+def assert_ran_once_and_nodes_survived(web: str, nodes: list[Process], task_id: int) -> None:
+    done = wait_for_task(web, task_id, timeout=150)
+    log = task_log(web, task_id)
+    assert done["state"] == "success", log
+    assert log.count(f"ran {task_id}\n") == 1 and "running it again" not in log, log
+    for node in nodes:
+        assert node.popen.poll() is None, node.output()  # no node died
+        assert "Unrecoverable error" not in node.output()
+    wait_until(lambda: agents_online(web, nodes), 20, "both nodes online")
+
+
+INFLIGHT_CI = "build:\n  script:\n    - echo started $CI_TASK_ID\n    - sleep 10\n    - echo ran $CI_TASK_ID\n"  # noqa: E501
+
+
+def test_nodes_outlive_a_redis_restart_with_a_build_in_flight(isolated_env, start_web, git_server,
+                                                              tmp_path):  # fmt: skip
+    broker = PrivateRedis(tmp_path / "redis", persistent=True).start()
+    nodes: list[Process] = []
+    try:
+        web, nodes = outage_stack(isolated_env, start_web, tmp_path, "brk",
+                                  CICD_BROKER_URL=broker.url)  # fmt: skip
+        repo = new_repo(git_server, "broker-restart")
+        task_id = push(web, repo, INFLIGHT_CI).json()["task_id"]
+        wait_until(lambda: f"started {task_id}" in task_log(web, task_id), 30, "the build")
+        broker.stop()
+        time.sleep(8)  # longer than CICD_AGENT_OFFLINE_AFTER: nodes must not look dead
+        assert agents_online(web, nodes)
+        broker.start()
+        assert_ran_once_and_nodes_survived(web, nodes, task_id)
+        after = push(web, repo, INFLIGHT_CI.replace("sleep 10", "sleep 0")).json()["task_id"]
+        done = wait_for_task(web, after, timeout=90)  # the nodes consume again
+        assert done["state"] == "success", (done, task_log(web, after))
+    finally:
+        for node in nodes:
+            node.stop()
+        broker.stop()
+
+
+def test_nodes_outlive_a_database_outage_longer_than_the_offline_bound(
+    isolated_env, start_web, git_server, tmp_path
+):
+    server = PrivateMariaDB(tmp_path / "mariadb").start()
+    nodes: list[Process] = []
+    try:
+        connection = pymysql.connect(host="127.0.0.1", port=server.port, user="root")
+        with connection, connection.cursor() as cursor:
+            cursor.execute("CREATE DATABASE opscd CHARACTER SET utf8mb4")
+        url = server.url("opscd")
+        subprocess.run([sys.executable, "-m", "cicd.cli", "init-db"], check=True,
+                       env={"PATH": "/usr/bin:/bin", "CICD_DATABASE_URL": url})  # fmt: skip
+        web, nodes = outage_stack(isolated_env, start_web, tmp_path, "dbo", CICD_DATABASE_URL=url)
+        repo = new_repo(git_server, "db-outage")
+        ids = [push(web, repo, INFLIGHT_CI).json()["task_id"] for _ in range(4)]
+        for task_id in ids:  # 4 builds, at most 3 a node: both nodes have builds in flight
+            wait_until(lambda i=task_id: f"started {i}" in task_log(web, i), 30, "the builds")
+        assert len({task(web, i)["worker"] for i in ids}) == 2
+        server.stop()
+        time.sleep(9)  # every heartbeat is older than CICD_AGENT_OFFLINE_AFTER when it returns
+        server.start()
+        for task_id in ids:
+            assert_ran_once_and_nodes_survived(web, nodes, task_id)
+    finally:
+        for node in nodes:
+            node.stop()
+        server.stop()
