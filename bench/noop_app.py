@@ -1,7 +1,7 @@
 """Celery's own figures, on the same broker: a tiny app whose tasks do (almost) nothing.
 
 Run as ``celery -A bench.noop_app worker -n NAME@%h -c 3``. Its Celery options
-are those of ``workers/celery_app.py`` (acks late, prefetch 1, JSON, task
+are those of ``cicd/broker.py`` (acks late, prefetch 1, JSON, task
 events, worker_direct), so what OpsCD adds is its own code, not a different
 Celery configuration. Tasks report when they ran by an RPUSH to the same
 Redis database (there is no result backend).

@@ -44,7 +44,7 @@ __all__ = [
 ]
 
 LUA_SCRIPT = Path(__file__).resolve().parent / "webhook.lua"
-OPSCD_APP = "cicd:create_app()"
+OPSCD_APP = "cicd.web:create_app()"
 BASELINE_APP = "bench.baseline_app:create_app()"
 OPSCD_WORKER = "workers.celery_app"
 NOOP_WORKER = "bench.noop_app"
@@ -174,7 +174,7 @@ def webhook_throughput(stack: Stack, plan: Plan, memory: dict[str, Any]) -> dict
     if shutil.which("wrk") is None:
         raise SystemExit("the webhook scenario needs wrk: apt-get install -y wrk")
     from bench.baseline_app import QUEUE_KEY
-    from workers.celery_app import BUILD_QUEUE
+    from cicd.broker import BUILD_QUEUE
 
     body = stack.tmp / "push-main.json"
     body.write_bytes(stack.payload("main"))
@@ -437,7 +437,7 @@ def _chain_batch(
 
 
 def pipelines(stack: Stack, plan: Plan, memory: dict[str, Any]) -> dict[str, Any]:
-    from cicd import create_app
+    from cicd.web import create_app
 
     client = create_app().test_client()
     body = stack.payload("main")

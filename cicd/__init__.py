@@ -1,103 +1,16 @@
-"""OpsCD's control plane: the Flask app that takes webhooks and serves the API.
+"""OpsCD, a self-hosted CI/CD service: three layers that depend one way.
 
-``create_app()`` reads the settings and registers the blueprints; it opens no
-connection (the database engine is made on first use, per process), so
-``gunicorn 'cicd:create_app()'`` forks cheaply.
+- The **core**, the modules at this level: configuration (:mod:`cicd.config`),
+  errors, models and the database, the ``ci.yaml`` spec, languages, project
+  secrets, forge payload parsing (:mod:`cicd.forges`) and the broker contract
+  (:mod:`cicd.broker`: the Celery app, queue names, stage task names, sending
+  and revoking). It imports neither Flask nor the worker.
+- The **web side**, :mod:`cicd.web` (the Flask app: webhook, API, metrics,
+  pages) and the command line (:mod:`cicd.cli`, ``cicd up``, ``cicd trigger``).
+- The **worker side**, the ``workers`` package (stages, executors, signals,
+  heartbeats, the reaper), which depends on the core and never on the web side.
+
+``tests/test_layers.py`` walks the imports and fails on a step the wrong way.
 """
 
-from __future__ import annotations
-
-import hmac
-import logging
-from collections.abc import Callable
-
-from flask import Flask, Response, g, jsonify, request
-
-from cicd.config import Settings, load_settings
-
-__all__ = ["create_app", "__version__"]
-
 __version__ = "0.1.0"
-
-#: Reachable without the UI login: the webhook checks its own secret; probes, scrapes, and
-#: the build badges project READMEs embed (they show a branch's last state, nothing else).
-OPEN_ENDPOINTS = {"webhook.gitlab_webhook", "healthz", "metrics.metrics", "web.badge"}
-#: Methods that change something: with a Basic login they also need X-Requested-With,
-#: which a page of another site cannot send, so it cannot act with the user's login.
-UNSAFE_METHODS = {"POST", "PUT", "PATCH", "DELETE"}
-
-
-def _require_login(settings: Settings) -> Callable[[], Response | None]:
-    """HTTP Basic (``CICD_UI_USER``/``CICD_UI_PASSWORD``) or a Bearer ``CICD_API_TOKEN``."""
-    password = settings.ui_password.get_secret_value() if settings.ui_password else None
-    token = settings.api_token.get_secret_value() if settings.api_token else None
-
-    def check() -> Response | None:
-        if request.endpoint in OPEN_ENDPOINTS:
-            return None
-        header = request.headers.get("Authorization", "")
-        if token and header.startswith("Bearer "):
-            if hmac.compare_digest(header[7:].encode(), token.encode()):
-                g.user = "api-token"
-                return None
-        auth = request.authorization
-        if password and auth is not None and auth.type == "basic":
-            user_ok = hmac.compare_digest((auth.username or "").encode(), settings.ui_user.encode())
-            password_ok = hmac.compare_digest((auth.password or "").encode(), password.encode())
-            if user_ok and password_ok:
-                if request.method in UNSAFE_METHODS and not request.headers.get("X-Requested-With"):
-                    response = jsonify(error="send an X-Requested-With header with changes")
-                    response.status_code = 403
-                    return response
-                g.user = auth.username
-                return None
-        response = jsonify(error="login required")
-        response.status_code = 401
-        response.headers["WWW-Authenticate"] = 'Basic realm="OpsCD", charset="UTF-8"'
-        return response
-
-    return check
-
-
-def create_app(settings: Settings | None = None) -> Flask:
-    """The web application; raises :class:`~cicd.errors.ConfigError` on bad settings."""
-    settings = settings or load_settings()
-    settings.require("database_url", "broker_url")
-    logging.getLogger("cicd").setLevel(settings.log_level.upper())
-    app = Flask(__name__)
-    app.config.update(
-        WEBHOOK_SECRET=settings.require_webhook_secret(),
-        PUBLIC_URL=settings.public_url,
-        AGENT_OFFLINE_AFTER=settings.agent_offline_after,
-        AUTO_CANCEL=settings.auto_cancel,
-        MAX_CONTENT_LENGTH=settings.max_body_bytes,
-        JSON_SORT_KEYS=False,
-    )
-
-    from cicd import api, metrics, web, webhook
-
-    app.register_blueprint(webhook.bp)
-    app.register_blueprint(api.bp)
-    app.register_blueprint(metrics.bp)
-    app.register_blueprint(web.bp)
-
-    if settings.ui_password or settings.api_token:
-        app.before_request(_require_login(settings))
-
-    @app.errorhandler(413)
-    def too_large(_error: Exception) -> tuple[Response, int]:
-        return jsonify(error=f"body larger than {settings.max_body_bytes} bytes"), 413
-
-    @app.errorhandler(404)
-    def not_found(_error: Exception) -> tuple[Response, int]:
-        return jsonify(error="not found"), 404
-
-    @app.errorhandler(405)
-    def not_allowed(_error: Exception) -> tuple[Response, int]:
-        return jsonify(error="method not allowed"), 405
-
-    @app.get("/healthz")
-    def healthz() -> Response:
-        return jsonify(status="ok")
-
-    return app

@@ -55,7 +55,7 @@ def web(bind: str, workers: int) -> None:
     except ConfigError as error:
         raise click.ClickException(str(error)) from None
     args = ["gunicorn", "--no-control-socket", "--bind", bind, "--workers", str(workers),
-            "--worker-class", "gthread", "--threads", "8", "cicd:create_app()"]  # fmt: skip
+            "--worker-class", "gthread", "--threads", "8", "cicd.web:create_app()"]  # fmt: skip
     os.execvp(sys.executable, [sys.executable, "-m", *args])
 
 
@@ -86,7 +86,7 @@ def flower(address: str, port: int) -> None:
     credentials = f"{settings.flower_user}:{settings.flower_password.get_secret_value()}"
     # Through the environment, not the command line, where `ps` would show it.
     env = {**os.environ, "FLOWER_BASIC_AUTH": credentials}
-    args = ["celery", "-A", "workers.celery_app", "flower",
+    args = ["celery", "-A", "cicd.broker", "flower",
             f"--address={address}", f"--port={port}"]  # fmt: skip
     os.execvpe(sys.executable, [sys.executable, "-m", *args], env)
 
@@ -111,12 +111,11 @@ def up(host: str, port: int, flower_port: int) -> None:
 @click.option("--publish", is_flag=True, help="Also build and push the image ci.yaml asks for.")
 def run(path: Path, executor: str | None, publish: bool) -> None:
     """Run the ci.yaml of a local checkout here, without a server; exit with its status."""
-    if executor:
-        os.environ["CICD_EXECUTOR"] = executor
-    _settings()
-    from workers.localrun import run_local
-
-    sys.exit(run_local(path, publish=publish))
+    # The build runs in the worker's code: a process of its own (workers.localrun),
+    # as `cicd worker` is, so the command line never imports the worker side.
+    env = {**os.environ, **({"CICD_EXECUTOR": executor} if executor else {})}
+    args = [sys.executable, "-m", "workers.localrun", str(path), *(["--publish"] * publish)]
+    os.execve(sys.executable, args, env)
 
 
 # --- watching builds and the fleet, through the REST API --------------------------------------

@@ -23,6 +23,7 @@ import requests
 
 from cicd.errors import OpsCDError
 from cicd.gitserve import GitHttpServer
+from cicd.worktree import copy_tree  # the same rule as ``cicd run``
 
 __all__ = ["LocalRepository", "served", "push_payload", "send_push"]
 
@@ -62,8 +63,6 @@ def _is_work_tree_top(path: Path) -> bool:
 
 def _snapshot(path: Path, into: Path) -> Path:
     """Commit the folder's files (what git would track, or all) into a new repository."""
-    from workers.localrun import copy_tree  # the same rule as ``cicd run``
-
     repo = into / path.name
     copy_tree(path, repo)
     name, email = SNAPSHOT_AUTHOR

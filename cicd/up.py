@@ -151,10 +151,10 @@ def up(host: str, port: int, flower_port: int) -> int:
     children += [
         Child("web", [python, "-m", "gunicorn", "--no-control-socket", "--bind", f"{host}:{port}",
                       "--workers", "2", "--worker-class", "gthread", "--threads", "8",
-                      "cicd:create_app()"], env),
+                      "cicd.web:create_app()"], env),
         Child("worker", [python, "-m", "celery", "-A", "workers.celery_app", "worker", "-n",
                          "local@%h", "-E", "--concurrency", str(settings.worker_concurrency)], env),
-        Child("flower", [python, "-m", "celery", "-A", "workers.celery_app", "flower",
+        Child("flower", [python, "-m", "celery", "-A", "cicd.broker", "flower",
                          f"--address={host}", f"--port={flower_port}"],
               {**env, "FLOWER_BASIC_AUTH": credentials}),
     ]  # fmt: skip

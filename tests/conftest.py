@@ -174,7 +174,7 @@ class Process:
 
 @pytest.fixture(scope="session")
 def start_web(opscd_env: dict[str, str], tmp_path_factory) -> Iterator:
-    """Factory: a gunicorn serving ``cicd:create_app()``; returns its base URL."""
+    """Factory: a gunicorn serving ``cicd.web:create_app()``; returns its base URL."""
     processes: list[Process] = []
     log_dir = tmp_path_factory.mktemp("web-logs")
 
@@ -182,7 +182,7 @@ def start_web(opscd_env: dict[str, str], tmp_path_factory) -> Iterator:
         port = free_port()
         args = [sys.executable, "-m", "gunicorn", "--no-control-socket",
                 "--bind", f"127.0.0.1:{port}", "--workers", "2", "--worker-class", "gthread",
-                "--threads", "8", "cicd:create_app()"]  # fmt: skip
+                "--threads", "8", "cicd.web:create_app()"]  # fmt: skip
         process = Process(f"web-{port}", args, {**opscd_env, **overrides}, log_dir)
         processes.append(process)
         base = f"http://127.0.0.1:{port}"

@@ -54,7 +54,7 @@ def test_config_file_supplies_what_the_environment_does_not(tmp_path):
     assert database.stat().st_size > 0
 
 
-@pytest.mark.parametrize("command", [["cicd.cli", "web"], ["gunicorn", "cicd:create_app()"]])
+@pytest.mark.parametrize("command", [["cicd.cli", "web"], ["gunicorn", "cicd.web:create_app()"]])
 def test_web_refuses_to_start_without_a_webhook_secret(command):
     if command[0] == "gunicorn":
         command = ["gunicorn", "--no-control-socket", "--bind", f"127.0.0.1:{free_port()}",

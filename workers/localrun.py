@@ -9,27 +9,26 @@ terminal, masked like any build log; the exit status is the build's.
 from __future__ import annotations
 
 import os
-import shutil
-import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import click
 
 from cicd.config import load_settings
-from cicd.errors import BuildFailed, OpsCDError
+from cicd.errors import BuildFailed, ConfigError, OpsCDError
 from cicd.secrets import SecretError
+from cicd.worktree import copy_tree, git_output
 from workers.executors import get_executor
 from workers.logs import LogWriter
 from workers.stages import masker
 from workers.stages.build import run_build
 from workers.stages.publish import run_publish
 
-__all__ = ["run_local", "copy_tree"]
+__all__ = ["main", "run_local"]
 
 
 def run_local(path: Path, publish: bool = False) -> int:
@@ -103,14 +102,9 @@ def _terminal_log() -> Iterator[LogWriter]:
         yield log
 
 
-def _git(path: Path, *args: str) -> str | None:
-    result = subprocess.run(["git", "-C", str(path), *args], capture_output=True, text=True)
-    return result.stdout.strip() if result.returncode == 0 else None
-
-
 def _variables(path: Path) -> dict[str, str]:
-    sha = _git(path, "rev-parse", "HEAD") or "0" * 40
-    branch = _git(path, "symbolic-ref", "--quiet", "--short", "HEAD") or "local"
+    sha = git_output(path, "rev-parse", "HEAD") or "0" * 40
+    branch = git_output(path, "symbolic-ref", "--quiet", "--short", "HEAD") or "local"
     return {
         "CI": "true",
         "OPSCD": "true",
@@ -123,19 +117,17 @@ def _variables(path: Path) -> dict[str, str]:
     }
 
 
-def copy_tree(source: Path, target: Path) -> int:
-    """Copy the working tree: what git tracks or would track, else everything but ``.git``."""
-    listed = _git(source, "ls-files", "-z", "--cached", "--others", "--exclude-standard")
-    if listed is None:  # not in a git work tree
-        ignore: Callable = shutil.ignore_patterns(".git")
-        shutil.copytree(source, target, symlinks=True, ignore=ignore)
-        return sum(1 for p in target.rglob("*") if p.is_file())
-    names = sorted({name for name in listed.split("\0") if name})
-    for name in names:
-        origin = source / name
-        if not origin.exists() and not origin.is_symlink():
-            continue  # deleted in the working tree
-        destination = target / name
-        destination.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(origin, destination, follow_symlinks=False)
-    return len(names)
+@click.command()
+@click.argument("path", default=".", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--publish", is_flag=True, help="Also build and push the image ci.yaml asks for.")
+def main(path: Path, publish: bool) -> None:
+    """``cicd run``: the ci.yaml of a local checkout, run here; exits with its status."""
+    try:
+        load_settings()
+    except ConfigError as error:
+        raise click.ClickException(str(error)) from None
+    sys.exit(run_local(path, publish=publish))
+
+
+if __name__ == "__main__":
+    main()

@@ -24,6 +24,7 @@ import time
 from sqlalchemy import delete, or_, select, update
 
 from cicd import db
+from cicd.broker import BrokerUnavailable, enqueue_build
 from cicd.config import load_settings
 from cicd.models import AgentState, TaskLog, TaskStage, TaskState, TaskStatus, utcnow
 
@@ -160,9 +161,6 @@ def send_unsent_builds() -> list[int]:
 
 
 def _send(task_id: int, attempt: int) -> bool:
-    # Imported here: cicd.queue imports the Celery app, whose import loads this module.
-    from cicd.queue import BrokerUnavailable, enqueue_build
-
     try:
         enqueue_build(task_id, attempt)
     except BrokerUnavailable:

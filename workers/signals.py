@@ -14,11 +14,12 @@ from celery import signals
 from sqlalchemy import select
 
 from cicd import db
+from cicd.broker import STAGE_TASKS
 from cicd.config import load_settings
 from cicd.errors import BuildFailed
 from cicd.models import Stage, StageState, TaskStage, TaskState, TaskStatus, utcnow
 from workers import capacity, heartbeats, reaper, workspace
-from workers.celery_app import STAGE_TASKS
+from workers.stages import describe_error
 
 __all__: list[str] = []
 
@@ -126,8 +127,6 @@ def on_stage_failure(
     build = _build_of(sender, args)
     if build is None:
         return
-    from workers.stages import describe_error  # stages import this module's app
-
     _, stage, _ = build
     values: dict[str, Any] = {
         "state": TaskState.FAILED,

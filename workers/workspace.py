@@ -12,7 +12,11 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from sqlalchemy import select
+
+from cicd import db
 from cicd.config import load_settings
+from cicd.models import TaskStatus
 
 __all__ = ["create_workspace", "remove_workspace", "checkout_dir", "remove_finished_workspaces"]
 
@@ -47,11 +51,6 @@ def remove_finished_workspaces() -> int:
     Builds still queued or running keep theirs: several nodes may share one
     host and one ``CICD_WORKSPACE_DIR``.
     """
-    from sqlalchemy import select
-
-    from cicd import db
-    from cicd.models import TaskStatus
-
     root = load_settings().workspace_dir
     if not root.is_dir():
         return 0

@@ -1,7 +1,7 @@
 """Forge webhooks: one module per forge turns a delivery into a PushEvent or an Ignored.
 
 Forge modules only parse and validate; they never touch the database or the
-broker (that is :mod:`cicd.webhook`). Everything in a payload comes from outside,
+broker (that is :mod:`cicd.web.webhook`). Everything in a payload comes from outside,
 so fields that later reach git, paths or image names are validated here.
 """
 

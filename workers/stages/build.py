@@ -15,13 +15,13 @@ from typing import Any
 from sqlalchemy import update
 
 from cicd import db
+from cicd.broker import STAGE_TASKS, app
 from cicd.ciyaml import BuildSpec, Pipeline, load_pipeline
 from cicd.config import Settings, load_settings
 from cicd.errors import BuildCanceled, BuildFailed
 from cicd.languages import LANGUAGES
 from cicd.models import Stage, TaskApproval, TaskState, TaskStatus
 from cicd.secrets import secret_values
-from workers.celery_app import STAGE_TASKS, app
 from workers.executors import Executor, Step, get_executor
 from workers.logs import LogWriter
 from workers.stages import StageTask, is_canceled

@@ -19,12 +19,12 @@ from celery.utils.nodenames import worker_direct
 from sqlalchemy import delete, update
 
 from cicd import db
+from cicd.broker import STAGE_TASKS, app, language_queue
 from cicd.ciyaml import load_pipeline
 from cicd.config import load_settings
 from cicd.errors import PipelineError, StageError
 from cicd.languages import LANGUAGES
 from cicd.models import Stage, TaskDetail, TaskStage, TaskState, TaskStatus
-from workers.celery_app import STAGE_TASKS, app, language_queue
 from workers.logs import LogWriter
 from workers.stages import StageTask, masker
 from workers.workspace import checkout_dir, create_workspace, remove_workspace

@@ -12,10 +12,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from cicd.broker import STAGE_TASKS, app
 from cicd.config import load_settings
 from cicd.errors import StageError
 from cicd.models import Stage
-from workers.celery_app import STAGE_TASKS, app
 from workers.executors.docker import docker_client
 from workers.logs import LogWriter
 from workers.registry import build_image, image_reference, push_image, remove_image

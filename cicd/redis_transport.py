@@ -1,8 +1,8 @@
 """kombu's Redis transport, with the two fixes a node needs to outlive a broker restart.
 
-OpsCD selects this class for ``redis://`` and ``rediss://`` brokers
-(``broker_transport``, see :func:`workers.celery_app.celery_options`); it is
-kombu's own transport in every other respect.
+:mod:`cicd.broker` names this class as kombu's ``redis`` transport (for
+``redis://``, ``rediss://`` and ``redis+socket://`` brokers, in every OpsCD
+process); it is kombu's own transport in every other respect.
 
 kombu 5.7.0 (the latest release) crashes a worker that holds an unacknowledged
 message when Redis goes away: Celery's consumer ``collect()``\\s the lost

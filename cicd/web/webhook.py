@@ -17,11 +17,11 @@ from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session
 
 from cicd import db
-from cicd.api import external_url
+from cicd.broker import BrokerUnavailable, revoke_build, send_task
 from cicd.errors import PayloadError
 from cicd.forges import Ignored, PushEvent, gitlab
 from cicd.models import RefType, TaskDetail, TaskState, TaskStatus, utcnow
-from cicd.queue import BrokerUnavailable, revoke_build, send_task
+from cicd.web.api import external_url
 
 __all__ = ["bp"]
 

@@ -18,6 +18,7 @@ from sqlalchemy import case, func, literal_column, select
 from sqlalchemy.sql.elements import ColumnElement
 
 from cicd import db
+from cicd.broker import BUILD_QUEUE, language_queue
 from cicd.config import load_settings
 from cicd.languages import LANGUAGES
 from cicd.models import AgentState, TaskState, TaskStatus, utcnow
@@ -101,8 +102,6 @@ class OpsCDCollector(Collector):
 
 def _queue_lengths(broker_url: str, prefix: str = "") -> list[tuple[str, int]]:
     """Messages waiting in each build queue (Redis lists), or nothing for other brokers."""
-    from workers.celery_app import BUILD_QUEUE, language_queue
-
     if broker_url.startswith("redis+socket://"):
         broker_url = "unix://" + broker_url.removeprefix("redis+socket://")
     if not broker_url.startswith(("redis://", "rediss://", "unix://")):

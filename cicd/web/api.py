@@ -14,6 +14,7 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import contains_eager
 
 from cicd import db, secrets
+from cicd.broker import BrokerUnavailable, revoke_build, send_publish, send_task
 from cicd.errors import ConfigError
 from cicd.models import (
     STAGES,
@@ -27,7 +28,6 @@ from cicd.models import (
     TaskStatus,
     utcnow,
 )
-from cicd.queue import BrokerUnavailable, revoke_build, send_publish, send_task
 
 __all__ = ["bp", "task_to_dict", "agent_to_dict", "external_url", "fleet", "task_details"]
 

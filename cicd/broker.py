@@ -1,0 +1,208 @@
+"""The broker contract both sides share: the Celery app, its queues, the stage names, sending.
+
+The web process sends builds with this app; each worker node runs it with the
+stage tasks and the signal handlers added (``workers.celery_app``), and
+Flower watches it. Only names and plain JSON travel through the broker: the
+web sends a stage by its task name and never imports the worker's code.
+Options come from :mod:`cicd.config` on first use (``add_defaults`` takes a
+promise), so importing this module reads nothing and connects nowhere.
+
+Callers commit the task's rows first, then call :func:`send_task`; only ids and
+plain dicts travel through the broker (JSON), never ORM objects. A task the
+broker did not take is marked failed with ``enqueued_at`` empty, so it never
+sits ``queued`` forever and a redelivery of its webhook can send it again.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import Celery, chain
+from celery.utils.nodenames import worker_direct
+from kombu.exceptions import KombuError
+from kombu.transport import TRANSPORT_ALIASES
+from redis.exceptions import RedisError
+from sqlalchemy import update
+from sqlalchemy.orm import Session
+
+from cicd import db
+from cicd.config import Settings, load_settings
+from cicd.errors import OpsCDError
+from cicd.models import TaskState, TaskStatus, utcnow
+
+__all__ = [
+    "app",
+    "BUILD_QUEUE",
+    "STAGE_TASKS",
+    "FAST_FAIL_RETRY_POLICY",
+    "celery_options",
+    "language_queue",
+    "BrokerUnavailable",
+    "BROKER_DOWN",
+    "send_task",
+    "enqueue_build",
+    "revoke_build",
+    "send_publish",
+    "stage_task_id",
+]
+
+#: The queue every build's first stage goes to; any node may take it.
+BUILD_QUEUE = "opscd.builds"
+
+
+def language_queue(language: str) -> str:
+    """The queue of builds for one language, consumed only by agents that build it."""
+    return f"{BUILD_QUEUE}.{language}"
+
+
+#: Publish retries of a web request: two quick ones, then GitLab is told 503 and redelivers.
+FAST_FAIL_RETRY_POLICY = {"max_retries": 2, "interval_start": 0, "interval_step": 0.2,
+                          "interval_max": 0.5}  # fmt: skip
+
+#: Celery task name of each stage, in the order a build runs them.
+STAGE_TASKS = {"clone": "opscd.clone", "build": "opscd.build", "publish": "opscd.publish"}
+
+
+def celery_options(settings: Settings) -> dict[str, Any]:
+    """Celery configuration derived from OpsCD's settings; each option says why it is set."""
+    settings.require("broker_url")
+    return {
+        "broker_url": settings.broker_url,
+        "broker_connection_retry_on_startup": True,
+        "broker_transport_options": {
+            # Redis redelivers an unacknowledged message after this many seconds.
+            # With acks_late a stage is acknowledged when it ends, so this must
+            # exceed the longest build or a running build is delivered twice.
+            "visibility_timeout": settings.broker_visibility_timeout,
+            # How often a node looks for such messages of dead nodes to restore:
+            # every ~10 s (kombu's default is ~100 s), sooner with a short timeout.
+            "unacked_restore_interval": max(1, min(10, settings.broker_visibility_timeout // 4)),
+            "unacked_restore_throttle": 1,
+            "global_keyprefix": settings.broker_prefix,
+            # The webhook must answer within GitLab's few seconds even when the
+            # broker is unreachable: fail the connect fast and answer 503.
+            "socket_connect_timeout": 2,
+        },
+        # A worker handing a build to its next stage waits out a broker restart
+        # (about two minutes) rather than drop the chain. The web process does
+        # not wait: it sends with FAST_FAIL_RETRY_POLICY and answers 503.
+        "task_publish_retry_policy": {
+            "max_retries": 30,
+            "interval_start": 0.5,
+            "interval_step": 1,
+            "interval_max": 5,
+        },
+        # Stages report through task_states (signals), not a result backend.
+        "task_ignore_result": True,
+        "task_serializer": "json",
+        "accept_content": ["json"],
+        "task_default_queue": BUILD_QUEUE,
+        # At most this many builds run at once on one node (CICD_WORKER_CONCURRENCY).
+        "worker_concurrency": settings.worker_concurrency,
+        # Reserve no more than the node runs, so a queued build waits in Redis
+        # where an idle node can take it, not in a busy node's prefetch buffer.
+        "worker_prefetch_multiplier": 1,
+        # Acknowledge a stage only when it ends, and requeue it if its pool
+        # process dies: a build is never lost with a crashed process. Risk: a
+        # stage may run twice, so every stage starts from a clean state.
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        # A lost broker connection does not stop the stages that run: the build
+        # goes on and its acknowledgement reaches Redis after the reconnect
+        # (cicd.redis_transport). Celery 6 turns this on by default, which
+        # would cancel and redeliver every build in flight at each broker blip.
+        "worker_cancel_long_running_tasks_on_connection_loss": False,
+        # Every node also consumes its own queue, "<nodename>.dq2"; the clone
+        # stage routes the rest of its chain there (the checkout is local).
+        "worker_direct": True,
+        # Backstop behind the executors' own timeouts: a stage stuck outside
+        # its script (e.g. a hung git) is killed, never holds a slot forever.
+        "task_time_limit": settings.max_build_timeout + settings.clone_timeout + 600,
+        # Task events let Flower follow builds from the moment a worker takes
+        # them. ("sent" events are off: one more Redis publish per webhook, and
+        # OpsCD's own pages show queued builds.)
+        "worker_send_task_events": True,
+        "worker_hijack_root_logger": False,
+    }
+
+
+# kombu finds a transport by the URL's scheme in TRANSPORT_ALIASES: "redis" (also
+# rediss:// and redis+socket://) names kombu's Redis transport with the fixes that
+# let a node with a build in flight outlive a broker restart. Done by name rather
+# than with broker_transport so that URLs stay redis:// for Flower and the logs.
+TRANSPORT_ALIASES["redis"] = TRANSPORT_ALIASES["rediss"] = "cicd.redis_transport:Transport"
+
+app = Celery("opscd")
+app.add_defaults(lambda: celery_options(load_settings()))
+
+BROKER_DOWN = "not sent to the broker (unavailable); waiting for the forge to redeliver"
+
+
+class BrokerUnavailable(OpsCDError):
+    """The broker could not take the build; nothing was sent."""
+
+
+def stage_task_id(task_id: int, stage: str) -> str:
+    """Celery task id of one stage of one build: stable, so a stage can be found and revoked."""
+    return f"opscd-{task_id}-{stage}"
+
+
+def enqueue_build(task_id: int, attempt: int = 1, queue: str = BUILD_QUEUE) -> None:
+    """Send the build's chain; any node consuming ``queue`` takes the clone stage."""
+    signatures = [
+        app.signature(name, task_id=stage_task_id(task_id, stage))
+        for stage, name in STAGE_TASKS.items()
+    ]
+    signatures[0].args = ({"task_id": task_id, "attempt": attempt},)
+    try:
+        chain(*signatures).apply_async(queue=queue, retry_policy=FAST_FAIL_RETRY_POLICY)
+    except (KombuError, RedisError, OSError) as error:
+        raise BrokerUnavailable(f"could not send build {task_id} to the broker: {error}") from None
+
+
+def send_task(task_id: int, session: Session | None = None) -> None:
+    """Enqueue a committed task and record the outcome; raises :class:`BrokerUnavailable`.
+
+    ``session``: the caller's, to record the outcome without a second checkout.
+    """
+    try:
+        enqueue_build(task_id)
+    except BrokerUnavailable:
+        _set_status(task_id, session, state=TaskState.FAILED, error=BROKER_DOWN,
+                    finished_at=utcnow())  # fmt: skip
+        raise
+    _set_status(task_id, session, enqueued_at=utcnow())
+
+
+def send_publish(task_id: int, node: str, ctx: dict) -> None:
+    """Send an approved build's publish stage to the node that holds its workspace."""
+    signature = app.signature(
+        STAGE_TASKS["publish"], args=(ctx,), task_id=stage_task_id(task_id, "publish")
+    )
+    try:
+        signature.apply_async(queue=worker_direct(node), retry_policy=FAST_FAIL_RETRY_POLICY)
+    except (KombuError, RedisError, OSError) as error:
+        raise BrokerUnavailable(f"could not send publish of {task_id}: {error}") from None
+
+
+def revoke_build(task_id: int) -> None:
+    """Tell every worker to drop the build's stages still in the queue (best effort).
+
+    Workers keep revoked ids in memory only; the stages also check the task's
+    state before they start, so a canceled build never runs even without this.
+    """
+    try:
+        app.control.revoke([stage_task_id(task_id, stage) for stage in STAGE_TASKS])
+    except (KombuError, RedisError, OSError):
+        pass
+
+
+def _set_status(task_id: int, session: Session | None, **values: object) -> None:
+    statement = update(TaskStatus).where(TaskStatus.task_id == task_id).values(**values)
+    if session is not None:
+        session.execute(statement)
+        session.commit()
+        return
+    with db.session() as own:
+        own.execute(statement)
+        own.commit()
