@@ -226,9 +226,17 @@ async function refresh() {
   }
 }
 
+// A canceled build is finished at once, while its running stage ends a moment later on
+// its agent: keep following it until no stage is still running.
+function settled(current) {
+  return (
+    FINISHED.has(current.state) && !(current.stages || []).some((s) => s.state === "running")
+  );
+}
+
 async function poll() {
   await refresh();
-  if (task && FINISHED.has(task.state)) {
+  if (task && settled(task)) {
     document.getElementById("live").hidden = true;
     return;
   }
