@@ -15,6 +15,7 @@ sits ``queued`` forever and a redelivery of its webhook can send it again.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from celery import Celery, chain
@@ -22,13 +23,12 @@ from celery.utils.nodenames import worker_direct
 from kombu.exceptions import KombuError
 from kombu.transport import TRANSPORT_ALIASES
 from redis.exceptions import RedisError
-from sqlalchemy import update
 from sqlalchemy.orm import Session
 
-from cicd import db
+from cicd import db, lifecycle
 from cicd.config import Settings, load_settings
 from cicd.errors import OpsCDError
-from cicd.models import TaskState, TaskStatus, utcnow
+from cicd.lifecycle import BROKER_DOWN
 
 __all__ = [
     "app",
@@ -135,8 +135,6 @@ TRANSPORT_ALIASES["redis"] = TRANSPORT_ALIASES["rediss"] = "cicd.redis_transport
 app = Celery("opscd")
 app.add_defaults(lambda: celery_options(load_settings()))
 
-BROKER_DOWN = "not sent to the broker (unavailable); waiting for the forge to redeliver"
-
 
 class BrokerUnavailable(OpsCDError):
     """The broker could not take the build; nothing was sent."""
@@ -160,18 +158,19 @@ def enqueue_build(task_id: int, attempt: int = 1, queue: str = BUILD_QUEUE) -> N
         raise BrokerUnavailable(f"could not send build {task_id} to the broker: {error}") from None
 
 
-def send_task(task_id: int, session: Session | None = None) -> None:
+def send_task(task_id: int, attempt: int = 1, session: Session | None = None) -> None:
     """Enqueue a committed task and record the outcome; raises :class:`BrokerUnavailable`.
 
-    ``session``: the caller's, to record the outcome without a second checkout.
+    The outcome is :func:`cicd.lifecycle.sent`, or :func:`~cicd.lifecycle.unsent`
+    (the one broker-down policy: failed, sent again by a redelivery or the
+    reconciler). ``session``: the caller's, to record it without a second checkout.
     """
     try:
-        enqueue_build(task_id)
+        enqueue_build(task_id, attempt)
     except BrokerUnavailable:
-        _set_status(task_id, session, state=TaskState.FAILED, error=BROKER_DOWN,
-                    finished_at=utcnow())  # fmt: skip
+        _record(lifecycle.unsent, task_id, session)
         raise
-    _set_status(task_id, session, enqueued_at=utcnow())
+    _record(lifecycle.sent, task_id, session)
 
 
 def send_publish(task_id: int, node: str, ctx: dict) -> None:
@@ -197,12 +196,12 @@ def revoke_build(task_id: int) -> None:
         pass
 
 
-def _set_status(task_id: int, session: Session | None, **values: object) -> None:
-    statement = update(TaskStatus).where(TaskStatus.task_id == task_id).values(**values)
+def _record(transition: Callable[[Session, int], bool], task_id: int,
+            session: Session | None) -> None:  # fmt: skip
     if session is not None:
-        session.execute(statement)
+        transition(session, task_id)
         session.commit()
         return
     with db.session() as own:
-        own.execute(statement)
+        transition(own, task_id)
         own.commit()

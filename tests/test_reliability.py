@@ -119,17 +119,23 @@ def test_redis_restart_loses_nothing_and_runs_nothing_twice(
         broker.stop()
 
 
+def opscd_database(server: PrivateMariaDB) -> str:
+    """A database ``opscd`` with OpsCD's schema on the private server; its URL."""
+    connection = pymysql.connect(host="127.0.0.1", port=server.port, user="root")
+    with connection, connection.cursor() as cursor:
+        cursor.execute("CREATE DATABASE opscd CHARACTER SET utf8mb4")
+    url = server.url("opscd")
+    subprocess.run([sys.executable, "-m", "cicd.cli", "init-db"], check=True,
+                   env={"PATH": "/usr/bin:/bin", "CICD_DATABASE_URL": url})  # fmt: skip
+    return url
+
+
 def test_mariadb_restart_answers_503_and_keeps_every_state_and_log_line(
     start_stack, git_server, tmp_path
 ):
     server = PrivateMariaDB(tmp_path / "mariadb").start()
     try:
-        connection = pymysql.connect(host="127.0.0.1", port=server.port, user="root")
-        with connection, connection.cursor() as cursor:
-            cursor.execute("CREATE DATABASE opscd CHARACTER SET utf8mb4")
-        url = server.url("opscd")
-        subprocess.run([sys.executable, "-m", "cicd.cli", "init-db"], check=True,
-                       env={"PATH": "/usr/bin:/bin", "CICD_DATABASE_URL": url})  # fmt: skip
+        url = opscd_database(server)
         stack = start_stack("dbfault", CICD_DATABASE_URL=url)
         repo = new_repo(git_server, "db")
         ci = "build:\n  script:\n    - for i in $(seq 1 16); do echo line $i; sleep 0.5; done\n"
@@ -262,12 +268,7 @@ def test_nodes_outlive_a_database_outage_longer_than_the_offline_bound(
     server = PrivateMariaDB(tmp_path / "mariadb").start()
     nodes: list[Process] = []
     try:
-        connection = pymysql.connect(host="127.0.0.1", port=server.port, user="root")
-        with connection, connection.cursor() as cursor:
-            cursor.execute("CREATE DATABASE opscd CHARACTER SET utf8mb4")
-        url = server.url("opscd")
-        subprocess.run([sys.executable, "-m", "cicd.cli", "init-db"], check=True,
-                       env={"PATH": "/usr/bin:/bin", "CICD_DATABASE_URL": url})  # fmt: skip
+        url = opscd_database(server)
         web, nodes = outage_stack(isolated_env, start_web, tmp_path, "dbo", CICD_DATABASE_URL=url)
         repo = new_repo(git_server, "db-outage")
         ids = [push(web, repo, INFLIGHT_CI).json()["task_id"] for _ in range(4)]

@@ -30,10 +30,10 @@ from typing import Any
 
 from celery.utils.nodenames import worker_direct
 from celery.worker.request import Request
-from sqlalchemy import func, select, update
+from sqlalchemy import delete, func, select, update
 from sqlalchemy.orm import Session
 
-from cicd import db
+from cicd import db, lifecycle
 from cicd.models import AgentState, Stage, StageState, TaskStage, TaskState, TaskStatus, utcnow
 
 __all__ = ["Claim", "Node", "StageRequest", "builds_in_flight", "claim_slot", "node"]
@@ -82,33 +82,17 @@ def claim_slot(task_id: int, attempt: int, hostname: str, concurrency: int) -> C
         if builds_in_flight(session, hostname, besides=task_id) >= concurrency:
             session.commit()
             return Claim.FULL
-        claimed = session.execute(
-            update(TaskStatus)
-            .where(
-                TaskStatus.task_id == task_id,
-                TaskStatus.attempt == attempt,
-                TaskStatus.state.in_((TaskState.QUEUED, TaskState.RUNNING)),
-            )
-            .values(
-                state=TaskState.RUNNING,
-                stage=Stage.CLONE,
-                worker=hostname,
-                started_at=now,
-                finished_at=None,
-                exit_code=None,
-                error=None,
-            )
-        ).rowcount
+        claimed = lifecycle.claim(session, task_id, attempt, hostname)
         if not claimed:
             session.commit()
             return Claim.GONE
-        row = session.get(TaskStage, (task_id, Stage.CLONE)) or TaskStage(
-            task_id=task_id, stage=Stage.CLONE
+        # The clone's row anew, by statements that see the latest rows (not this
+        # transaction's snapshot: another node may have just deleted an older one).
+        session.execute(
+            delete(TaskStage).where(TaskStage.task_id == task_id, TaskStage.stage == Stage.CLONE)
         )
-        row.state, row.worker, row.started_at, row.finished_at = (
-            StageState.RUNNING, hostname, now, None,
-        )  # fmt: skip
-        session.add(row)
+        session.add(TaskStage(task_id=task_id, stage=Stage.CLONE, state=StageState.RUNNING,
+                              worker=hostname, started_at=now))  # fmt: skip
         session.commit()
         return Claim.CLAIMED
 

@@ -21,10 +21,10 @@ import datetime as dt
 import logging
 import time
 
-from sqlalchemy import delete, or_, select, update
+from sqlalchemy import delete, or_, select
 
-from cicd import db
-from cicd.broker import BrokerUnavailable, enqueue_build
+from cicd import db, lifecycle
+from cicd.broker import BrokerUnavailable, send_task
 from cicd.config import load_settings
 from cicd.models import AgentState, TaskLog, TaskStage, TaskState, TaskStatus, utcnow
 
@@ -100,22 +100,11 @@ def _rerun(
 ) -> bool:  # fmt: skip
     gave_up = attempt >= max_attempts
     reason = f"agent {node} {what} during the build (run {attempt} of {max_attempts})"
-    values: dict = {"attempt": attempt + 1, "stage": None, "worker": None}
-    if gave_up:
-        values.update(state=TaskState.FAILED, finished_at=utcnow(), error=f"{reason}; not rerun")
-    else:
-        values.update(state=TaskState.QUEUED, enqueued_at=None, started_at=None)
     with db.session() as session:
-        claimed = session.execute(
-            update(TaskStatus)
-            .where(
-                TaskStatus.task_id == task_id,
-                TaskStatus.state == TaskState.RUNNING,
-                TaskStatus.worker == node,
-                TaskStatus.attempt == attempt,
-            )
-            .values(**values)
-        ).rowcount
+        if gave_up:
+            claimed = lifecycle.give_up(session, task_id, attempt, node, f"{reason}; not rerun")
+        else:
+            claimed = lifecycle.requeue(session, task_id, attempt, node)
         if not claimed:
             return False
         note = f"{reason}; " + ("not run again" if gave_up else "running it again on any agent")
@@ -130,49 +119,37 @@ def _rerun(
 
 
 def send_unsent_builds() -> list[int]:
-    """Send builds recorded but never handed to the broker (a crash between commit and send)."""
+    """Send builds the broker never took: a crash between commit and send, or a broker outage.
+
+    After ``CICD_RECONCILE_AFTER``: the forge's redelivery of the webhook comes first.
+    """
     settings = load_settings()
     waited = utcnow() - dt.timedelta(seconds=settings.reconcile_after)
     with db.session() as session:
         unsent = session.execute(
             select(TaskStatus.task_id, TaskStatus.attempt).where(
-                TaskStatus.state == TaskState.QUEUED,
+                TaskStatus.state.in_((TaskState.QUEUED, TaskState.FAILED)),
                 TaskStatus.enqueued_at.is_(None),
-                TaskStatus.queued_at < waited,
             )
         ).all()
     sent = []
     for task_id, attempt in unsent:
         with db.session() as session:
-            claimed = session.execute(
-                update(TaskStatus)
-                .where(
-                    TaskStatus.task_id == task_id,
-                    TaskStatus.state == TaskState.QUEUED,
-                    TaskStatus.enqueued_at.is_(None),
-                )
-                .values(enqueued_at=utcnow())
-            ).rowcount
+            claimed = lifecycle.claim_unsent(session, task_id, recorded_before=waited)
             session.commit()
-        if claimed and _send(task_id, attempt):
-            log.warning("task %s: was recorded but never sent; sent it now", task_id)
-            sent.append(task_id)
+        if not claimed:
+            continue
+        if not _send(task_id, attempt):
+            break  # the broker is down: the next sweep tries again
+        log.warning("task %s: was recorded but never sent; sent it now", task_id)
+        sent.append(task_id)
     return sent
 
 
 def _send(task_id: int, attempt: int) -> bool:
+    """Send the build's chain; if the broker cannot take it, it waits for the next sweep."""
     try:
-        enqueue_build(task_id, attempt)
+        send_task(task_id, attempt)
     except BrokerUnavailable:
-        with db.session() as session:  # try again at the next sweep
-            session.execute(
-                update(TaskStatus).where(TaskStatus.task_id == task_id).values(enqueued_at=None)
-            )
-            session.commit()
         return False
-    with db.session() as session:
-        session.execute(
-            update(TaskStatus).where(TaskStatus.task_id == task_id).values(enqueued_at=utcnow())
-        )
-        session.commit()
     return True

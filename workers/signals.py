@@ -8,12 +8,14 @@ database says which node runs which stage of which build, and how it ended.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from celery import signals
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 
-from cicd import db
+from cicd import db, lifecycle
 from cicd.broker import STAGE_TASKS
 from cicd.config import load_settings
 from cicd.errors import BuildFailed
@@ -41,9 +43,10 @@ def _record(
     build: tuple[int, Stage, int],
     stage_state: StageState,
     worker: str | None,
-    task: dict[str, Any],
+    transition: Callable[[Session], bool] | None = None,
 ) -> None:
-    """Write the stage row and the task row in one transaction; a failure is logged, not raised.
+    """Write the stage row, and the task's ``transition`` (:mod:`cicd.lifecycle`) if the stage
+    changes the task, in one transaction; a failure is logged, not raised.
 
     A canceled build stays canceled whatever its stages report afterwards, and
     a stage of an older attempt changes nothing: the task row is locked while it
@@ -71,6 +74,8 @@ def _record(
                 and row.state in (StageState.SUCCESS, StageState.SKIPPED)
             ):
                 return  # a redelivered message of a stage that already ended: changes nothing
+            if transition is not None and not transition(session):
+                return  # lost to another change of the build
             row = row or TaskStage(task_id=task_id, stage=stage, started_at=now)
             if stage_state is StageState.RUNNING:
                 row.started_at, row.finished_at = now, None
@@ -78,8 +83,6 @@ def _record(
                 row.finished_at = now
             row.state, row.worker = stage_state, worker or row.worker
             session.add(row)
-            for key, value in task.items():
-                setattr(status, key, value)
             session.commit()
 
     try:
@@ -96,12 +99,12 @@ def on_stage_start(sender: Any = None, args: Any = None, **_: Any) -> None:
     build = _build_of(sender, args)
     if build is None:
         return
-    _, stage, _ = build
+    task_id, stage, attempt = build
     if stage is Stage.CLONE:
         return  # a clone starts by claiming a slot on the node (StageTask.before_start)
     hostname = sender.request.hostname
-    values: dict[str, Any] = {"state": TaskState.RUNNING, "stage": stage, "worker": hostname}
-    _record(build, StageState.RUNNING, hostname, values)
+    _record(build, StageState.RUNNING, hostname,
+            lambda s: lifecycle.start_stage(s, task_id, attempt, stage, hostname))  # fmt: skip
 
 
 @signals.task_success.connect
@@ -109,15 +112,16 @@ def on_stage_success(sender: Any = None, result: Any = None, **_: Any) -> None:
     build = _build_of(sender, [result])
     if build is None:
         return
-    _, stage, _ = build
+    task_id, stage, attempt = build
     skipped = isinstance(result, dict) and result.get("skipped") == stage.value
-    values: dict[str, Any] = {}
-    if stage is Stage.PUBLISH:
-        values = {"state": TaskState.SUCCESS, "finished_at": utcnow(), "exit_code": 0}
+    transition = None
+    if stage is Stage.PUBLISH:  # the last stage: the build succeeded
+        image = {}
         if isinstance(result, dict) and result.get("image"):
-            values.update(image=result["image"], image_digest=result.get("image_digest"))
+            image = {"image": result["image"], "image_digest": result.get("image_digest")}
+        transition = lambda s: lifecycle.succeed(s, task_id, attempt, **image)  # noqa: E731
     state = StageState.SKIPPED if skipped else StageState.SUCCESS
-    _record(build, state, sender.request.hostname, values)
+    _record(build, state, sender.request.hostname, transition)
 
 
 @signals.task_failure.connect
@@ -127,16 +131,11 @@ def on_stage_failure(
     build = _build_of(sender, args)
     if build is None:
         return
-    _, stage, _ = build
-    values: dict[str, Any] = {
-        "state": TaskState.FAILED,
-        "stage": stage,
-        "finished_at": utcnow(),
-        "error": describe_error(exception)[:10000] if exception else "unknown error",
-    }
-    if isinstance(exception, BuildFailed):
-        values["exit_code"] = exception.exit_code
-    _record(build, StageState.FAILED, sender.request.hostname, values)
+    task_id, stage, attempt = build
+    error = describe_error(exception)[:10000] if exception else "unknown error"
+    code = exception.exit_code if isinstance(exception, BuildFailed) else None
+    _record(build, StageState.FAILED, sender.request.hostname,
+            lambda s: lifecycle.fail(s, task_id, attempt, stage, error, code))  # fmt: skip
 
 
 # --- worker processes ---------------------------------------------------------

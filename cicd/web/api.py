@@ -10,10 +10,10 @@ from collections.abc import Iterator
 from typing import Any
 
 from flask import Blueprint, Response, current_app, g, jsonify, request, url_for
-from sqlalchemy import select, update
+from sqlalchemy import select
 from sqlalchemy.orm import contains_eager
 
-from cicd import db, secrets
+from cicd import db, lifecycle, secrets
 from cicd.broker import BrokerUnavailable, revoke_build, send_publish, send_task
 from cicd.errors import ConfigError
 from cicd.models import (
@@ -274,11 +274,9 @@ def cancel_task(task_id: int) -> Response:
         )
         if status is None:
             return _error(404, f"no task {task_id}")
-        if status.state.finished:
-            return _error(409, f"task {task_id} is already {status.state.value}")
         was_waiting = status.state is TaskState.WAITING
-        status.state, status.finished_at = TaskState.CANCELED, utcnow()
-        status.error = "canceled"
+        if not lifecycle.cancel(session, task_id):
+            return _error(409, f"task {task_id} is already {status.state.value}")
         approval = session.get(TaskApproval, task_id) if was_waiting else None
         session.commit()
     revoke_build(task_id)
@@ -297,18 +295,20 @@ def retry_task(task_id: int) -> Response:
         task = session.get(TaskDetail, task_id)
         if task is None:
             return _error(404, f"no task {task_id}")
-        copy = TaskDetail(
-            **{column: getattr(task, column) for column in RETRY_COPIES},
-            retry_of=task.id,
+        copy = lifecycle.accept(
+            TaskDetail(
+                **{column: getattr(task, column) for column in RETRY_COPIES}, retry_of=task.id
+            )
         )
-        copy.status = TaskStatus(state=TaskState.QUEUED, queued_at=utcnow())
         session.add(copy)
         session.commit()
         new_id = copy.id
     try:
         send_task(new_id)
     except BrokerUnavailable:
-        return _error(503, f"broker unavailable; task {new_id} was recorded as failed")
+        return _error(
+            503, f"broker unavailable; task {new_id} is recorded and sent once it is back"
+        )
     response = get_task(new_id)
     response.status_code = 202
     return response
@@ -339,10 +339,9 @@ def _decide(task_id: int, decision: ApprovalDecision) -> Response:
             return _error(409, f"task {task_id} is {status.state.value}, not waiting for approval")
         approval.decision, approval.decided_by, approval.decided_at = decision, who, utcnow()
         if decision is ApprovalDecision.APPROVED:
-            status.state = TaskState.QUEUED
+            lifecycle.approve(session, task_id)
         else:
-            status.state, status.finished_at = TaskState.CANCELED, utcnow()
-            status.error = f"rejected by {who}"
+            lifecycle.reject(session, task_id, who)
         node, ctx = approval.node, json.loads(approval.context)
         session.commit()
     try:
@@ -359,9 +358,7 @@ def _undo_approval(task_id: int) -> None:
     with db.session() as session:
         approval = session.get(TaskApproval, task_id)
         approval.decision = approval.decided_by = approval.decided_at = None
-        session.execute(
-            update(TaskStatus).where(TaskStatus.task_id == task_id).values(state=TaskState.WAITING)
-        )
+        lifecycle.unapprove(session, task_id)
         session.commit()
 
 

@@ -12,15 +12,15 @@ from __future__ import annotations
 import logging
 
 from flask import Blueprint, Response, current_app, jsonify, request
-from sqlalchemy import select, update
+from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session
 
-from cicd import db
+from cicd import db, lifecycle
 from cicd.broker import BrokerUnavailable, revoke_build, send_task
 from cicd.errors import PayloadError
 from cicd.forges import Ignored, PushEvent, gitlab
-from cicd.models import RefType, TaskDetail, TaskState, TaskStatus, utcnow
+from cicd.models import RefType, TaskDetail, TaskStatus
 from cicd.web.api import external_url
 
 __all__ = ["bp"]
@@ -53,8 +53,9 @@ def gitlab_webhook() -> tuple[Response, int]:
 
 def _record_and_enqueue(event: PushEvent) -> tuple[Response, int]:
     with db.session() as session:
-        task = TaskDetail(**{**event.to_dict(), "ref_type": RefType(event.ref_type)})
-        task.status = TaskStatus(state=TaskState.QUEUED, queued_at=utcnow())
+        task = lifecycle.accept(
+            TaskDetail(**{**event.to_dict(), "ref_type": RefType(event.ref_type)})
+        )
         session.add(task)
         try:
             session.commit()
@@ -77,21 +78,18 @@ def _cancel_superseded(event: PushEvent, newest: int) -> None:
             TaskDetail.ref_name == event.ref_name,
             TaskDetail.id < newest,
         )
-        unfinished = (TaskState.QUEUED, TaskState.RUNNING, TaskState.WAITING)
-        ids = session.scalars(
+        unfinished = session.scalars(
             select(TaskStatus.task_id).where(
-                TaskStatus.task_id.in_(older), TaskStatus.state.in_(unfinished)
+                TaskStatus.task_id.in_(older), TaskStatus.state.in_(lifecycle.UNFINISHED)
             )
         ).all()
-        if not ids:
-            return
-        session.execute(
-            update(TaskStatus)
-            .where(TaskStatus.task_id.in_(ids), TaskStatus.state.in_(unfinished))
-            .values(state=TaskState.CANCELED, finished_at=utcnow(), error=f"superseded by {newest}")
-        )
+        canceled = [
+            task_id
+            for task_id in unfinished
+            if lifecycle.cancel(session, task_id, f"superseded by {newest}")
+        ]
         session.commit()
-    for task_id in ids:
+    for task_id in canceled:
         revoke_build(task_id)
 
 
@@ -104,16 +102,8 @@ def _redelivery(session: Session, event: PushEvent, error: IntegrityError) -> tu
     )
     if task is None:  # the unique key is not what failed
         raise error
-    # Claim the resend atomically: of two concurrent redeliveries only one sends.
-    claimed = session.execute(
-        update(TaskStatus)
-        .where(
-            TaskStatus.task_id == task.id,
-            TaskStatus.state == TaskState.FAILED,
-            TaskStatus.enqueued_at.is_(None),
-        )
-        .values(state=TaskState.QUEUED, error=None, finished_at=None, updated_at=utcnow())
-    ).rowcount
+    # Claim the resend: of two concurrent redeliveries (or one and the reconciler) one sends.
+    claimed = lifecycle.claim_unsent(session, task.id)
     session.commit()
     if claimed:
         return _enqueue(task.id, status=202, session=session)
@@ -122,7 +112,7 @@ def _redelivery(session: Session, event: PushEvent, error: IntegrityError) -> tu
 
 def _enqueue(task_id: int, status: int, session: Session | None = None) -> tuple[Response, int]:
     try:
-        send_task(task_id, session)
+        send_task(task_id, session=session)
     except BrokerUnavailable as error:
         log.error("webhook: %s", error)
         return _answer(503, task_id=task_id, error="broker unavailable; redeliver later")

@@ -12,15 +12,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import update
-
-from cicd import db
+from cicd import db, lifecycle
 from cicd.broker import STAGE_TASKS, app
 from cicd.ciyaml import BuildSpec, Pipeline, load_pipeline
 from cicd.config import Settings, load_settings
 from cicd.errors import BuildCanceled, BuildFailed
 from cicd.languages import LANGUAGES
-from cicd.models import Stage, TaskApproval, TaskState, TaskStatus
+from cicd.models import Stage, TaskApproval
 from cicd.secrets import secret_values
 from workers.executors import Executor, Step, get_executor
 from workers.logs import LogWriter
@@ -116,9 +114,5 @@ def request_approval(task_id: int, node: str, ctx: dict[str, Any]) -> None:
     """Record what publish resumes with, and put the task in ``waiting``."""
     with db.session() as session:
         session.merge(TaskApproval(task_id=task_id, node=node, context=json.dumps(ctx)))
-        session.execute(
-            update(TaskStatus)
-            .where(TaskStatus.task_id == task_id, TaskStatus.state == TaskState.RUNNING)
-            .values(state=TaskState.WAITING)
-        )
+        lifecycle.wait(session, task_id)
         session.commit()

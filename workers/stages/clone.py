@@ -16,15 +16,15 @@ from typing import Any
 
 from celery.exceptions import Ignore
 from celery.utils.nodenames import worker_direct
-from sqlalchemy import delete, update
+from sqlalchemy import delete
 
-from cicd import db
+from cicd import db, lifecycle
 from cicd.broker import STAGE_TASKS, app, language_queue
 from cicd.ciyaml import load_pipeline
 from cicd.config import load_settings
 from cicd.errors import PipelineError, StageError
 from cicd.languages import LANGUAGES
-from cicd.models import Stage, TaskDetail, TaskStage, TaskState, TaskStatus
+from cicd.models import Stage, TaskDetail, TaskStage
 from workers.logs import LogWriter
 from workers.stages import StageTask, masker
 from workers.workspace import checkout_dir, create_workspace, remove_workspace
@@ -63,14 +63,15 @@ def clone(self: StageTask, ctx: dict[str, Any]) -> dict[str, Any]:
         if language and not received.get("handed_on"):
             queue = language_queue(language)
             log.line(f"This agent does not build {language}; handing the build to one that does")
+            remove_workspace(workspace)
+            # Queued again before the message goes: the next agent claims a queued build.
+            _back_to_queued(task_id, int(received.get("attempt", 1)))
             self.apply_async(
                 args=({**received, "handed_on": language},),
                 queue=queue,
                 task_id=self.request.id,
                 chain=self.request.chain,
             )
-            remove_workspace(workspace)
-            _back_to_queued(task_id)
             raise Ignore()
 
     # The checkout is on this host's disk: send build and publish to this
@@ -94,15 +95,11 @@ def _language_to_hand_on(checkout: Path) -> str | None:
     return language if language in LANGUAGES and language not in served else None
 
 
-def _back_to_queued(task_id: int) -> None:
+def _back_to_queued(task_id: int, attempt: int) -> None:
     """The build waits for a capable agent: queued again, without the clone it did here."""
     with db.session() as session:
-        session.execute(
-            update(TaskStatus)
-            .where(TaskStatus.task_id == task_id, TaskStatus.state == TaskState.RUNNING)
-            .values(state=TaskState.QUEUED, stage=None, worker=None)
-        )
-        session.execute(delete(TaskStage).where(TaskStage.task_id == task_id))
+        if lifecycle.hand_back(session, task_id, attempt):
+            session.execute(delete(TaskStage).where(TaskStage.task_id == task_id))
         session.commit()
 
 
