@@ -32,6 +32,7 @@ import requests
 from bench.services import find_process, tree_cpu_seconds, tree_pss, tree_rss
 from bench.stack import RssSampler, Stack, epoch
 from bench.stats import latency_summary, percentile, spread
+from cicd import processes
 
 __all__ = [
     "Plan",
@@ -44,9 +45,9 @@ __all__ = [
 ]
 
 LUA_SCRIPT = Path(__file__).resolve().parent / "webhook.lua"
-OPSCD_APP = "cicd.web:create_app()"
+OPSCD_APP = processes.WEB_APP
 BASELINE_APP = "bench.baseline_app:create_app()"
-OPSCD_WORKER = "workers.celery_app"
+OPSCD_WORKER = processes.WORKER_APP
 NOOP_WORKER = "bench.noop_app"
 MIB = 1024 * 1024
 

@@ -28,6 +28,8 @@ import pymysql
 import redis
 import requests
 
+from cicd import processes
+
 __all__ = [
     "ROOT",
     "MySQL",
@@ -260,21 +262,7 @@ class Process:
 def start_web(name: str, app: str, env: dict[str, str], log_dir: Path) -> tuple[Process, str]:
     """gunicorn with the Procfile's web options (2 gthread workers, 8 threads each)."""
     port = free_port()
-    args = [
-        sys.executable,
-        "-m",
-        "gunicorn",
-        "--no-control-socket",
-        "--bind",
-        f"127.0.0.1:{port}",
-        "--workers",
-        "2",
-        "--worker-class",
-        "gthread",
-        "--threads",
-        "8",
-        app,
-    ]
+    args = processes.with_python(processes.web(f"127.0.0.1:{port}", app=app))
     process = Process(name, args, env, log_dir)
     base = f"http://127.0.0.1:{port}"
 
@@ -297,21 +285,7 @@ def start_worker(
     name: str, app: str, env: dict[str, str], log_dir: Path, concurrency: int = 3
 ) -> Process:
     """``celery -A APP worker -n NAME@%h -c 3``, as the Procfile runs it (log level INFO)."""
-    args = [
-        sys.executable,
-        "-m",
-        "celery",
-        "-A",
-        app,
-        "worker",
-        "-n",
-        f"{name}@%h",
-        "--concurrency",
-        str(concurrency),
-        "--loglevel",
-        "INFO",
-        "-E",
-    ]
+    args = processes.with_python(processes.worker(name, concurrency, app=app))
     return Process(name, args, env, log_dir)
 
 

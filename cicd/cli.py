@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 import click
 
+from cicd import processes
 from cicd.config import load_settings
 from cicd.errors import ConfigError
 
@@ -54,9 +55,7 @@ def web(bind: str, workers: int) -> None:
         settings.require_webhook_secret()
     except ConfigError as error:
         raise click.ClickException(str(error)) from None
-    args = ["gunicorn", "--no-control-socket", "--bind", bind, "--workers", str(workers),
-            "--worker-class", "gthread", "--threads", "8", "cicd.web:create_app()"]  # fmt: skip
-    os.execvp(sys.executable, [sys.executable, "-m", *args])
+    os.execv(sys.executable, processes.with_python(processes.web(bind, workers)))
 
 
 @main.command(context_settings={"ignore_unknown_options": True})
@@ -65,11 +64,8 @@ def web(bind: str, workers: int) -> None:
 def worker(name: str, celery_args: tuple[str, ...]) -> None:
     """Run a worker node (``celery worker``); extra arguments go to celery."""
     settings = _settings()
-    args = [
-        "celery", "-A", "workers.celery_app", "worker", "-n", f"{name}@%h",
-        "--concurrency", str(settings.worker_concurrency), "-E", *celery_args,
-    ]  # fmt: skip
-    os.execvp(sys.executable, [sys.executable, "-m", *args])
+    args = [*processes.worker(name, settings.worker_concurrency), *celery_args]
+    os.execv(sys.executable, processes.with_python(args))
 
 
 @main.command()
@@ -86,9 +82,7 @@ def flower(address: str, port: int) -> None:
     credentials = f"{settings.flower_user}:{settings.flower_password.get_secret_value()}"
     # Through the environment, not the command line, where `ps` would show it.
     env = {**os.environ, "FLOWER_BASIC_AUTH": credentials}
-    args = ["celery", "-A", "cicd.broker", "flower",
-            f"--address={address}", f"--port={port}"]  # fmt: skip
-    os.execvpe(sys.executable, [sys.executable, "-m", *args], env)
+    os.execve(sys.executable, processes.with_python(processes.flower(address, port)), env)
 
 
 @main.command()

@@ -24,6 +24,8 @@ from pathlib import Path
 
 import click
 
+from cicd import processes
+
 __all__ = ["state_dir", "stored_secret", "up"]
 
 COLORS = itertools.cycle(["cyan", "magenta", "green", "yellow", "blue"])
@@ -149,13 +151,10 @@ def up(host: str, port: int, flower_port: int) -> int:
     db.create_schema()
     credentials = f"{settings.flower_user}:{settings.flower_password.get_secret_value()}"
     children += [
-        Child("web", [python, "-m", "gunicorn", "--no-control-socket", "--bind", f"{host}:{port}",
-                      "--workers", "2", "--worker-class", "gthread", "--threads", "8",
-                      "cicd.web:create_app()"], env),
-        Child("worker", [python, "-m", "celery", "-A", "workers.celery_app", "worker", "-n",
-                         "local@%h", "-E", "--concurrency", str(settings.worker_concurrency)], env),
-        Child("flower", [python, "-m", "celery", "-A", "cicd.broker", "flower",
-                         f"--address={host}", f"--port={flower_port}"],
+        Child("web", processes.with_python(processes.web(f"{host}:{port}"), python), env),
+        Child("worker", processes.with_python(
+            processes.worker("local", settings.worker_concurrency), python), env),
+        Child("flower", processes.with_python(processes.flower(host, flower_port), python),
               {**env, "FLOWER_BASIC_AUTH": credentials}),
     ]  # fmt: skip
     width = max(len(child.name) for child in children)

@@ -36,6 +36,8 @@ from containers import (
 from gitserver import GitHttpServer, GitRepo
 from services import free_port, wait_until
 
+from cicd import processes
+
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 MYSQL_HOST = os.environ.get("OPSCD_TEST_MYSQL_HOST", "127.0.0.1")
@@ -175,16 +177,14 @@ class Process:
 @pytest.fixture(scope="session")
 def start_web(opscd_env: dict[str, str], tmp_path_factory) -> Iterator:
     """Factory: a gunicorn serving ``cicd.web:create_app()``; returns its base URL."""
-    processes: list[Process] = []
+    started: list[Process] = []
     log_dir = tmp_path_factory.mktemp("web-logs")
 
     def start(**overrides: str) -> str:
         port = free_port()
-        args = [sys.executable, "-m", "gunicorn", "--no-control-socket",
-                "--bind", f"127.0.0.1:{port}", "--workers", "2", "--worker-class", "gthread",
-                "--threads", "8", "cicd.web:create_app()"]  # fmt: skip
+        args = processes.with_python(processes.web(f"127.0.0.1:{port}"))
         process = Process(f"web-{port}", args, {**opscd_env, **overrides}, log_dir)
-        processes.append(process)
+        started.append(process)
         base = f"http://127.0.0.1:{port}"
 
         def up() -> bool:
@@ -199,7 +199,7 @@ def start_web(opscd_env: dict[str, str], tmp_path_factory) -> Iterator:
         return base
 
     yield start
-    for process in processes:
+    for process in started:
         process.stop()
 
 
@@ -227,8 +227,7 @@ def procfile_worker(name: str, env: dict[str, str], log_dir: Path, **settings: s
 
 
 def worker_args(name: str, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "celery", "-A", "workers.celery_app", "worker",
-            "-n", f"{name}@t{SESSION}", "--loglevel", "INFO", "-E", *extra]  # fmt: skip
+    return [*processes.with_python(processes.worker(f"{name}@t{SESSION}")), *extra]
 
 
 def wait_ready(node: Process, timeout: float = 60) -> None:
