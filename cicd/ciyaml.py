@@ -7,23 +7,20 @@ mistake into one :class:`~cicd.errors.PipelineError` whose message names the
 file, the line and the field and says how to fix it: that message is what the
 pusher reads in the build log.
 
-The YAML is read with PyYAML's safe loader (no Python objects). It is composed
-into a node tree first, so that alias bombs are refused before anything is
-expanded, and so that a validation error's field path can be traced back to
-the line it came from.
+The YAML itself is read by :mod:`cicd.yamldoc` (safe loader, a node tree with
+line numbers); this module is the spec: the fields, their checks, and messages
+in the terms of the file.
 """
 
 from __future__ import annotations
 
 import difflib
 import fnmatch
-import json
 import os
 import re
 from pathlib import Path
 from typing import Annotated, Any
 
-import yaml
 from pydantic import (
     AfterValidator,
     BaseModel,
@@ -34,10 +31,12 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
+from yaml.nodes import Node
 
+from cicd import yamldoc
 from cicd.errors import PipelineError
 from cicd.languages import LANGUAGES
+from cicd.yamldoc import describe, quote
 
 __all__ = [
     "CI_FILENAME",
@@ -53,8 +52,6 @@ CI_FILENAME = "ci.yaml"
 #: A pipeline spec is a few lines; anything bigger is a mistake or an attack.
 MAX_CI_YAML_BYTES = 256 * 1024
 #: Nodes visited while following aliases; a real ci.yaml has a few dozen.
-_MAX_NODES = 10_000
-#: Validation problems listed in one message; past this, more lines only hide the first ones.
 _MAX_PROBLEMS = 10
 _MAX_TIMEOUT = 24 * 60 * 60
 
@@ -68,42 +65,12 @@ _NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _DURATION_RE = re.compile(r"(?:([0-9]{1,9})h)?(?:([0-9]{1,9})m)?(?:([0-9]{1,9})s)?")
 _CONTROL_RE = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 _SPACE_OR_CONTROL_RE = re.compile(r"[\s\x00-\x1f\x7f-\x9f]")
+#: Mappings whose values are environment text: ``3.10`` stays "3.10", ``010`` is not 8.
+_VERBATIM = (("build", "env"), ("publish", "build_args"))
 _BAD_TIMEOUT = 'must be a positive number of seconds or a duration such as "10m"'
-
-_TAG = "tag:yaml.org,2002:"
-_STR_TAG = _TAG + "str"
-_MERGE_TAG = _TAG + "merge"
-#: Implicit types a plain mapping key could resolve to; keys are names, so they stay strings
-#: (YAML 1.1 would read ``ON:`` as True and ``1:`` as an int).
-_NUMBER_TAGS = {_TAG + "int", _TAG + "float"}
-_KEY_TAGS = {_TAG + t for t in ("bool", "int", "float", "null", "timestamp")}
 
 
 # --- value checks shared by the models ------------------------------------------------------
-
-
-def _quote(text: str) -> str:
-    """Quote user text for a message: escapes control characters, shortens long values."""
-    if len(text) > 60:
-        text = text[:57] + "..."
-    return json.dumps(text, ensure_ascii=False)
-
-
-def _kind(value: object) -> str:
-    """Name a YAML value's type the way the person who wrote it thinks of it."""
-    if value is None:
-        return "null (nothing)"
-    if isinstance(value, bool):
-        return "true/false"
-    if isinstance(value, int | float):
-        return "a number"
-    if isinstance(value, str):
-        return "a string"
-    if isinstance(value, list | tuple):
-        return "a list"
-    if isinstance(value, dict):
-        return "a mapping"
-    return f"a {type(value).__name__}"
 
 
 def _one_line(value: str) -> str:
@@ -130,7 +97,7 @@ def _workdir(value: str) -> str:
     """The directory inside the container where the checkout is mounted and the script runs."""
     _one_line(value)
     if not value.startswith("/"):
-        raise ValueError(f'must be an absolute path such as "/workspace", not {_quote(value)}')
+        raise ValueError(f'must be an absolute path such as "/workspace", not {quote(value)}')
     if ".." in value.split("/"):
         raise ValueError('must not contain ".."')
     if not value.strip("/"):
@@ -161,7 +128,7 @@ def _command(value: object) -> object:
     if isinstance(value, dict):
         raise ValueError('must be a string, not a mapping: quote commands that contain ": "')
     if not isinstance(value, str):
-        raise ValueError(f"must be a string, not {_kind(value)}: put the command in quotes")
+        raise ValueError(f"must be a string, not {describe(value)}: put the command in quotes")
     if not value.strip():
         raise ValueError("is empty: remove it or write a command")
     if "\x00" in value:
@@ -173,7 +140,7 @@ def _env_name(name: str) -> str:
     """Names must be usable as shell variables, or the build could not read them."""
     if not _NAME_RE.fullmatch(name):
         raise ValueError(
-            f"{_quote(name)} is not a valid name: use letters, digits and _, "
+            f"{quote(name)} is not a valid name: use letters, digits and _, "
             "not starting with a digit"
         )
     return name
@@ -191,7 +158,7 @@ def _env_value(value: object) -> str:
         return value
     if value is None:
         raise ValueError('has no value: write "" for an empty string')
-    raise ValueError(f"must be a string, number or true/false, not {_kind(value)}")
+    raise ValueError(f"must be a string, number or true/false, not {describe(value)}")
 
 
 _Text = Annotated[str, AfterValidator(_one_line)]
@@ -270,14 +237,14 @@ class BuildSpec(_Spec):
     def _one_or_many(cls, value: object) -> object:
         """``script: make`` is the common case, so a single string is a one-command list."""
         if value is None:
-            raise ValueError(f"must be a command or a list of commands, not {_kind(value)}")
+            raise ValueError(f"must be a command or a list of commands, not {describe(value)}")
         if isinstance(value, str):
             return [value]
         if isinstance(value, list | tuple):
             if not value:
                 raise ValueError("needs at least one command")
             return value
-        raise ValueError(f"must be a command or a list of commands, not {_kind(value)}")
+        raise ValueError(f"must be a command or a list of commands, not {describe(value)}")
 
     @field_validator("timeout", mode="before")
     @classmethod
@@ -305,7 +272,7 @@ class PublishSpec(_Spec):
             return value
         raise ValueError(
             f"must be true, false or a list of branch patterns such as [main, 'release/*'], "
-            f"not {_kind(value)}"
+            f"not {describe(value)}"
         )
 
     def needs_approval(self, ref_name: str) -> bool:
@@ -333,7 +300,7 @@ class Pipeline(_Spec):
             return value
         raise ValueError(
             "must be true, false or a mapping (dockerfile, context, build_args), "
-            f"not {_kind(value)}"
+            f"not {describe(value)}"
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -364,36 +331,16 @@ def parse_pipeline(text: str | bytes, filename: str = CI_FILENAME) -> Pipeline:
             "move long scripts into a file in the repository and run that file"
         )
     if isinstance(text, bytes):
-        text = _decode(text, filename)
+        text = yamldoc.decode(text, filename)
 
-    loader: yaml.SafeLoader | None = None
-    try:
-        loader = yaml.SafeLoader(text)  # checks every character up front: may raise ReaderError
-        root = loader.get_single_node()
-        if root is None:
-            raise PipelineError(f"{filename} is empty: {_top_level_hint('')}")
-        _check_tree(root, filename)
-        _keep_env_verbatim(root)
-        data = loader.construct_document(root)
-    except yaml.MarkedYAMLError as exc:
-        raise PipelineError(_yaml_error_message(exc, filename)) from exc
-    except yaml.reader.ReaderError as exc:
-        line, column = _line_column(text, exc.position)
-        raise PipelineError(
-            f"{filename} line {line}, column {column}: character U+{exc.character:04X} "
-            "is not allowed in YAML: remove it"
-        ) from exc
-    except yaml.YAMLError as exc:
-        raise PipelineError(f"{filename}: YAML error: {exc}") from exc
-    except RecursionError:
-        raise PipelineError(f"{filename}: the YAML is nested too deeply") from None
-    finally:
-        if loader is not None:
-            loader.dispose()
-
+    composed = yamldoc.compose(text, filename, verbatim=_VERBATIM)
+    if composed is None:
+        raise PipelineError(f"{filename} is empty: {_top_level_hint('')}")
+    root, data = composed
     if not isinstance(data, dict):
         raise PipelineError(
-            f"{filename} line {root.start_mark.line + 1}: {_top_level_hint(f', not {_kind(data)}')}"
+            f"{filename} line {root.start_mark.line + 1}: "
+            + _top_level_hint(f", not {describe(data)}")
         )
     try:
         return Pipeline.model_validate(data)
@@ -442,156 +389,13 @@ def _top_level_hint(found: str) -> str:
     return f"the top level must be a mapping with a build section{found}; for example:\n{_EXAMPLE}"
 
 
-def _decode(raw: bytes, filename: str) -> str:
-    """ci.yaml is UTF-8; say where it is not, since editors rarely show the bad byte."""
-    try:
-        return raw.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        line = raw.count(b"\n", 0, exc.start) + 1
-        raise PipelineError(
-            f"{filename} line {line}: the file is not valid UTF-8 "
-            f"(byte 0x{raw[exc.start]:02x}): save it as UTF-8"
-        ) from exc
-
-
-def _line_column(text: str, position: int) -> tuple[int, int]:
-    return text.count("\n", 0, position) + 1, position - (text.rfind("\n", 0, position) + 1) + 1
-
-
-def _yaml_error_message(exc: yaml.MarkedYAMLError, filename: str) -> str:
-    mark = exc.problem_mark or exc.context_mark
-    where = (
-        filename if mark is None else f"{filename} line {mark.line + 1}, column {mark.column + 1}"
-    )
-    label = (
-        "YAML error" if isinstance(exc, yaml.constructor.ConstructorError) else "YAML syntax error"
-    )
-    problem = exc.problem or exc.context or "invalid YAML"
-    if exc.context and problem.startswith("but "):  # "but found another document" needs its start
-        problem = f"{exc.context}, {problem}"
-    if "'\\t'" in problem:
-        problem += " (indent with spaces, not tabs)"
-    return f"{where}: {label}: {problem}"
-
-
-def _check_tree(root: Node, filename: str) -> None:
-    """Walk the composed tree as the constructor would, aliases included, before building data.
-
-    Refuses documents that expand past :data:`_MAX_NODES` ("billion laughs"), aliases that
-    contain themselves, and duplicate keys (YAML would silently keep the last one). Plain
-    scalar keys are read as strings and plain timestamps as text: no field wants a date.
-    """
-    count = 0
-    open_nodes: set[int] = set()  # the collections on the path from the root: a cycle check
-    stack: list[tuple[Node, bool]] = [(root, False)]
-    while stack:
-        node, leaving = stack.pop()
-        if leaving:
-            open_nodes.discard(id(node))
-            continue
-        if id(node) in open_nodes:
-            raise PipelineError(
-                f"{filename} line {node.start_mark.line + 1}: this anchored mapping or list "
-                "contains an alias to itself: remove the loop"
-            )
-        count += 1
-        if count > _MAX_NODES:
-            raise PipelineError(
-                f"{filename}: the YAML expands to more than {_MAX_NODES} values "
-                "through anchors and aliases: simplify it"
-            )
-        if isinstance(node, ScalarNode):
-            if node.tag == _TAG + "timestamp" and node.style is None:
-                node.tag = _STR_TAG
-            continue
-        open_nodes.add(id(node))
-        stack.append((node, True))
-        if isinstance(node, MappingNode):
-            _check_keys(node, filename)
-            children = [child for pair in node.value for child in pair]
-        else:
-            children = list(node.value)
-        stack.extend((child, False) for child in reversed(children))
-
-
-def _check_keys(node: MappingNode, filename: str) -> None:
-    seen: dict[str, int] = {}
-    for key, _ in node.value:
-        if not isinstance(key, ScalarNode) or key.tag == _MERGE_TAG:
-            continue
-        if key.style is None and key.tag in _KEY_TAGS:
-            key.tag = _STR_TAG
-        line = key.start_mark.line + 1
-        if key.tag == _STR_TAG and key.value in seen:
-            raise PipelineError(
-                f"{filename} line {line}: duplicate key {_quote(key.value)}, "
-                f"already set on line {seen[key.value]}: remove one of them"
-            )
-        seen[key.value] = line
-
-
-def _keep_env_verbatim(root: Node) -> None:
-    """Give env values the text as written: ``3.10`` stays "3.10", not 3.1; ``010`` is not 8."""
-    for path in (("build", "env"), ("publish", "build_args")):
-        node: Node | None = root
-        for name in path:
-            found = _find_key(node, name) if isinstance(node, MappingNode) else None
-            node = found[1] if found else None
-        if isinstance(node, MappingNode):
-            _plain_numbers_as_text(node)
-
-
-def _plain_numbers_as_text(node: MappingNode) -> None:
-    for key, value in node.value:
-        if key.tag == _MERGE_TAG:
-            merged = value.value if isinstance(value, SequenceNode) else [value]
-            for mapping in merged:
-                if isinstance(mapping, MappingNode):
-                    _plain_numbers_as_text(mapping)
-        elif isinstance(value, ScalarNode) and value.style is None and value.tag in _NUMBER_TAGS:
-            value.tag = _STR_TAG
-
-
-def _find_key(node: MappingNode, name: str) -> tuple[Node, Node] | None:
-    """The (key, value) nodes for ``name``, looking through ``<<`` merges as PyYAML does."""
-    for key, value in node.value:
-        if isinstance(key, ScalarNode) and key.tag == _STR_TAG and key.value == name:
-            return key, value
-    for key, value in node.value:
-        if key.tag == _MERGE_TAG:
-            merged = value.value if isinstance(value, SequenceNode) else [value]
-            for mapping in merged:
-                found = _find_key(mapping, name) if isinstance(mapping, MappingNode) else None
-                if found:
-                    return found
-    return None
-
-
-def _line_of(root: Node, loc: tuple[int | str, ...]) -> int | None:
-    """The line of the deepest key or list item of ``loc`` present in the file, if any."""
-    node, line = root, None
-    for part in loc:
-        if isinstance(node, MappingNode) and isinstance(part, str):
-            found = _find_key(node, part)
-            if found is None:
-                break
-            key, node = found
-            line = key.start_mark.line + 1
-        elif isinstance(node, SequenceNode) and isinstance(part, int) and part < len(node.value):
-            node = node.value[part]
-            line = node.start_mark.line + 1
-        else:
-            break
-    return line
-
-
 def _validation_message(exc: ValidationError, root: Node, filename: str) -> str:
     """One line per problem, in file order, so they can be fixed top to bottom in one push."""
     problems: list[tuple[int, str]] = []
     for error in exc.errors(include_url=False):
         loc = tuple(error["loc"])
         path_loc = loc[:-2] if loc[-1:] == ("[key]",) else loc  # the name is in the message
-        line = _line_of(root, loc)
+        line = yamldoc.line_of(root, loc)
         where = filename if line is None else f"{filename} line {line}"
         path = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in path_loc).lstrip(".")
         text = _problem_text(error, loc)
@@ -620,9 +424,9 @@ def _problem_text(error: Any, loc: tuple[int | str, ...]) -> str:
         return f"unknown field{guess}; allowed fields: {', '.join(allowed)}"
     if kind in ("model_type", "model_attributes_type") and loc in _MODELS:
         fields = ", ".join(_MODELS[loc].model_fields)
-        return f"must be a mapping with the fields {fields}, not {_kind(error['input'])}"
+        return f"must be a mapping with the fields {fields}, not {describe(error['input'])}"
     if kind == "dict_type":
-        return f"must be a mapping such as NAME: value, not {_kind(error['input'])}"
+        return f"must be a mapping such as NAME: value, not {describe(error['input'])}"
     if kind == "string_type":
-        return f"must be a string, not {_kind(error['input'])}"
+        return f"must be a string, not {describe(error['input'])}"
     return str(error["msg"])
