@@ -16,6 +16,7 @@ from typing import Any
 import docker
 from docker.errors import APIError, DockerException
 
+from cicd.ciyaml import PublishSpec
 from cicd.config import Settings
 from cicd.errors import StageError
 from workers.executors.base import OutputSink
@@ -90,21 +91,21 @@ def _stream(items: Iterable[dict[str, Any]], operation: str, output: OutputSink)
 def build_image(
     client: docker.DockerClient,
     checkout: Path,
-    spec: dict[str, Any],
+    spec: PublishSpec,
     reference: str,
     labels: dict[str, str],
     settings: Settings,
     output: OutputSink,
 ) -> None:
     """Build ``reference`` from the repository's Dockerfile; the build stage's outputs are there."""
-    context = _inside(checkout, spec.get("context", "."), "publish.context")
-    dockerfile = _inside(checkout, spec.get("dockerfile", "Dockerfile"), "publish.dockerfile")
+    context = _inside(checkout, spec.context, "publish.context")
+    dockerfile = _inside(checkout, spec.dockerfile, "publish.dockerfile")
     if not context.is_dir():
-        raise StageError("image build", f"publish.context {spec.get('context')!r} is not a folder")
+        raise StageError("image build", f"publish.context {spec.context!r} is not a folder")
     if not dockerfile.is_file():
         raise StageError(
             "image build",
-            f"no {spec.get('dockerfile', 'Dockerfile')} in the repository",
+            f"no {spec.dockerfile} in the repository",
             "add one, or set publish.dockerfile in ci.yaml",
         )
     output(f"Building image {reference}\n".encode())
@@ -113,7 +114,7 @@ def build_image(
             path=str(context),
             dockerfile=str(dockerfile),
             tag=reference,
-            buildargs=dict(spec.get("build_args") or {}),
+            buildargs=dict(spec.build_args),
             labels=labels,
             network_mode=settings.docker_network,
             rm=True,

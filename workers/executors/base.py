@@ -57,6 +57,10 @@ class Executor(ABC):
     def run(self, step: Step, output: OutputSink) -> StepResult:
         """Run ``step`` to its end or its timeout, streaming its output to ``output``."""
 
+    def describe(self, step: Step) -> str:
+        """How ``step`` runs, for the build log: "the shell executor"."""
+        return f"the {self.name} executor"
+
 
 class Watchdog:
     """Tells a running step when to stop: at its deadline, or when it was canceled."""

@@ -53,6 +53,9 @@ class DockerExecutor(Executor):
         self.settings = settings or load_settings()
         self.node = node or "unknown"
 
+    def describe(self, step: Step) -> str:
+        return f"the docker executor in {step.image}"
+
     def run(self, step: Step, output: OutputSink) -> StepResult:
         if not step.image:
             raise StageError(

@@ -61,16 +61,15 @@ def run_build(
         name=f"{variables.get('CI_TASK_ID', 'local')}-build",
         commands=spec.commands,
         workspace=checkout,
-        workdir=spec.workdir if executor.name != "shell" else str(checkout),
+        workdir=spec.workdir,  # where a container sees the checkout; the shell runs in it
         environment={**spec.env, **secret_env, **variables},
         image=build_image(spec, settings),
         timeout=timeout,
         canceled=canceled,
     )
-    where = f" in {step.image}" if executor.name != "shell" else ""
     on = f" on {node}" if node else ""
     log.line(
-        f"Running {len(step.commands)} command(s) with the {executor.name} executor{where}{on}, "
+        f"Running {len(step.commands)} command(s) with {executor.describe(step)}{on}, "
         f"timeout {timeout}s"
     )
     result = executor.run(step, log.write)

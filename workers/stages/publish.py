@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from cicd.broker import STAGE_TASKS, app
+from cicd.ciyaml import PublishSpec
 from cicd.config import load_settings
 from cicd.errors import StageError
 from cicd.models import Stage
@@ -26,7 +27,7 @@ __all__ = ["publish", "run_publish"]
 
 
 def run_publish(
-    spec: dict[str, Any], checkout: Path, variables: dict[str, str], log: LogWriter
+    spec: PublishSpec, checkout: Path, variables: dict[str, str], log: LogWriter
 ) -> tuple[str, str | None]:
     """Build the image from the Dockerfile, push it; return its name and digest."""
     settings = load_settings()
@@ -64,12 +65,13 @@ def run_publish(
 @app.task(name=STAGE_TASKS["publish"], base=StageTask, bind=True, stage=Stage.PUBLISH)
 def publish(self: StageTask, ctx: dict[str, Any]) -> dict[str, Any]:
     """Publish the image, or record that none was asked for; the build ends here."""
-    spec = ctx.get("pipeline", {}).get("publish")
+    published = ctx.get("pipeline", {}).get("publish")
     with self.log_writer(ctx) as log:
-        if not spec:
+        if not published:
             log.line("Publish skipped: ci.yaml has no publish section")
             remove_workspace(ctx.get("workspace"))
             return {**ctx, "skipped": Stage.PUBLISH.value}
+        spec = PublishSpec.model_validate(published)  # the build stage's, through the broker
         reference, digest = run_publish(spec, Path(ctx["checkout"]), ctx["variables"], log)
     remove_workspace(ctx.get("workspace"))
     return {**ctx, "image": reference, "image_digest": digest}
