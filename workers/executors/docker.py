@@ -8,7 +8,6 @@ behind are removed when the node starts or stops (found by their labels).
 
 from __future__ import annotations
 
-import os
 import threading
 import uuid
 
@@ -19,31 +18,13 @@ from docker.models.containers import Container
 
 from cicd.config import Settings, load_settings
 from cicd.errors import StageError
+from workers.engine import API_TIMEOUT, docker_client
 from workers.executors.base import Executor, OutputSink, Step, StepResult, Watchdog
 from workers.executors.convert import LABEL_NODE, LABEL_TASK, container_options
 
-__all__ = ["DockerExecutor", "docker_client", "remove_node_containers"]
+__all__ = ["DockerExecutor", "remove_node_containers"]
 
 TICK_SECONDS = 0.25
-#: Seconds to wait for an engine API call that should be quick (create, kill, remove).
-API_TIMEOUT = 120
-
-
-def docker_client(settings: Settings) -> docker.DockerClient:
-    """A client of this agent's engine, or a :class:`StageError` saying it cannot be reached."""
-    base_url = (
-        settings.docker_host or os.environ.get("DOCKER_HOST") or "unix:///var/run/docker.sock"
-    )
-    try:
-        client = docker.DockerClient(base_url=base_url, timeout=API_TIMEOUT)
-        client.ping()
-    except (DockerException, requests.RequestException) as error:
-        raise StageError(
-            "docker",
-            f"cannot reach the container engine at {base_url}: {error}",
-            "start Docker (or `podman system service`) on this agent, or set CICD_DOCKER_HOST",
-        ) from None
-    return client
 
 
 class DockerExecutor(Executor):

@@ -17,7 +17,7 @@ from cicd.ciyaml import PublishSpec
 from cicd.config import load_settings
 from cicd.errors import StageError
 from cicd.models import Stage
-from workers.executors.docker import docker_client
+from workers.engine import docker_client
 from workers.logs import LogWriter
 from workers.registry import build_image, image_reference, push_image, remove_image
 from workers.stages import StageTask
