@@ -50,6 +50,7 @@ __all__ = [
     "unapprove",
     "reject",
     "cancel",
+    "supersede",
     "hand_back",
     "requeue",
     "give_up",
@@ -188,6 +189,27 @@ def cancel(session: Session, task_id: int, reason: str = "canceled") -> bool:
     """Someone stopped the build, or a newer push superseded it."""
     return _move(session, task_id, UNFINISHED, state=TaskState.CANCELED, finished_at=utcnow(),
                  error=reason)  # fmt: skip
+
+
+def supersede(session: Session, task_ids: list[int], newest: int) -> int:
+    """``CICD_AUTO_CANCEL``: the unfinished of ``task_ids`` are canceled by build ``newest``.
+
+    One statement for all of them (row locks taken in one order, so a burst of
+    pushes to one branch does not deadlock); returns how many it canceled.
+    """
+    if not task_ids:
+        return 0
+    statement = (
+        update(TaskStatus)
+        .where(TaskStatus.task_id.in_(task_ids), TaskStatus.state.in_(UNFINISHED))
+        .values(
+            state=TaskState.CANCELED,
+            finished_at=utcnow(),
+            updated_at=utcnow(),
+            error=f"superseded by {newest}",
+        )
+    )
+    return session.execute(statement).rowcount
 
 
 # --- a run handed to another node -----------------------------------------------------------

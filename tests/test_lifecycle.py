@@ -229,3 +229,18 @@ def test_only_the_lifecycle_writes_a_build_state():
             ):
                 writers.append(f"{path.relative_to(root)}:{node.lineno}")
     assert writers == []
+
+
+def test_a_newer_push_supersedes_only_unfinished_builds(engine):
+    done, waiting, queued = new_task(engine), new_task(engine), new_task(engine)
+    assert run(engine, lifecycle.claim, done, 1, "a@host")
+    assert run(engine, lifecycle.succeed, done, 1)
+    assert run(engine, lifecycle.claim, waiting, 1, "a@host")
+    assert run(engine, lifecycle.wait, waiting)
+    with Session(engine) as session:
+        assert lifecycle.supersede(session, [done, waiting, queued], 99) == 2
+        session.commit()
+    assert [state(engine, t).state for t in (done, waiting, queued)] == [
+        TaskState.SUCCESS, TaskState.CANCELED, TaskState.CANCELED,
+    ]  # fmt: skip
+    assert state(engine, queued).error == "superseded by 99"

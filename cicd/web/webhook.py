@@ -70,26 +70,30 @@ def _record_and_enqueue(event: PushEvent) -> tuple[Response, int]:
 
 
 def _cancel_superseded(event: PushEvent, newest: int) -> None:
-    """``CICD_AUTO_CANCEL``: older unfinished builds of the same branch are canceled."""
-    with db.session() as session:
-        older = select(TaskDetail.id).where(
-            TaskDetail.project == event.project,
-            TaskDetail.ref_type == RefType.BRANCH,
-            TaskDetail.ref_name == event.ref_name,
-            TaskDetail.id < newest,
-        )
-        unfinished = session.scalars(
-            select(TaskStatus.task_id).where(
-                TaskStatus.task_id.in_(older), TaskStatus.state.in_(lifecycle.UNFINISHED)
-            )
-        ).all()
-        canceled = [
-            task_id
-            for task_id in unfinished
-            if lifecycle.cancel(session, task_id, f"superseded by {newest}")
-        ]
-        session.commit()
-    for task_id in canceled:
+    """``CICD_AUTO_CANCEL``: older unfinished builds of the same branch are canceled.
+
+    The new build is recorded and sent already: a failure here is logged, and
+    the older builds just run to their end.
+    """
+    older = select(TaskDetail.id).where(
+        TaskDetail.project == event.project,
+        TaskDetail.ref_type == RefType.BRANCH,
+        TaskDetail.ref_name == event.ref_name,
+        TaskDetail.id < newest,
+    )
+    try:
+        with db.session() as session:
+            unfinished = session.scalars(
+                select(TaskStatus.task_id)
+                .where(TaskStatus.task_id.in_(older), TaskStatus.state.in_(lifecycle.UNFINISHED))
+                .order_by(TaskStatus.task_id)
+            ).all()
+            lifecycle.supersede(session, list(unfinished), newest)
+            session.commit()
+    except OperationalError as error:
+        log.warning("webhook: older builds of %s not canceled: %s", event.ref_name, error.orig)
+        return
+    for task_id in unfinished:  # the stages of those that ended meanwhile are stale anyway
         revoke_build(task_id)
 
 
