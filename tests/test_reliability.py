@@ -284,3 +284,31 @@ def test_nodes_outlive_a_database_outage_longer_than_the_offline_bound(
         for node in nodes:
             node.stop()
         server.stop()
+
+
+def test_a_build_whose_next_stage_message_was_lost_runs_again(start_stack, git_server):
+    """Redis's pop and kombu's unacked entry are two commands: a message can vanish between."""
+    stack = start_stack("lost", CICD_AGENT_OFFLINE_AFTER="4", CICD_REAPER_INTERVAL="1")
+    repo = new_repo(git_server, "lost")
+    sha = repo.commit({"ci.yaml": "build:\n  script: echo found again\n"})
+    database = stack.env["CICD_DATABASE_URL"].rsplit("/", 1)[1].split("?")[0]
+    node = worker_args("lost")[worker_args("lost").index("-n") + 1]
+    # What the node holds after such a loss: the build running here, no message of it.
+    mysql_admin(
+        "INSERT INTO task_details (forge, project, clone_url, ref_type, ref_name, commit_sha,"
+        f" created_at) VALUES ('gitlab', '{repo.project_path}', '{repo.clone_url}', 'branch',"
+        f" 'main', '{sha}', NOW(6))",
+        database=database,
+    )
+    task_id = mysql_admin("SELECT MAX(id) FROM task_details", database=database)[0][0]
+    mysql_admin(
+        "INSERT INTO task_states (task_id, state, stage, worker, queued_at, enqueued_at,"
+        f" started_at, updated_at, attempt) VALUES ({task_id}, 'running', 'build', '{node}',"
+        " NOW(6), NOW(6), NOW(6), NOW(6), 1)",
+        database=database,
+    )
+    done = wait_for_task(stack.web, task_id, timeout=60)
+    log = task_log(stack.web, task_id)
+    assert done["state"] == "success", log
+    assert "lost its next stage" in log and "found again" in log
+    assert stack.worker.popen.poll() is None

@@ -23,11 +23,12 @@ import threading
 import time
 from dataclasses import dataclass
 
-from celery.worker.state import all_total_count
+from celery.worker.state import active_requests, all_total_count, reserved_requests
+from sqlalchemy import select
 
 from cicd import __version__, db
 from cicd.config import load_settings
-from cicd.models import AgentState, utcnow
+from cicd.models import AgentState, TaskState, TaskStatus, utcnow
 from workers import reaper
 from workers.capacity import builds_in_flight
 
@@ -96,6 +97,20 @@ def record_offline(current: Node) -> None:
         log.exception("%s: could not record going offline", current.hostname)
 
 
+def _held_builds() -> set[int] | None:
+    """Builds this node holds a stage message of (running or reserved), or None if unknown."""
+    try:
+        requests = [*active_requests, *reserved_requests]
+    except RuntimeError:  # changed while read by the main thread: ask again next time
+        return None
+    held = set()
+    for request in requests:
+        parts = str(getattr(request, "id", "")).split("-")
+        if len(parts) == 3 and parts[0] == "opscd" and parts[1].isdigit():
+            held.add(int(parts[1]))
+    return held
+
+
 class Heartbeat(threading.Thread):
     """The node's heartbeat thread: its row every :data:`INTERVAL` s, then the reaper."""
 
@@ -105,6 +120,52 @@ class Heartbeat(threading.Thread):
         self._stopped = threading.Event()
         #: Since when (monotonic) every heartbeat reached the database; None after a failure.
         self._healthy_since: float | None = None
+        #: Since when Celery's own heartbeats (broker connected) came without a gap.
+        self._broker_since: float | None = None
+        self._broker_last = 0.0
+        #: Builds running here by the database with no message on this node, since when.
+        self._missing: dict[int, float] = {}
+
+    def broker_seen(self) -> None:
+        """Celery sent a heartbeat: the node's broker connection is up (main thread)."""
+        now = time.monotonic()
+        if self._broker_since is None or now - self._broker_last > 3 * INTERVAL:
+            self._broker_since = now
+        self._broker_last = now
+
+    def rerun_lost_builds(self) -> list[int]:
+        """Builds ``running`` here that no stage message of this node carries any more.
+
+        Between two stages a build's next message is in the node's own queue; the
+        Redis transport can lose one that it popped as the connection broke (the
+        pop and the unacked entry are two commands). Such a build would stay
+        running, and hold a slot, forever: after ``CICD_AGENT_OFFLINE_AFTER``
+        without a message while the broker connection was up the whole time, it
+        runs again on any node (attempt + 1), as a dead node's build does.
+        """
+        held = _held_builds()
+        now = time.monotonic()
+        if held is None or self._broker_since is None or now - self._broker_last > 3 * INTERVAL:
+            self._missing.clear()  # the broker is away: messages cannot arrive
+            return []
+        with db.session() as session:
+            running = dict(
+                session.execute(
+                    select(TaskStatus.task_id, TaskStatus.attempt).where(
+                        TaskStatus.state == TaskState.RUNNING,
+                        TaskStatus.worker == self.node.hostname,
+                    )
+                ).all()
+            )
+        self._missing = {
+            task_id: self._missing.get(task_id, max(now, self._broker_since))
+            for task_id in running
+            if task_id not in held
+        }
+        bound = load_settings().agent_offline_after
+        lost = [task_id for task_id, since in self._missing.items() if now - since >= bound]
+        return [task_id for task_id in lost if reaper.rerun_lost_build(
+            task_id, self.node.hostname, running[task_id])]  # fmt: skip
 
     def beat(self) -> None:
         """One heartbeat; the reaper's sweep once the database answered long enough."""
@@ -116,6 +177,7 @@ class Heartbeat(threading.Thread):
             self._healthy_since = now
         if now - self._healthy_since >= load_settings().agent_offline_after:
             reaper.sweep()
+            self.rerun_lost_builds()
 
     def run(self) -> None:
         while not self._stopped.is_set():

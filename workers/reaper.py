@@ -94,6 +94,11 @@ def rerun_builds_of_restarted_node(node: str) -> list[int]:
     ]
 
 
+def rerun_lost_build(task_id: int, node: str, attempt: int) -> bool:
+    """A build running on a live ``node`` whose next stage message was lost: run it again."""
+    return _rerun(task_id, node, attempt, load_settings().max_attempts, "lost its next stage")
+
+
 def _rerun(
     task_id: int, node: str, attempt: int, max_attempts: int,
     what: str = "stopped responding",

@@ -196,6 +196,8 @@ def on_worker_ready(sender: Any = None, **_: Any) -> None:
 @signals.heartbeat_sent.connect
 def on_heartbeat(**_: Any) -> None:
     """Every 2 s while the broker is up: pause or resume the shared queues (capacity)."""
+    if _heartbeat is not None:
+        _heartbeat.broker_seen()
     capacity.node.rebalance()
 
 
