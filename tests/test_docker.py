@@ -68,7 +68,17 @@ def push(web: str, repo: GitRepo, files: dict[str, str], ref: str = "refs/heads/
 
 
 def build_containers(client: docker.DockerClient) -> list:
-    return client.containers.list(all=True, filters={"label": LABEL})
+    """OpsCD's build containers; one removed while it is listed does not count.
+
+    (podman answers the inspect of a container it just removed with a 500.)
+    """
+    found = []
+    for summary in client.api.containers(all=True, filters={"label": LABEL}):
+        try:
+            found.append(client.containers.get(summary["Id"]))
+        except docker.errors.APIError:  # NotFound included
+            continue
+    return found
 
 
 def test_maven_project_is_built_in_a_container_and_its_image_pushed(
