@@ -158,23 +158,37 @@ def test_mariadb_restart_answers_503_and_keeps_every_state_and_log_line(
         server.stop()
 
 
-@pytest.mark.usefixtures("workers")
-def test_recorded_but_never_sent_build_is_sent_by_the_reconciler(web, database_url, repo):
-    sha = repo.commit({"ci.yaml": "build:\n  script: echo reconciled\n"})
+def insert_task(database_url: str, repo: GitRepo, sha: str, created: str, **state: str) -> int:
+    """Task rows written straight into the database, as a fault leaves them; the task's id.
+
+    ``state``: task_states columns; values are SQL (``NOW(6)``) except the
+    quoted names ``state``, ``stage`` and ``worker``.
+    """
     database = database_url.rsplit("/", 1)[1].split("?")[0]
-    # What a web process that crashed between its commit and its send leaves behind.
     mysql_admin(
         "INSERT INTO task_details (forge, project, clone_url, ref_type, ref_name, commit_sha,"
         f" created_at) VALUES ('gitlab', '{repo.project_path}', '{repo.clone_url}', 'branch',"
-        f" 'main', '{sha}', NOW(6) - INTERVAL 5 MINUTE)",
+        f" 'main', '{sha}', {created})",
         database=database,
     )
     task_id = mysql_admin("SELECT MAX(id) FROM task_details", database=database)[0][0]
+    columns = {"queued_at": "NOW(6)", "updated_at": "NOW(6)", "attempt": "1"}
+    for name, value in state.items():
+        columns[name] = f"'{value}'" if name in ("state", "stage", "worker") else value
     mysql_admin(
-        "INSERT INTO task_states (task_id, state, queued_at, updated_at, attempt) VALUES"
-        f" ({task_id}, 'queued', NOW(6) - INTERVAL 5 MINUTE, NOW(6), 1)",
+        f"INSERT INTO task_states (task_id, {', '.join(columns)}) VALUES"
+        f" ({task_id}, {', '.join(columns.values())})",
         database=database,
     )
+    return task_id
+
+
+@pytest.mark.usefixtures("workers")
+def test_recorded_but_never_sent_build_is_sent_by_the_reconciler(web, database_url, repo):
+    sha = repo.commit({"ci.yaml": "build:\n  script: echo reconciled\n"})
+    # What a web process that crashed between its commit and its send leaves behind.
+    ago = "NOW(6) - INTERVAL 5 MINUTE"
+    task_id = insert_task(database_url, repo, sha, ago, state="queued", queued_at=ago)
     done = wait_for_task(web, task_id, timeout=60)  # a worker's sweep every 10 s
     assert done["state"] == "success" and done["enqueued_at"]
     assert "reconciled" in task_log(web, task_id)
@@ -291,22 +305,11 @@ def test_a_build_whose_next_stage_message_was_lost_runs_again(start_stack, git_s
     stack = start_stack("lost", CICD_AGENT_OFFLINE_AFTER="4", CICD_REAPER_INTERVAL="1")
     repo = new_repo(git_server, "lost")
     sha = repo.commit({"ci.yaml": "build:\n  script: echo found again\n"})
-    database = stack.env["CICD_DATABASE_URL"].rsplit("/", 1)[1].split("?")[0]
     node = worker_args("lost")[worker_args("lost").index("-n") + 1]
     # What the node holds after such a loss: the build running here, no message of it.
-    mysql_admin(
-        "INSERT INTO task_details (forge, project, clone_url, ref_type, ref_name, commit_sha,"
-        f" created_at) VALUES ('gitlab', '{repo.project_path}', '{repo.clone_url}', 'branch',"
-        f" 'main', '{sha}', NOW(6))",
-        database=database,
-    )
-    task_id = mysql_admin("SELECT MAX(id) FROM task_details", database=database)[0][0]
-    mysql_admin(
-        "INSERT INTO task_states (task_id, state, stage, worker, queued_at, enqueued_at,"
-        f" started_at, updated_at, attempt) VALUES ({task_id}, 'running', 'build', '{node}',"
-        " NOW(6), NOW(6), NOW(6), NOW(6), 1)",
-        database=database,
-    )
+    task_id = insert_task(stack.env["CICD_DATABASE_URL"], repo, sha, "NOW(6)", state="running",
+                          stage="build", worker=node, enqueued_at="NOW(6)",
+                          started_at="NOW(6)")  # fmt: skip
     done = wait_for_task(stack.web, task_id, timeout=60)
     log = task_log(stack.web, task_id)
     assert done["state"] == "success", log
