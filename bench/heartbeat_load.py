@@ -46,7 +46,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=8)
     args = parser.parse_args()
 
+    from cicd import db
+    from cicd.config import load_settings
     from workers.heartbeats import Node, record_heartbeat
+
+    db.configure(load_settings())  # as a worker node does at its start
 
     errors = _ErrorCounter()
     logging.getLogger("workers.heartbeats").addHandler(errors)

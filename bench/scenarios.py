@@ -440,7 +440,7 @@ def _chain_batch(
 def pipelines(stack: Stack, plan: Plan, memory: dict[str, Any]) -> dict[str, Any]:
     from cicd.web import create_app
 
-    client = create_app().test_client()
+    client = create_app(stack.settings).test_client()
     body = stack.payload("main")
     work_dir = stack.tmp / "work"
     work_dir.mkdir(exist_ok=True)

@@ -32,6 +32,7 @@ from cicd.lifecycle import BROKER_DOWN
 
 __all__ = [
     "app",
+    "configure",
     "BUILD_QUEUE",
     "STAGE_TASKS",
     "FAST_FAIL_RETRY_POLICY",
@@ -133,7 +134,18 @@ def celery_options(settings: Settings) -> dict[str, Any]:
 TRANSPORT_ALIASES["redis"] = TRANSPORT_ALIASES["rediss"] = "cicd.redis_transport:Transport"
 
 app = Celery("opscd")
-app.add_defaults(lambda: celery_options(load_settings()))
+_configured: Settings | None = None
+# OpsCD's own processes call configure(); Flower (``-A cicd.broker``) has nothing
+# to configure the app with, so an app never configured reads the environment.
+app.add_defaults(lambda: celery_options(_configured or load_settings()))
+
+
+def configure(settings: Settings) -> None:
+    """Point the app at ``settings``' broker, before the first message is sent."""
+    global _configured
+    _configured = settings
+    if app.configured:
+        app.conf.update(celery_options(settings))
 
 
 class BrokerUnavailable(OpsCDError):

@@ -37,7 +37,7 @@ def init_db() -> None:
     from cicd import db
 
     try:
-        _settings().require("database_url")
+        db.configure(_settings())
         db.create_schema()
     except ConfigError as error:
         raise click.ClickException(str(error)) from None
@@ -116,10 +116,8 @@ def run(path: Path, executor: str | None, publish: bool) -> None:
 
 api_url_option = click.option(
     "--url",
-    envvar="CICD_API_URL",
-    default="http://127.0.0.1:8000",
-    show_default=True,
-    help="Base URL of the OpsCD web process (or CICD_API_URL).",
+    callback=lambda _ctx, _param, url: url or _settings().api_url,
+    help="Base URL of the OpsCD web process  [default: CICD_API_URL, else http://127.0.0.1:8000]",
 )
 
 
@@ -127,12 +125,13 @@ def _http() -> requests.Session:
     """A client that logs in to the API like the web pages do, when a login is configured."""
     import requests
 
+    settings = _settings()
     session = requests.Session()
     session.headers["X-Requested-With"] = "cicd"
-    if token := os.environ.get("CICD_API_TOKEN"):
-        session.headers["Authorization"] = f"Bearer {token}"
-    elif password := os.environ.get("CICD_UI_PASSWORD"):
-        session.auth = (os.environ.get("CICD_UI_USER", "admin"), password)
+    if settings.api_token and settings.api_token.get_secret_value():
+        session.headers["Authorization"] = f"Bearer {settings.api_token.get_secret_value()}"
+    elif settings.ui_password and settings.ui_password.get_secret_value():
+        session.auth = (settings.ui_user, settings.ui_password.get_secret_value())
     return session
 
 
@@ -231,7 +230,6 @@ def _follow_log(endpoint: str) -> str | None:
 @click.argument("path", default=".", type=click.Path(file_okay=False, path_type=Path))
 @click.option(
     "--secret",
-    envvar="CICD_WEBHOOK_SECRET",
     help="The webhook secret (default: CICD_WEBHOOK_SECRET, else the one `cicd up` made).",
 )
 @click.option("--wait/--no-wait", default=True, show_default=True,
@@ -240,9 +238,11 @@ def trigger(url: str, path: Path, secret: str | None, wait: bool) -> None:
     """Send a GitLab push webhook for a local repository (or folder) to a running OpsCD."""
     from cicd.errors import OpsCDError
     from cicd.trigger import push_payload, send_push, served
-    from cicd.up import state_dir, stored_secret
+    from cicd.up import stored_secret
 
-    secret = secret or stored_secret(state_dir())
+    settings = _settings()
+    configured = settings.webhook_secret.get_secret_value() if settings.webhook_secret else None
+    secret = secret or configured or stored_secret(settings.state_dir.resolve())
     if not secret:
         raise click.ClickException("no webhook secret: pass --secret or set CICD_WEBHOOK_SECRET")
     try:

@@ -14,6 +14,7 @@ import base64
 import functools
 import os
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal
 
@@ -22,7 +23,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from cicd.errors import ConfigError
 
-__all__ = ["Settings", "load_settings"]
+__all__ = ["Settings", "load_settings", "settings_from"]
 
 
 class Settings(BaseSettings):
@@ -133,6 +134,14 @@ class Settings(BaseSettings):
     )
     api_token: SecretStr | None = Field(
         default=None, description="Bearer token accepted by the API in place of the login"
+    )
+    api_url: str = Field(
+        default="http://127.0.0.1:8000",
+        description="Where the cicd tasks/agents/logs/secrets commands find the web process",
+    )
+    state_dir: Path = Field(
+        default=Path(".opscd"),
+        description="Where cicd up keeps its SQLite database, Redis socket and generated secrets",
     )
     flower_user: str | None = Field(default=None, description="Login for Flower (cicd flower)")
     flower_password: SecretStr | None = Field(
@@ -310,11 +319,29 @@ def _describe(error: ValidationError) -> str:
 
 @functools.cache
 def load_settings() -> Settings:
-    """Read the settings once per process; a missing or bad value is a :class:`ConfigError`."""
-    config_file = os.environ.get("CICD_CONFIG_FILE")
+    """The process's settings, read from its environment once, by its entry point.
+
+    Entry points (``create_app``'s default, the worker's start, the CLI) call it
+    and pass the result on; a missing or bad value is a :class:`ConfigError`.
+    """
+    return settings_from(os.environ)
+
+
+def settings_from(environ: Mapping[str, str]) -> Settings:
+    """Settings from ``environ`` (its ``CICD_*`` names), e.g. the environment of a child process.
+
+    ``cicd up`` and the bench build the settings of the processes they start
+    this way instead of writing them into their own ``os.environ``.
+    """
+    config_file = environ.get("CICD_CONFIG_FILE")
     if config_file and not Path(config_file).is_file():
         raise ConfigError(f"CICD_CONFIG_FILE={config_file} does not exist or is not a file")
+    given = {
+        name.removeprefix("CICD_").lower(): value
+        for name, value in environ.items()
+        if name.startswith("CICD_") and name.removeprefix("CICD_").lower() in Settings.model_fields
+    }
     try:
-        return Settings(_env_file=config_file or None)
+        return Settings(_env_file=config_file or None, **given)
     except ValidationError as error:
         raise ConfigError(_describe(error)) from None

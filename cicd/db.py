@@ -1,7 +1,10 @@
 """Database engine and sessions, created on first use and never at import time.
 
-Each process (gunicorn worker, Celery pool child) builds its own engine: a
-connection pool must not cross a ``fork``. :func:`reset` is called after a fork.
+A process's entry point calls :func:`configure` with its settings (the web's
+``create_app``, the worker at start, the CLI); nothing here reads the
+environment. Each process (gunicorn worker, Celery pool child) builds its own
+engine: a connection pool must not cross a ``fork``. :func:`reset` is called
+after a fork.
 """
 
 from __future__ import annotations
@@ -17,21 +20,32 @@ from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from cicd.config import load_settings
+from cicd.config import Settings
+from cicd.errors import ConfigError
 from cicd.models import Base
 
-__all__ = ["engine", "session", "retrying", "reset", "create_schema"]
+__all__ = ["configure", "engine", "session", "retrying", "reset", "create_schema"]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+_url: str | None = None
+
+
+def configure(settings: Settings) -> None:
+    """Use ``settings.database_url`` from now on (a new URL drops the old engine)."""
+    global _url
+    settings.require("database_url")
+    if settings.database_url != _url:
+        reset()
+        _url = settings.database_url
 
 
 @functools.cache
 def engine() -> Engine:
     """The process's engine; ``pool_pre_ping`` survives a database restart."""
-    settings = load_settings()
-    settings.require("database_url")
-    url = settings.database_url
+    url = _url
+    if url is None:
+        raise ConfigError("the database is not configured: the process must call db.configure()")
     options: dict = {"pool_pre_ping": True}
     if url.startswith(("mysql", "mariadb")):
         # As many pooled connections as a gunicorn worker has threads (8) and more:

@@ -14,10 +14,10 @@ import hashlib
 import re
 
 from cryptography.fernet import Fernet, InvalidToken
+from pydantic import SecretStr
 from sqlalchemy import delete, select
 
 from cicd import db
-from cicd.config import load_settings
 from cicd.errors import ConfigError, OpsCDError
 from cicd.models import ProjectSecret, utcnow
 
@@ -32,8 +32,7 @@ class SecretError(OpsCDError):
     """A secret is missing, malformed, or cannot be decrypted."""
 
 
-def _fernet() -> Fernet:
-    key = load_settings().secrets_key
+def _fernet(key: SecretStr | None) -> Fernet:
     if key is None or not key.get_secret_value():
         raise ConfigError(
             "CICD_SECRETS_KEY is not set: project secrets are encrypted with it; set the same "
@@ -43,13 +42,13 @@ def _fernet() -> Fernet:
     return Fernet(base64.urlsafe_b64encode(digest))
 
 
-def set_secret(project: str, name: str, value: str) -> bool:
-    """Store (or replace) a secret; True when it is new."""
+def set_secret(project: str, name: str, value: str, key: SecretStr | None) -> bool:
+    """Store (or replace) a secret encrypted under ``key`` (``CICD_SECRETS_KEY``); True if new."""
     if not NAME.match(name):
         raise SecretError(f"secret name {name!r} must be a variable name such as DEPLOY_TOKEN")
     if not value or len(value.encode()) > MAX_VALUE_BYTES:
         raise SecretError(f"a secret's value must be 1 to {MAX_VALUE_BYTES} bytes")
-    ciphertext = _fernet().encrypt(value.encode()).decode()
+    ciphertext = _fernet(key).encrypt(value.encode()).decode()
     with db.session() as session:
         row = session.get(ProjectSecret, (project, name))
         created = row is None
@@ -85,11 +84,11 @@ def delete_secret(project: str, name: str) -> bool:
     return bool(deleted)
 
 
-def secret_values(project: str, names: list[str]) -> dict[str, str]:
+def secret_values(project: str, names: list[str], key: SecretStr | None) -> dict[str, str]:
     """Decrypted values of ``names`` for a build; a missing one is a clear :class:`SecretError`."""
     if not names:
         return {}
-    fernet = _fernet()
+    fernet = _fernet(key)
     with db.session() as session:
         rows = session.scalars(
             select(ProjectSecret).where(

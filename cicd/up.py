@@ -24,17 +24,13 @@ from pathlib import Path
 
 import click
 
-from cicd import processes
+from cicd import db, processes
+from cicd.config import settings_from
 
-__all__ = ["state_dir", "stored_secret", "up"]
+__all__ = ["stored_secret", "up"]
 
 COLORS = itertools.cycle(["cyan", "magenta", "green", "yellow", "blue"])
 STOP_GRACE_SECONDS = 20
-
-
-def state_dir() -> Path:
-    """Where ``cicd up`` keeps its database, Redis socket and generated secrets."""
-    return Path(os.environ.get("CICD_STATE_DIR", ".opscd")).resolve()
 
 
 def _secret_file(state: Path, name: str) -> Path:
@@ -115,7 +111,7 @@ def _wait(predicate, timeout: float) -> bool:
 
 def up(host: str, port: int, flower_port: int) -> int:
     """Run until Ctrl-C (or one process dies); return the exit status."""
-    state = state_dir()
+    state = settings_from(os.environ).state_dir.resolve()
     state.mkdir(parents=True, exist_ok=True, mode=0o700)
     env = dict(os.environ)
     env.setdefault("CICD_WEBHOOK_SECRET", _secret(state, "webhook-secret"))
@@ -143,11 +139,9 @@ def up(host: str, port: int, flower_port: int) -> int:
         children.append(redis_child)
         env["CICD_BROKER_URL"] = f"redis+socket://{socket}"
 
-    os.environ.update({k: v for k, v in env.items() if k.startswith("CICD_")})
-    from cicd import db
-    from cicd.config import load_settings
-
-    settings = load_settings()
+    # The children's environment is the configuration; this process reads the same.
+    settings = settings_from(env)
+    db.configure(settings)
     db.create_schema()
     credentials = f"{settings.flower_user}:{settings.flower_password.get_secret_value()}"
     children += [

@@ -109,9 +109,11 @@ def test_two_nodes_never_carry_more_than_their_cap_of_builds(
 CLAIM_RACE = """
 import json, sys, threading
 from cicd import db
+from cicd.config import load_settings
 from cicd.models import RefType, TaskDetail, TaskState, TaskStatus
 from workers.capacity import Claim, claim_slot
 
+db.configure(load_settings())
 db.create_schema()
 with db.session() as session:
     tasks = [TaskDetail(forge="gitlab", project="race/app", clone_url="http://127.0.0.1:9/x.git",

@@ -69,6 +69,14 @@ def wrong_steps() -> list[str]:
     return steps
 
 
+def python_says(probe: str, env: dict[str, str]) -> list[str]:
+    """The words a fresh Python process running ``probe`` prints."""
+    done = subprocess.run([sys.executable, "-c", probe], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    return done.stdout.split()
+
+
 def test_no_import_steps_the_wrong_way():
     assert wrong_steps() == []
 
@@ -94,10 +102,7 @@ def test_the_web_process_has_no_worker_code_or_handler(opscd_env):
         " signals.task_failure, signals.heartbeat_sent, signals.worker_ready))\n"
         "print(sorted(m for m in sys.modules if m.split('.')[0] == 'workers'), handlers)\n"
     )
-    done = subprocess.run([sys.executable, "-c", probe], env=opscd_env, cwd=ROOT,
-                          capture_output=True, text=True, timeout=60)  # fmt: skip
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.split() == ["[]", "0"]
+    assert python_says(probe, opscd_env) == ["[]", "0"]
 
 
 def test_a_worker_node_that_ran_a_build_never_imported_flask(
@@ -123,3 +128,56 @@ def test_a_worker_node_that_ran_a_build_never_imported_flask(
                 if line.startswith("import time:")}  # fmt: skip
     assert {"workers.stages.build", "celery.worker.request"} <= imported  # the probe works
     assert not {m for m in imported if m.split(".")[0] in FLASK}, "a worker imported Flask"
+
+
+#: The entry points that read the settings from the environment and pass them on.
+READS_SETTINGS = {
+    "cicd.web": "create_app's default",
+    "cicd.cli": "the command line",
+    "cicd.broker": "Flower's -A cicd.broker, which configures nothing",
+    "workers.celery_app": "the worker at start",
+    "workers.localrun": "cicd run",
+}
+
+
+def environ_written(node: ast.AST) -> bool:
+    """``os.environ[...] = ...``, ``os.environ.update(...)`` and the like."""
+    if isinstance(node, ast.Subscript) and isinstance(node.ctx, ast.Store | ast.Del):
+        return ast.unparse(node.value) == "os.environ"
+    if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
+        mutators = ("update", "setdefault", "pop", "clear", "__setitem__")
+        return node.func.attr in mutators and ast.unparse(node.func.value) == "os.environ"
+    return False
+
+
+def settings_readers_and_environ_writes() -> tuple[set[str], list[str]]:
+    readers, writes = set(), []
+    paths = sorted(p for top in ("cicd", "workers", "bench") for p in ROOT.glob(f"{top}/**/*.py"))
+    for path in paths:
+        name = module_name(path)
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "load_settings":
+                readers.add(name)
+            if environ_written(node):
+                writes.append(f"{name}:{node.lineno}")
+    return readers, writes
+
+
+def test_settings_are_read_by_entry_points_and_passed_in():
+    readers, writes = settings_readers_and_environ_writes()
+    core_and_web = {r for r in readers if r.startswith("cicd")}
+    assert core_and_web <= set(READS_SETTINGS), core_and_web - set(READS_SETTINGS)
+    assert writes == [], "configured by writing os.environ"
+
+
+def test_create_app_configures_the_database_and_broker_it_is_given(opscd_env):
+    probe = (
+        "from cicd import broker, db\n"
+        "from cicd.config import Settings\n"
+        "from cicd.web import create_app\n"
+        "s = Settings(database_url='sqlite:///passed.db', broker_url='redis://127.0.0.1:9/3',"
+        " webhook_secret='x')\n"
+        "app = create_app(s)\n"
+        "print(db.engine().url, broker.app.conf.broker_url, app.config['SETTINGS'] is s)\n"
+    )
+    assert python_says(probe, opscd_env) == ["sqlite:///passed.db", "redis://127.0.0.1:9/3", "True"]

@@ -12,11 +12,18 @@ from typing import Any
 
 from celery.signals import celeryd_after_setup
 
+from cicd import broker, db
 from cicd.broker import BUILD_QUEUE, app, language_queue
 from cicd.config import load_settings
 from cicd.languages import LANGUAGES
 
-__all__ = ["app"]
+__all__ = ["app", "settings"]
+
+#: The node's settings, read once as the worker starts (a bad value stops it here);
+#: the worker's modules get this same object from the cached ``load_settings()``.
+settings = load_settings()
+db.configure(settings)
+broker.configure(settings)
 
 
 @celeryd_after_setup.connect
@@ -28,7 +35,7 @@ def _consume_language_queues(sender: str, instance: Any, **_: Any) -> None:
     queues = instance.app.amqp.queues
     if queues.consume_from is not None and BUILD_QUEUE not in queues.consume_from:
         return
-    for language in load_settings().languages or LANGUAGES:
+    for language in settings.languages or LANGUAGES:
         queues.select_add(language_queue(language))
 
 

@@ -1,8 +1,9 @@
 """The web side: the Flask app that takes webhooks and serves the API and the pages.
 
-``create_app()`` reads the settings and registers the blueprints (webhook,
-REST API, metrics, pages); it opens no connection (the database engine is made
-on first use, per process), so ``gunicorn 'cicd.web:create_app()'`` forks
+``create_app(settings)`` configures the database and the broker with the
+settings it is given (by default the environment's) and registers the
+blueprints (webhook, REST API, metrics, pages); it opens no connection (the
+database engine is made on first use, per process), so ``gunicorn 'cicd.web:create_app()'`` forks
 cheaply. It sends builds through :mod:`cicd.broker` and never imports the
 worker's code.
 """
@@ -15,6 +16,7 @@ from collections.abc import Callable
 
 from flask import Flask, Response, g, jsonify, request
 
+from cicd import broker, db
 from cicd.config import Settings, load_settings
 from cicd.web import api, metrics, pages, webhook
 
@@ -65,8 +67,11 @@ def create_app(settings: Settings | None = None) -> Flask:
     settings = settings or load_settings()
     settings.require("database_url", "broker_url")
     logging.getLogger("cicd").setLevel(settings.log_level.upper())
+    db.configure(settings)
+    broker.configure(settings)
     app = Flask("cicd")
     app.config.update(
+        SETTINGS=settings,
         WEBHOOK_SECRET=settings.require_webhook_secret(),
         PUBLIC_URL=settings.public_url,
         AGENT_OFFLINE_AFTER=settings.agent_offline_after,

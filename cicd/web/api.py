@@ -384,7 +384,9 @@ def put_project_secret(project: str, name: str) -> Response:
     if not isinstance(body, dict) or not isinstance(body.get("value"), str):
         return _error(400, 'send a JSON object {"value": "..."}')
     try:
-        created = secrets.set_secret(project, name, body["value"])
+        created = secrets.set_secret(
+            project, name, body["value"], current_app.config["SETTINGS"].secrets_key
+        )
     except secrets.SecretError as error:
         return _error(400, str(error))
     except ConfigError as error:

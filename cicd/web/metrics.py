@@ -19,7 +19,7 @@ from sqlalchemy.sql.elements import ColumnElement
 
 from cicd import db
 from cicd.broker import BUILD_QUEUE, language_queue
-from cicd.config import load_settings
+from cicd.config import Settings
 from cicd.languages import LANGUAGES
 from cicd.models import AgentState, TaskState, TaskStatus, utcnow
 
@@ -48,8 +48,11 @@ def _duration_seconds(dialect: str) -> ColumnElement[float]:
 class OpsCDCollector(Collector):
     """Builds by state, build durations, queue length, agents online."""
 
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+
     def collect(self) -> Iterator[Metric]:
-        settings = load_settings()
+        settings = self.settings
         engine = db.engine()
         duration = _duration_seconds(engine.dialect.name)
         finished = TaskStatus.finished_at.is_not(None) & TaskStatus.started_at.is_not(None)
@@ -122,6 +125,6 @@ def metrics() -> Response:
     registry = current_app.extensions.get("opscd_metrics")
     if registry is None:
         registry = CollectorRegistry(auto_describe=False)
-        registry.register(OpsCDCollector())
+        registry.register(OpsCDCollector(current_app.config["SETTINGS"]))
         current_app.extensions["opscd_metrics"] = registry
     return Response(generate_latest(registry), mimetype=CONTENT_TYPE_LATEST)

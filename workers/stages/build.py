@@ -54,7 +54,7 @@ def run_build(
     spec = pipeline.build
     timeout = min(spec.timeout or settings.build_timeout, settings.max_build_timeout)
     project = variables.get("CI_PROJECT_PATH", "")
-    lookup = secrets or (lambda names: secret_values(project, names))
+    lookup = secrets or (lambda names: secret_values(project, names, settings.secrets_key))
     secret_env = lookup(spec.secrets) if spec.secrets else {}
     log.mask = log.mask.with_secrets(secret_env.values())
     step = Step(
