@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,7 +20,6 @@ from collections.abc import Callable, Iterable
 from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import psutil
 import pymysql
@@ -29,6 +27,8 @@ import redis
 import requests
 
 from cicd import processes
+from tests.support.git import GitRepo
+from tests.support.processes import ROOT, Process, free_port, port_open, wait_until
 
 __all__ = [
     "ROOT",
@@ -47,31 +47,6 @@ __all__ = [
     "find_process",
     "ForeignCpu",
 ]
-
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def port_open(port: int, host: str = "127.0.0.1") -> bool:
-    with socket.socket() as sock:
-        sock.settimeout(0.5)
-        return sock.connect_ex((host, port)) == 0
-
-
-def wait_until(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.05):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
-
 
 # --- MariaDB and Redis -------------------------------------------------------------------------
 
@@ -218,47 +193,6 @@ def ensure_services(mysql: MySQL, redis_url: str, state: Path) -> list[Callable[
 # --- processes ---------------------------------------------------------------------------------
 
 
-class Process:
-    """A child in a process group of its own, output to a file; stopped with SIGTERM, then KILL."""
-
-    def __init__(self, name: str, args: list[str], env: dict[str, str], log_dir: Path) -> None:
-        self.name = name
-        self.log_path = log_dir / f"{name}.log"
-        self._log = self.log_path.open("wb")
-        self.popen = subprocess.Popen(
-            args,
-            env=env,
-            cwd=ROOT,
-            stdin=subprocess.DEVNULL,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-
-    @property
-    def pid(self) -> int:
-        return self.popen.pid
-
-    def output(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def check_alive(self) -> None:
-        if self.popen.poll() is not None:
-            raise RuntimeError(f"{self.name} exited ({self.popen.returncode}):\n{self.output()}")
-
-    def stop(self, timeout: float = 20) -> None:
-        if self.popen.poll() is None:
-            with suppress(ProcessLookupError):
-                os.killpg(self.popen.pid, signal.SIGTERM)
-            try:
-                self.popen.wait(timeout)
-            except subprocess.TimeoutExpired:
-                with suppress(ProcessLookupError):
-                    os.killpg(self.popen.pid, signal.SIGKILL)
-                self.popen.wait()
-        self._log.close()
-
-
 def start_web(name: str, app: str, env: dict[str, str], log_dir: Path) -> tuple[Process, str]:
     """gunicorn with the Procfile's web options (2 gthread workers, 8 threads each)."""
     port = free_port()
@@ -317,39 +251,16 @@ CI_YAML = {
 
 
 def make_repo(root: Path, project: str = "bench/app") -> BenchRepo:
-    """Create ``root/<project>.git`` with plain git commands: one commit per branch."""
-    env = {
-        "PATH": os.environ.get("PATH", os.defpath),
-        "HOME": str(root),
-        "LC_ALL": "C",
-        "GIT_CONFIG_NOSYSTEM": "1",
-        "GIT_CONFIG_GLOBAL": os.devnull,
-        "GIT_AUTHOR_NAME": "OpsCD bench",
-        "GIT_AUTHOR_EMAIL": "bench@opscd.invalid",
-        "GIT_COMMITTER_NAME": "OpsCD bench",
-        "GIT_COMMITTER_EMAIL": "bench@opscd.invalid",
+    """Create ``root/<project>.git`` (the tests' :class:`GitRepo`): one commit per branch."""
+    repo = GitRepo.create(root, project)
+    shas = {
+        branch: repo.commit(
+            {"ci.yaml": ci_yaml, "README.md": f"OpsCD benchmark project, branch {branch}\n"},
+            message=f"bench: {branch}",
+            branch=branch,
+        )
+        for branch, ci_yaml in CI_YAML.items()
     }
-
-    def git(*args: str, cwd: Path) -> str:
-        return subprocess.run(
-            ["git", *args], cwd=cwd, env=env, check=True, capture_output=True, text=True
-        ).stdout.strip()
-
-    bare = root / f"{project}.git"
-    work = root / "_work"
-    bare.mkdir(parents=True)
-    work.mkdir()
-    git("init", "-q", "--bare", "--initial-branch=main", ".", cwd=bare)
-    git("init", "-q", "--initial-branch=main", ".", cwd=work)
-    shas = {}
-    for branch, ci_yaml in CI_YAML.items():
-        git("checkout", "-q", "-B", branch, cwd=work)
-        (work / "ci.yaml").write_text(ci_yaml)
-        (work / "README.md").write_text(f"OpsCD benchmark project, branch {branch}\n")
-        git("add", "-A", cwd=work)
-        git("commit", "-q", "-m", f"bench: {branch}", cwd=work)
-        shas[branch] = git("rev-parse", "HEAD", cwd=work)
-        git("push", "-q", str(bare), f"{branch}:refs/heads/{branch}", cwd=work)
     return BenchRepo(project, shas)
 
 

@@ -7,7 +7,6 @@ flushed, temporary folder removed), whatever happened in between.
 
 from __future__ import annotations
 
-import copy
 import datetime as dt
 import itertools
 import json
@@ -37,10 +36,11 @@ from bench.services import (
     tree_rss,
     wait_ready,
 )
+from tests.support.gitlab import gitlab_headers, gitlab_payload
 
 __all__ = ["Stack", "RssSampler", "PUSH_FIXTURE", "epoch"]
 
-PUSH_FIXTURE = ROOT / "tests" / "fixtures" / "gitlab" / "push-event.json"
+PUSH_FIXTURE = "push-event.json"  # in tests/fixtures/gitlab
 GIT_USER = "bench-bot"
 FINISHED = ("success", "failed", "canceled")
 
@@ -104,6 +104,7 @@ class Stack:
         self.repo: BenchRepo | None = None
         self.clone_url = ""
         self.env: dict[str, str] = {}
+        self.settings: Any = None
         self.redis = redis.Redis.from_url(self.redis_url)
         self._db_connection: Any = None
 
@@ -127,14 +128,19 @@ class Stack:
             PYTHONPATH=str(ROOT),
             PYTHONUNBUFFERED="1",
         )
-        # This process runs OpsCD's code too (schema, enqueueing, simulated agents).
-        os.environ.update({k: v for k, v in self.env.items() if k.startswith("CICD_")})
-        os.environ["BENCH_REDIS_URL"] = self.redis_url
-        from cicd import db
+        # This process runs OpsCD's code too (schema, the web app in-process, raw chains):
+        # configured with the settings the child processes get, not through os.environ.
+        from bench import noop_app
+        from cicd import broker, db
+        from cicd.config import settings_from
 
+        self.settings = settings_from(self.env)
+        db.configure(self.settings)
+        broker.configure(self.settings)
         db.create_schema()
+        noop_app.app.conf.broker_url = self.redis_url
 
-        from cicd.gitserve import GitHttpServer
+        from tests.support.git import GitHttpServer
 
         self._git_server = GitHttpServer(self.tmp / "git", GIT_USER, self.git_password).start()
         self.repo = make_repo(self._git_server.root)
@@ -196,26 +202,14 @@ class Stack:
 
     def payload(self, branch: str = "main") -> bytes:
         """GitLab's recorded push payload, pointed at the bench repository's ``branch``."""
-        payload = copy.deepcopy(json.loads(PUSH_FIXTURE.read_text()))
         sha = self.repo.shas[branch]
-        web_url = self.clone_url.removesuffix(".git")
-        for section in ("project", "repository"):
-            payload[section].update(
-                git_http_url=self.clone_url, http_url=self.clone_url, homepage=web_url
-            )
-        payload["project"].update(web_url=web_url, path_with_namespace=self.repo.path)
-        payload.update(ref=f"refs/heads/{branch}", after=sha, checkout_sha=sha)
-        payload["commits"][-1]["id"] = sha
+        ref = f"refs/heads/{branch}"
+        payload = gitlab_payload(PUSH_FIXTURE, self.clone_url, self.repo.path, ref, sha)
         return json.dumps(payload).encode()
 
     def headers(self) -> dict[str, str]:
         """A push delivery's headers, with a delivery id never used before."""
-        return {
-            "Content-Type": "application/json",
-            "X-Gitlab-Event": "Push Hook",
-            "X-Gitlab-Token": self.secret,
-            "X-Gitlab-Event-UUID": str(uuid.uuid4()),
-        }
+        return gitlab_headers(self.secret)
 
     def post(self, session: requests.Session, url: str, body: bytes) -> dict[str, Any]:
         response = session.post(

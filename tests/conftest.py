@@ -8,12 +8,10 @@ server and two worker nodes, and removes them all at the end.
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import shlex
 import shutil
-import signal
 import subprocess
 import sys
 import uuid
@@ -26,20 +24,20 @@ import pymysql
 import pytest
 import redis
 import requests
-from containers import (
+import support.gitlab
+from support.containers import (
     HOST_TOOL_MOUNTS,
     PodmanService,
     Registry,
     make_busybox_image,
     make_host_tools_image,
 )
-from gitserver import GitHttpServer, GitRepo
-from services import free_port, wait_until
+from support.git import GitHttpServer, GitRepo
+from support.gitlab import gitlab_headers
+from support.processes import ROOT, Process, free_port, wait_until
 
 from cicd import processes
 
-ROOT = Path(__file__).resolve().parent.parent
-FIXTURES = Path(__file__).resolve().parent / "fixtures"
 MYSQL_HOST = os.environ.get("OPSCD_TEST_MYSQL_HOST", "127.0.0.1")
 MYSQL_PORT = int(os.environ.get("OPSCD_TEST_MYSQL_PORT", "3306"))
 MYSQL_USER = os.environ.get("OPSCD_TEST_MYSQL_USER", "root")
@@ -146,32 +144,6 @@ def opscd_env(database_url: str, broker_url: str, tmp_path_factory) -> dict[str,
     )
     subprocess.run([sys.executable, "-m", "cicd.cli", "init-db"], env=env, check=True, cwd=ROOT)
     return env
-
-
-class Process:
-    """A child process whose output goes to a file; stopped with SIGTERM, then SIGKILL."""
-
-    def __init__(self, name: str, args: list[str], env: dict[str, str], log_dir: Path) -> None:
-        self.name = name
-        self.log_path = log_dir / f"{name}.log"
-        self._log = self.log_path.open("wb")
-        self.popen = subprocess.Popen(
-            args, env=env, cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )  # fmt: skip
-
-    def output(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20) -> None:
-        if self.popen.poll() is None:
-            os.killpg(self.popen.pid, sig)
-            try:
-                self.popen.wait(timeout)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.popen.pid, signal.SIGKILL)
-                self.popen.wait()
-        self._log.close()
 
 
 @pytest.fixture(scope="session")
@@ -352,7 +324,7 @@ def start_stack(isolated_env, start_web, tmp_path_factory) -> Iterator:
 @pytest.fixture(scope="session")
 def docker_env(podman, registry, hosttools_image, busybox_image, tmp_path_factory) -> dict:
     """Settings of an agent with the docker executor on podman, pushing to the test registry."""
-    from containers import write_maven_settings
+    from support.containers import write_maven_settings
 
     maven = tmp_path_factory.mktemp("maven")
     (maven / "repository").mkdir()
@@ -384,22 +356,9 @@ def gitlab_payload(
     name: str, repo: GitRepo, ref: str, after: str, before: str | None = None
 ) -> dict:
     """A recorded GitLab payload with its URLs and commit ids pointed at ``repo``."""
-    payload = copy.deepcopy(json.loads((FIXTURES / "gitlab" / name).read_text()))
-    url = repo.clone_url
-    web_url = url.removesuffix(".git")
-    for section in ("project", "repository"):
-        if section in payload:
-            payload[section].update(git_http_url=url, http_url=url, homepage=web_url)
-            if section == "project":
-                payload[section].update(web_url=web_url, path_with_namespace=repo.project_path)
-    payload["ref"] = ref
-    payload["after"] = after
-    payload["checkout_sha"] = None if set(after) == {"0"} else after
-    if before is not None:
-        payload["before"] = before
-    if payload.get("commits"):
-        payload["commits"][-1]["id"] = after
-    return payload
+    return support.gitlab.gitlab_payload(
+        name, repo.clone_url, repo.project_path, ref, after, before
+    )
 
 
 def post_gitlab(
@@ -410,11 +369,7 @@ def post_gitlab(
     delivery: str | None = None,
     **headers: str,
 ) -> requests.Response:
-    all_headers = {"Content-Type": "application/json", "X-Gitlab-Event": event, **headers}
-    if token is not None:
-        all_headers["X-Gitlab-Token"] = token
-    if delivery != "":  # "" sends no X-Gitlab-Event-UUID at all
-        all_headers["X-Gitlab-Event-UUID"] = delivery or str(uuid.uuid4())
+    all_headers = {**gitlab_headers(token, event, delivery), **headers}
     body = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
     return requests.post(base + "/webhooks/gitlab", data=body, headers=all_headers, timeout=10)
 

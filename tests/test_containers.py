@@ -17,13 +17,13 @@ from pathlib import Path
 import docker
 import pytest
 from conftest import REGISTRY_USER
-from containers import (
+from docker.models.containers import Container
+from support.containers import (
     HOST_TOOL_MOUNTS,
     PodmanService,
     Registry,
     write_maven_settings,
 )
-from docker.models.containers import Container
 
 PROJECT = Path(__file__).resolve().parent / "projects" / "hello-maven"
 

@@ -27,7 +27,7 @@ from conftest import (
     wait_until,
     worker_args,
 )
-from containers import HOST_TOOL_MOUNTS
+from support.containers import HOST_TOOL_MOUNTS
 
 PROJECT = Path(__file__).resolve().parent / "projects" / "hello-maven"
 LABEL = "dev.opscd.node"

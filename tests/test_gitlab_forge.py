@@ -3,18 +3,16 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
+from support.gitlab import FIXTURES
 
 from cicd.errors import PayloadError
 from cicd.forges import Ignored, PushEvent, gitlab
 
-FIXTURES = Path(__file__).parent / "fixtures" / "gitlab"
-
 
 def load(name: str) -> dict:
-    return json.loads((FIXTURES / name).read_text())
+    return json.loads((FIXTURES / "gitlab" / name).read_text())
 
 
 def parse(payload: dict | bytes, event: str = "Push Hook", **headers: str) -> PushEvent | Ignored:

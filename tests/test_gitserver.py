@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import requests
-from gitserver import GitHttpServer, GitRepo
+from support.git import GitHttpServer, GitRepo
 
 USER = "ci-bot"
 PASSWORD = "s3cret-t0ken"

@@ -28,7 +28,7 @@ from conftest import (
     wait_for_task,
     wait_until,
 )
-from services import port_open
+from support.processes import port_open
 
 README = (ROOT / "README.md").read_text()
 

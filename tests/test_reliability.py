@@ -29,7 +29,7 @@ from conftest import (
     wait_until,
     worker_args,
 )
-from services import PrivateMariaDB, PrivateRedis
+from support.services import PrivateMariaDB, PrivateRedis
 
 
 def new_repo(git_server, name: str) -> GitRepo:

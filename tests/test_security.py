@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 import requests
 from conftest import (
-    FIXTURES,
     GIT_PASSWORD,
     GitRepo,
     gitlab_payload,
@@ -25,7 +24,8 @@ from conftest import (
 )
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from services import PrivateRedis
+from support.gitlab import FIXTURES
+from support.services import PrivateRedis
 
 from cicd.errors import PayloadError
 from cicd.forges import Ignored, PushEvent, gitlab

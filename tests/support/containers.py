@@ -52,7 +52,8 @@ from xml.sax.saxutils import escape
 
 import docker
 import requests
-from services import free_port, wait_until
+
+from .processes import free_port, wait_until
 
 __all__ = [
     "HOST_TOOL_MOUNTS",

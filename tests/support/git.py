@@ -1,9 +1,9 @@
-"""A real git server over HTTP with Basic auth, for tests.
+"""A real git server over HTTP with Basic auth, its repositories, and git without user config.
 
-``GitHttpServer`` serves every repository under a root directory through ``git http-backend``
-(run as a CGI program from a small threaded WSGI app) on ``127.0.0.1`` with a random port.
-Every request must carry HTTP Basic credentials; pushing over HTTP is disabled per repository,
-so tests can clone and fetch but not push.
+``GitHttpServer`` is OpsCD's own (:mod:`cicd.gitserve`: every repository under a root
+directory through ``git http-backend``, on ``127.0.0.1`` with a random port) with what the
+tests observe of it. Every request must carry HTTP Basic credentials; pushing over HTTP is
+disabled, so tests can clone and fetch but not push.
 
 ``GitRepo`` creates bare repositories under that root and writes to them directly on disk
 (commit in a private work tree, push by local path), never through HTTP.
@@ -21,13 +21,16 @@ so they behave the same whatever the developer's ``~/.gitconfig`` says.
 
 from __future__ import annotations
 
+import base64
 import os
 import shutil
 import subprocess
 import tempfile
+import threading
 from pathlib import Path
+from typing import Any
 
-from cicd.gitserve import GitHttpServer
+from cicd import gitserve
 
 __all__ = ["GitHttpServer", "GitRepo", "git_env"]
 
@@ -69,6 +72,47 @@ def _git(*args: str | os.PathLike[str], cwd: Path | None = None) -> str:
         text=True,
     )
     return proc.stdout.strip()
+
+
+class GitHttpServer(gitserve.GitHttpServer):
+    """OpsCD's git server with what tests look at and one knob.
+
+    ``requests_seen`` records ``(method, PATH_INFO, status)`` for every request (401s and
+    404s included); ``auth_failures`` counts the 401 answers (missing *or* wrong
+    credentials — git's first request has no credentials when they come from a credential
+    helper or the URL, so that flow produces one 401 before succeeding); ``backend_errors``
+    collects what ``git http-backend`` wrote to stderr. ``protocol_v2 = False`` makes the
+    server speak protocol v0 only, like an old or strict forge.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.requests_seen: list[tuple[str, str, int]] = []
+        self.auth_failures = 0
+        self.backend_errors: list[str] = []
+        self.protocol_v2 = True
+        self._lock = threading.Lock()
+
+    def answered(self, method: str, path: str, status: int) -> None:
+        with self._lock:
+            self.requests_seen.append((method, path, status))
+            self.auth_failures += status == 401
+
+    def backend_failed(self, message: str) -> None:
+        with self._lock:
+            self.backend_errors.append(message)
+
+    def backend_headers(self, environ: dict[str, Any]) -> dict[str, str]:
+        headers = super().backend_headers(environ)
+        if not self.protocol_v2:  # an old server: protocol v0, no fetch of unadvertised commits
+            headers.pop("HTTP_GIT_PROTOCOL", None)
+        return headers
+
+    @property
+    def auth_header(self) -> str:
+        """``Authorization: Basic ...`` header line for the server's credentials."""
+        token = base64.b64encode(f"{self.username}:{self.password}".encode()).decode("ascii")
+        return f"Authorization: Basic {token}"
 
 
 # --------------------------------------------------------------------------------------------

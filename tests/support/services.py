@@ -8,39 +8,12 @@ from __future__ import annotations
 
 import shutil
 import signal
-import socket
 import subprocess
-import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
-__all__ = ["PrivateRedis", "PrivateMariaDB", "free_port", "port_open", "wait_until"]
+from .processes import free_port, port_open, wait_until
 
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def port_open(port: int) -> bool:
-    with socket.socket() as sock:
-        return sock.connect_ex(("127.0.0.1", port)) == 0
-
-
-def wait_until(
-    predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.1
-) -> Any:
-    """Poll ``predicate`` until it returns something true; return that, or fail saying what."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+__all__ = ["PrivateRedis", "PrivateMariaDB"]
 
 
 class PrivateRedis:
