@@ -191,6 +191,8 @@ class TaskLog(Base):
     id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
     task_id: Mapped[int] = mapped_column(Id, ForeignKey("task_details.id", ondelete="CASCADE"))
     stage: Mapped[Stage | None] = mapped_column(_enum(Stage, "task_stage"))
+    #: The run that wrote it: a run stored only while it is the task's current one.
+    attempt: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
     created_at: Mapped[dt.datetime] = mapped_column(Timestamp, default=utcnow)
     content: Mapped[str] = mapped_column(LongText)
 

@@ -65,6 +65,7 @@ CREATE TABLE IF NOT EXISTS task_logs (
     id          BIGINT      NOT NULL AUTO_INCREMENT,
     task_id     BIGINT      NOT NULL,
     stage       ENUM('clone','build','publish') NULL,
+    attempt     INTEGER     NOT NULL DEFAULT 1,          -- the run that wrote it
     created_at  DATETIME(6) NOT NULL,
     content     MEDIUMTEXT  NOT NULL,
     PRIMARY KEY (id),

@@ -7,6 +7,7 @@ recording a build and sending it, a burst of pushes to one branch.
 from __future__ import annotations
 
 import concurrent.futures
+import os
 import signal
 import subprocess
 import sys
@@ -315,3 +316,48 @@ def test_a_build_whose_next_stage_message_was_lost_runs_again(start_stack, git_s
     assert done["state"] == "success", log
     assert "lost its next stage" in log and "found again" in log
     assert stack.worker.popen.poll() is None
+
+
+def test_a_run_taken_for_dead_stops_and_leaves_the_rerun_its_own_log(
+    start_stack, git_server, tmp_path
+):
+    """A node whose main process hangs (no heartbeat) while its build runs is taken for dead:
+    the build runs again elsewhere. The first run, still alive, must stop its script and
+    write nothing into the new run's log or result (fencing by run)."""
+    stack = start_stack("hung", CICD_AGENT_OFFLINE_AFTER="4", CICD_REAPER_INTERVAL="1")
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    ci = (
+        "build:\n  script:\n"
+        f"    - if mkdir {marks}/first; then echo first-run; sleep 40; touch {marks}/finished;"
+        " echo first-finished; else echo second-run; fi\n"
+    )
+    repo = new_repo(git_server, "fenced")
+    task_id = push(stack.web, repo, ci).json()["task_id"]
+    wait_until(lambda: "first-run" in task_log(stack.web, task_id), 30, "the first run's script")
+    os.kill(stack.worker.pid, signal.SIGSTOP)  # the node's main process: no more heartbeats
+    rescuer = Process("rescuer-fenced", worker_args("rescuer-fenced"), stack.env, tmp_path)
+
+    def first() -> str:
+        url = f"{stack.web}/api/tasks/{task_id}/log"
+        return requests.get(url, params={"attempt": 1}, timeout=10).text
+
+    try:
+        wait_ready(rescuer)
+        done = wait_for_task(stack.web, task_id, timeout=90)
+        wait_until(lambda: "superseded" in first(), 30, "the first run to learn it was replaced")
+    finally:
+        os.kill(stack.worker.pid, signal.SIGCONT)
+        rescuer.stop()
+    current = task_log(stack.web, task_id)
+    assert done["state"] == "success" and done["attempt"] == 2, current
+    assert done["worker"].startswith("rescuer-fenced@")
+    assert "\nsecond-run\n" in current and "\nfirst-run\n" not in current
+    assert current.count("Build succeeded") == 1
+    earlier = first()
+    assert earlier.startswith(f"[opscd] run 1 of build {task_id}, replaced by run 2")
+    assert "\nfirst-run\n" in earlier and "run 1 was superseded by run 2" in earlier
+    assert "\nfirst-finished\n" not in earlier + current
+    assert not (marks / "finished").exists(), "the first run's script was not stopped"
+    page = requests.get(f"{stack.web}/tasks/{task_id}", timeout=10).text
+    assert f"/api/tasks/{task_id}/log?attempt=1" in page

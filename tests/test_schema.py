@@ -83,3 +83,35 @@ def test_init_db_creates_the_same_schema(make_database):
         context = MigrationContext.configure(connection, opts={"compare_type": True})
         assert compare_metadata(context, Base.metadata) == []
     engine.dispose()
+
+
+def test_init_db_upgrades_a_database_of_an_older_version_in_place(make_database):
+    """A log written before runs were fenced (no ``task_logs.attempt``) survives the upgrade."""
+    name, url = make_database("opscd_upgrade")
+    load_ddl(name)
+    connection = mysql_connect(name)
+    with connection, connection.cursor() as cursor:
+        cursor.execute("ALTER TABLE task_logs DROP COLUMN attempt")
+        cursor.execute(
+            "INSERT INTO task_details (forge, project, clone_url, ref_type, ref_name, commit_sha,"
+            " created_at) VALUES ('gitlab', 'old/app', 'http://127.0.0.1:9/a.git', 'branch',"
+            " 'main', REPEAT('a', 40), NOW(6))"
+        )
+        cursor.execute(
+            "INSERT INTO task_logs (task_id, created_at, content) VALUES"
+            " (LAST_INSERT_ID(), NOW(6), 'an old line')"
+        )
+        connection.commit()
+    env = {"PATH": "/usr/bin:/bin", "CICD_DATABASE_URL": url}
+    result = subprocess.run(
+        [sys.executable, "-m", "cicd.cli", "init-db"], env=env, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr
+    assert "adding column task_logs.attempt" in result.stderr
+    engine = create_engine(url)
+    with engine.connect() as connection:
+        context = MigrationContext.configure(connection, opts={"compare_type": True})
+        assert compare_metadata(context, Base.metadata) == []
+        rows = connection.exec_driver_sql("SELECT attempt, content FROM task_logs").all()
+    engine.dispose()
+    assert [tuple(row) for row in rows] == [(1, "an old line")]

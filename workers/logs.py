@@ -13,12 +13,15 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 
-from sqlalchemy import func, select
+from sqlalchemy import func, literal, select
+from sqlalchemy import insert as insert_into
 
 from cicd import db
-from cicd.models import Stage, TaskLog
+from cicd.models import Stage, TaskLog, TaskStatus, utcnow
 
-__all__ = ["Masker", "LogWriter", "LogStore", "task_log_store", "stored_log_bytes"]
+__all__ = [
+    "Masker", "LogWriter", "LogStore", "task_log_store", "stored_log_bytes", "record_superseded",
+]  # fmt: skip
 
 log = logging.getLogger(__name__)
 
@@ -149,29 +152,51 @@ class LogWriter:
         self.close()
 
 
-def stored_log_bytes(task_id: int) -> int:
-    """How many log bytes the task has stored so far (the limit is per build, all stages)."""
+def stored_log_bytes(task_id: int, attempt: int) -> int:
+    """How many log bytes the run has stored so far (the limit is per run, all stages)."""
     with db.session() as session:
         total = session.scalar(
             select(func.coalesce(func.sum(func.length(TaskLog.content)), 0)).where(
-                TaskLog.task_id == task_id
+                TaskLog.task_id == task_id, TaskLog.attempt == attempt
             )
         )
     return int(total or 0)
 
 
-def task_log_store(task_id: int, stage: Stage) -> LogStore:
-    """Appends to the task's rows in ``task_logs``, waiting out a short database outage."""
+def task_log_store(task_id: int, stage: Stage, attempt: int) -> LogStore:
+    """Appends to the task's rows in ``task_logs``, waiting out a short database outage.
 
-    def insert(text: str) -> None:
+    Fenced by the run: a row is stored only while ``attempt`` is the task's
+    current one (one ``INSERT … SELECT`` from its ``task_states`` row, which
+    the reaper's requeue locks), so a run that was given up for dead and goes
+    on somewhere adds nothing to the log of the run that replaced it.
+    """
+    columns = ["task_id", "stage", "attempt", "created_at", "content"]
+
+    def insert(text: str) -> bool:
+        row = select(
+            literal(task_id), literal(stage, TaskLog.stage.type), literal(attempt),
+            literal(utcnow(), TaskLog.created_at.type), literal(text, TaskLog.content.type),
+        ).where(TaskStatus.task_id == task_id, TaskStatus.attempt == attempt)  # fmt: skip
         with db.session() as session:
-            session.add(TaskLog(task_id=task_id, stage=stage, content=text))
+            stored = session.execute(insert_into(TaskLog).from_select(columns, row)).rowcount
             session.commit()
+        return stored == 1
 
     def store(text: str) -> None:
         try:
-            db.retrying(lambda: insert(text), f"task {task_id}: storing log")
+            if not db.retrying(lambda: insert(text), f"task {task_id}: storing log"):
+                log.info("task %s: run %s is no longer current; its output is dropped",
+                         task_id, attempt)  # fmt: skip
         except Exception:  # the build goes on; its result still reaches task_states
             log.exception("task %s: could not store %d characters of log", task_id, len(text))
 
     return store
+
+
+def record_superseded(task_id: int, attempt: int, current: int) -> None:
+    """The last line of a run that learnt another replaced it, in its own run's log."""
+    line = f"\n[opscd] run {attempt} was superseded by run {current}; its script was stopped\n"
+    with db.session() as session:
+        session.add(TaskLog(task_id=task_id, stage=None, attempt=attempt, content=line))
+        session.commit()

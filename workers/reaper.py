@@ -113,7 +113,9 @@ def _rerun(
         if not claimed:
             return False
         note = f"{reason}; " + ("not run again" if gave_up else "running it again on any agent")
-        session.add(TaskLog(task_id=task_id, stage=None, content=f"\n*** {note} ***\n"))
+        # At the top of the next run's log: why there is one (or why there is none).
+        line = f"\n*** {note} ***\n"
+        session.add(TaskLog(task_id=task_id, stage=None, attempt=attempt + 1, content=line))
         if not gave_up:
             session.execute(delete(TaskStage).where(TaskStage.task_id == task_id))
         session.commit()

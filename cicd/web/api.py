@@ -77,6 +77,7 @@ def task_to_dict(
         "state": status.state.value,
         "stage": status.stage.value if status.stage else None,
         "worker": status.worker,
+        "attempt": status.attempt,
         "exit_code": status.exit_code,
         "error": status.error,
         "image": status.image,
@@ -209,18 +210,37 @@ def get_task(task_id: int) -> Response:
 def get_log(task_id: int) -> Response:
     """The build's log so far as plain text; ``?follow=1`` streams it live (Server-Sent Events).
 
+    The log is the current run's (a build run again after its agent was taken
+    for dead has one log per run); ``?attempt=N`` gives run N's, an earlier
+    run's marked as such at the top. The ``X-OpsCD-Attempt`` header says which.
+
     The stream sends each new chunk as an event whose ``id`` is the chunk's
     row id (a reconnecting client sends ``Last-Event-ID`` and misses nothing),
     and an ``end`` event with the final state once the build is finished.
     """
     with db.session() as session:
-        if session.get(TaskDetail, task_id) is None:
+        status = session.get(TaskStatus, task_id)
+        if status is None:
             return _error(404, f"no task {task_id}")
         if request.args.get("follow") not in ("1", "true", "yes"):
+            attempt = request.args.get("attempt", default=status.attempt, type=int)
+            if not 1 <= attempt <= status.attempt:
+                return _error(404, f"task {task_id} has no run {attempt} (runs 1 to "
+                                   f"{status.attempt})")  # fmt: skip
             chunks = session.scalars(
-                select(TaskLog.content).where(TaskLog.task_id == task_id).order_by(TaskLog.id)
+                select(TaskLog.content)
+                .where(TaskLog.task_id == task_id, TaskLog.attempt == attempt)
+                .order_by(TaskLog.id)
             )
-            return Response("".join(chunks), mimetype="text/plain")
+            earlier = (
+                f"[opscd] run {attempt} of build {task_id}, replaced by run {status.attempt}: "
+                "not the build's result\n"
+                if attempt < status.attempt
+                else ""
+            )
+            response = Response(earlier + "".join(chunks), mimetype="text/plain")
+            response.headers["X-OpsCD-Attempt"] = str(attempt)
+            return response
     after = int(request.headers.get("Last-Event-ID", "0") or 0)
     response = Response(_follow(task_id, after), mimetype="text/event-stream")
     response.headers["Cache-Control"] = "no-cache"
@@ -238,10 +258,12 @@ def _follow(task_id: int, after: int) -> Iterator[str]:
     quiet_since = time.monotonic()
     while True:
         with db.session() as session:
-            state = session.scalar(select(TaskStatus.state).where(TaskStatus.task_id == task_id))
-            rows = session.execute(
+            state, attempt = session.execute(
+                select(TaskStatus.state, TaskStatus.attempt).where(TaskStatus.task_id == task_id)
+            ).one()
+            rows = session.execute(  # the current run's: a rerun's log replaces the first's
                 select(TaskLog.id, TaskLog.content)
-                .where(TaskLog.task_id == task_id, TaskLog.id > after)
+                .where(TaskLog.task_id == task_id, TaskLog.attempt == attempt, TaskLog.id > after)
                 .order_by(TaskLog.id)
             ).all()
         for row_id, content in rows:

@@ -22,10 +22,12 @@ from cicd.config import load_settings
 from cicd.errors import BuildCanceled, OpsCDError
 from cicd.models import Stage, StageState, TaskStage, TaskState, TaskStatus
 from workers import capacity
-from workers.logs import LogWriter, Masker, stored_log_bytes, task_log_store
+from workers.logs import LogWriter, Masker, record_superseded, stored_log_bytes, task_log_store
 from workers.workspace import remove_workspace
 
-__all__ = ["StageTask", "masker", "describe_error", "is_canceled", "is_stale"]
+__all__ = [
+    "StageTask", "masker", "describe_error", "current_run", "is_canceled", "is_stale",
+]  # fmt: skip
 
 log = logging.getLogger(__name__)
 
@@ -36,18 +38,27 @@ def masker() -> Masker:
     return Masker(load_settings().secrets())
 
 
-def is_canceled(task_id: int) -> bool:
-    """Whether someone canceled the build; executors ask while the script runs.
+def current_run(task_id: int) -> tuple[TaskState, int] | None:
+    """The build's state and current attempt, or None if the database cannot answer."""
+    try:
+        with db.session() as session:
+            row = session.execute(
+                select(TaskStatus.state, TaskStatus.attempt).where(TaskStatus.task_id == task_id)
+            ).first()
+    except Exception:
+        log.warning("task %s: could not read its state", task_id, exc_info=True)
+        return None
+    return (row[0], row[1]) if row is not None else None
+
+
+def is_canceled(task_id: int, attempt: int) -> bool:
+    """Whether run ``attempt`` must stop: someone canceled the build, or another run of it
+    replaced this one (its node was taken for dead). Executors ask while the script runs.
 
     A database that cannot answer is not a cancel: the build goes on.
     """
-    try:
-        with db.session() as session:
-            state = session.scalar(select(TaskStatus.state).where(TaskStatus.task_id == task_id))
-    except Exception:
-        log.warning("task %s: could not check for a cancel", task_id, exc_info=True)
-        return False
-    return state is TaskState.CANCELED
+    found = current_run(task_id)
+    return found is not None and (found[0] is TaskState.CANCELED or found[1] != attempt)
 
 
 def is_stale(ctx: dict[str, Any], stage: Stage) -> bool:
@@ -123,13 +134,18 @@ class StageTask(Task):
             raise Ignore()
 
     def log_writer(self, ctx: dict[str, Any]) -> LogWriter:
-        task_id = int(ctx["task_id"])
-        room = max(load_settings().max_log_bytes - stored_log_bytes(task_id), 0)
-        return LogWriter(task_log_store(task_id, self.stage), masker(), max_bytes=room)
+        task_id, attempt = int(ctx["task_id"]), int(ctx.get("attempt", 1))
+        room = max(load_settings().max_log_bytes - stored_log_bytes(task_id, attempt), 0)
+        return LogWriter(task_log_store(task_id, self.stage, attempt), masker(), max_bytes=room)
 
     def on_failure(self, exc, task_id, args, kwargs, einfo) -> None:
         ctx = args[0] if args and isinstance(args[0], dict) else {}
-        if "task_id" in ctx:
+        found = current_run(int(ctx["task_id"])) if "task_id" in ctx else None
+        attempt = int(ctx.get("attempt", 1))
+        if found is not None and found[1] != attempt:
+            # Another run replaced this one: it says so in its own log, and nothing else.
+            record_superseded(int(ctx["task_id"]), attempt, found[1])
+        elif "task_id" in ctx:
             with self.log_writer(ctx) as writer:
                 if isinstance(exc, BuildCanceled):
                     writer.line(f"Canceled during {self.stage}", always=True)

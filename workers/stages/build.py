@@ -87,7 +87,7 @@ def run_build(
 @app.task(name=STAGE_TASKS["build"], base=StageTask, bind=True, stage=Stage.BUILD)
 def build(self: StageTask, ctx: dict[str, Any]) -> dict[str, Any]:
     """Run the build script on this node; pass the parsed pipeline on to publish."""
-    node = self.request.hostname
+    node, run = self.request.hostname, int(ctx.get("attempt", 1))
     variables = ctx.get("variables", {})
     with self.log_writer(ctx) as log:
         pipeline = run_build(
@@ -95,7 +95,7 @@ def build(self: StageTask, ctx: dict[str, Any]) -> dict[str, Any]:
             variables,
             get_executor(load_settings(), node),
             log,
-            canceled=functools.partial(is_canceled, int(ctx["task_id"])),
+            canceled=functools.partial(is_canceled, int(ctx["task_id"]), run),
             node=node,
         )
         ctx = {**ctx, "pipeline": pipeline.to_dict()}

@@ -9,27 +9,34 @@ pushes: ``:<tag>``), pushed, and its local copy removed.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from cicd.broker import STAGE_TASKS, app
 from cicd.ciyaml import PublishSpec
 from cicd.config import load_settings
-from cicd.errors import StageError
+from cicd.errors import BuildCanceled, StageError
 from cicd.models import Stage
 from workers.engine import docker_client
 from workers.logs import LogWriter
 from workers.registry import build_image, image_reference, push_image, remove_image
-from workers.stages import StageTask
+from workers.stages import StageTask, is_canceled
 from workers.workspace import remove_workspace
 
 __all__ = ["publish", "run_publish"]
 
 
 def run_publish(
-    spec: PublishSpec, checkout: Path, variables: dict[str, str], log: LogWriter
-) -> tuple[str, str | None]:
-    """Build the image from the Dockerfile, push it; return its name and digest."""
+    spec: PublishSpec, checkout: Path, variables: dict[str, str], log: LogWriter,
+    canceled: Callable[[], bool] = lambda: False,
+) -> tuple[str, str | None]:  # fmt: skip
+    """Build the image from the Dockerfile, push it; return its name and digest.
+
+    ``canceled`` is asked between the image build and the push: a canceled
+    build, or a run another run replaced, pushes nothing.
+    """
     settings = load_settings()
     if not settings.registry:
         raise StageError(
@@ -54,6 +61,8 @@ def run_publish(
     client = docker_client(settings)
     try:
         build_image(client, checkout, spec, reference, labels, settings, log.write)
+        if canceled():
+            raise BuildCanceled("canceled before the image was pushed")
         digest = push_image(client, repository, tag, settings, log.write)
     finally:
         remove_image(client, reference)
@@ -72,6 +81,8 @@ def publish(self: StageTask, ctx: dict[str, Any]) -> dict[str, Any]:
             remove_workspace(ctx.get("workspace"))
             return {**ctx, "skipped": Stage.PUBLISH.value}
         spec = PublishSpec.model_validate(published)  # the build stage's, through the broker
-        reference, digest = run_publish(spec, Path(ctx["checkout"]), ctx["variables"], log)
+        canceled = functools.partial(is_canceled, int(ctx["task_id"]), int(ctx.get("attempt", 1)))
+        checkout = Path(ctx["checkout"])
+        reference, digest = run_publish(spec, checkout, ctx["variables"], log, canceled)
     remove_workspace(ctx.get("workspace"))
     return {**ctx, "image": reference, "image_digest": digest}
