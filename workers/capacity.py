@@ -23,6 +23,7 @@ next stage in its direct queue. Two mechanisms keep the promise:
 
 from __future__ import annotations
 
+import datetime as dt
 import enum
 import logging
 import time
@@ -31,6 +32,7 @@ from typing import Any
 from celery.utils.nodenames import worker_direct
 from celery.worker.request import Request
 from sqlalchemy import delete, func, select, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from cicd import db, lifecycle
@@ -70,15 +72,17 @@ def claim_slot(task_id: int, attempt: int, hostname: str, concurrency: int) -> C
     starting at once on one node count one after the other.
     """
     now = utcnow()
+    lock_node = (
+        update(AgentState).where(AgentState.hostname == hostname).values(concurrency=concurrency)
+    )
     with db.session() as session:
-        locked = session.execute(
-            update(AgentState)
-            .where(AgentState.hostname == hostname)
-            .values(concurrency=concurrency)
-        ).rowcount
-        if not locked:  # the node's first heartbeat has not been written yet
-            session.add(AgentState(hostname=hostname, concurrency=concurrency, first_seen=now))
-            session.flush()
+        if not session.execute(lock_node).rowcount:
+            # The node's first heartbeat has not been written yet. Several clones may
+            # find that at once: the row is made outside this transaction (its gap
+            # locks released first, so no deadlock), one insert wins, all then lock it.
+            session.rollback()
+            _create_node_row(hostname, concurrency, now)
+            session.execute(lock_node)
         if builds_in_flight(session, hostname, besides=task_id) >= concurrency:
             session.commit()
             return Claim.FULL
@@ -95,6 +99,15 @@ def claim_slot(task_id: int, attempt: int, hostname: str, concurrency: int) -> C
                               worker=hostname, started_at=now))  # fmt: skip
         session.commit()
         return Claim.CLAIMED
+
+
+def _create_node_row(hostname: str, concurrency: int, now: dt.datetime) -> None:
+    try:
+        with db.session() as session:
+            session.add(AgentState(hostname=hostname, concurrency=concurrency, first_seen=now))
+            session.commit()
+    except IntegrityError:  # another clone of this node made it first
+        pass
 
 
 class Node:
