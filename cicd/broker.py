@@ -16,6 +16,7 @@ sits ``queued`` forever and a redelivery of its webhook can send it again.
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import nullcontext
 from typing import Any
 
 from celery import Celery, chain
@@ -210,10 +211,13 @@ def revoke_build(task_id: int) -> None:
 
 def _record(transition: Callable[[Session, int], bool], task_id: int,
             session: Session | None) -> None:  # fmt: skip
-    if session is not None:
-        transition(session, task_id)
-        session.commit()
-        return
-    with db.session() as own:
-        transition(own, task_id)
-        own.commit()
+    def once() -> None:
+        with nullcontext(session) if session is not None else db.session() as current:
+            try:
+                transition(current, task_id)
+                current.commit()
+            except BaseException:
+                current.rollback()
+                raise
+
+    db.retry_conflicts(once, f"task {task_id}: recording it {transition.__name__}")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import random
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -25,7 +26,9 @@ from cicd.config import Settings
 from cicd.errors import ConfigError
 from cicd.models import Base
 
-__all__ = ["configure", "engine", "session", "retrying", "reset", "create_schema"]
+__all__ = [
+    "configure", "engine", "session", "retrying", "retry_conflicts", "reset", "create_schema",
+]  # fmt: skip
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -105,6 +108,32 @@ def retrying(operation: Callable[[], T], what: str, give_up_after: float = 120) 
             log.warning("%s: database unavailable (%s); retrying in %.1fs", what, error.orig, delay)
             time.sleep(delay)
             delay = min(delay * 2, 5.0)
+
+
+#: MySQL/MariaDB errors that mean two transactions collided, not that the database is
+#: down: a deadlock (InnoDB rolled this one back) and a lock wait timeout.
+CONFLICTS = frozenset({1205, 1213})
+
+
+def retry_conflicts(operation: Callable[[], T], what: str, attempts: int = 5) -> T:
+    """Run ``operation`` (one whole transaction) again when it lost a lock conflict.
+
+    InnoDB picks a victim when, say, a webhook's insert and an auto-cancel's
+    range update wait on each other, and asks it to "try restarting
+    transaction"; that is a normal answer under concurrency, not an outage, so
+    the caller should not see it. Anything else, and the last conflict, is raised.
+    """
+    attempt = 1
+    while True:
+        try:
+            return operation()
+        except OperationalError as error:
+            code = error.orig.args[0] if error.orig is not None and error.orig.args else None
+            if code not in CONFLICTS or attempt >= attempts:
+                raise
+            log.info("%s: %s; running it again", what, error.orig)
+            time.sleep(random.uniform(0, 0.02 * attempt))  # noqa: S311 (jitter, not a secret)
+            attempt += 1
 
 
 def reset() -> None:

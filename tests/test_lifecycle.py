@@ -14,7 +14,7 @@ import pytest
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.orm import Session
 
-from cicd import lifecycle
+from cicd import db, lifecycle
 from cicd.models import Base, RefType, Stage, TaskDetail, TaskState, TaskStatus, utcnow
 
 
@@ -244,3 +244,39 @@ def test_a_newer_push_supersedes_only_unfinished_builds(engine):
         TaskState.SUCCESS, TaskState.CANCELED, TaskState.CANCELED,
     ]  # fmt: skip
     assert state(engine, queued).error == "superseded by 99"
+
+
+def test_a_transaction_that_loses_a_deadlock_is_run_again(make_database):
+    """Two transactions locking two rows in opposite orders: InnoDB rolls one back
+    ("try restarting transaction"); ``db.retry_conflicts`` runs it again, so both land."""
+    made = create_engine(make_database("opscd_conflict")[1], pool_size=4)
+    with made.begin() as connection:
+        connection.exec_driver_sql("CREATE TABLE counters (id INT PRIMARY KEY, n INT)")
+        connection.exec_driver_sql("INSERT INTO counters VALUES (1, 0), (2, 0)")
+    crossing, runs, errors = threading.Barrier(2), [], []
+
+    def transaction(first: int, second: int) -> None:
+        def run() -> None:
+            runs.append(first)
+            with made.begin() as connection:
+                connection.exec_driver_sql(f"UPDATE counters SET n = n + 1 WHERE id = {first}")
+                if len(runs) <= 2:  # only the first round crosses
+                    crossing.wait(timeout=10)
+                connection.exec_driver_sql(f"UPDATE counters SET n = n + 1 WHERE id = {second}")
+
+        try:
+            db.retry_conflicts(run, f"counters {first}, {second}")
+        except Exception as error:
+            errors.append(error)
+
+    threads = [threading.Thread(target=transaction, args=pair) for pair in ((1, 2), (2, 1))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    with made.connect() as connection:
+        counts = connection.exec_driver_sql("SELECT n FROM counters ORDER BY id").scalars().all()
+    made.dispose()
+    assert errors == []
+    assert len(runs) == 3  # one transaction was the deadlock's victim and ran again
+    assert counts == [2, 2]  # and each of the two landed exactly once

@@ -53,16 +53,23 @@ def gitlab_webhook() -> tuple[Response, int]:
 
 def _record_and_enqueue(event: PushEvent) -> tuple[Response, int]:
     with db.session() as session:
-        task = lifecycle.accept(
-            TaskDetail(**{**event.to_dict(), "ref_type": RefType(event.ref_type)})
-        )
-        session.add(task)
+
+        def record() -> int:
+            task = lifecycle.accept(
+                TaskDetail(**{**event.to_dict(), "ref_type": RefType(event.ref_type)})
+            )
+            session.add(task)
+            try:
+                session.commit()
+            except BaseException:
+                session.rollback()
+                raise
+            return task.id
+
         try:
-            session.commit()
+            task_id = db.retry_conflicts(record, "webhook: recording the build")
         except IntegrityError as error:
-            session.rollback()
             return _redelivery(session, event, error)
-        task_id = task.id
         answer = _enqueue(task_id, status=202, session=session)
     if current_app.config["AUTO_CANCEL"] and event.ref_type == "branch":
         _cancel_superseded(event, task_id)
@@ -81,7 +88,8 @@ def _cancel_superseded(event: PushEvent, newest: int) -> None:
         TaskDetail.ref_name == event.ref_name,
         TaskDetail.id < newest,
     )
-    try:
+
+    def cancel() -> list[int]:
         with db.session() as session:
             unfinished = session.scalars(
                 select(TaskStatus.task_id)
@@ -90,6 +98,10 @@ def _cancel_superseded(event: PushEvent, newest: int) -> None:
             ).all()
             lifecycle.supersede(session, list(unfinished), newest)
             session.commit()
+        return list(unfinished)
+
+    try:
+        unfinished = db.retry_conflicts(cancel, f"webhook: superseding builds older than {newest}")
     except OperationalError as error:
         log.warning("webhook: older builds of %s not canceled: %s", event.ref_name, error.orig)
         return
