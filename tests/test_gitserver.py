@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import requests
-from support.git import GitHttpServer, GitRepo
+from support.git import GitHttpServer, GitRepo, git_env
 
 USER = "ci-bot"
 PASSWORD = "s3cret-t0ken"
@@ -36,16 +36,7 @@ def client_env(tmp_path: Path) -> dict[str, str]:
     """Environment for the git *client*: no user/system config, never prompt."""
     home = tmp_path / "client-home"
     home.mkdir()
-    return {
-        "PATH": os.environ.get("PATH", os.defpath),
-        "HOME": str(home),
-        "LANG": "C",
-        "LC_ALL": "C",
-        "GIT_CONFIG_NOSYSTEM": "1",
-        "GIT_CONFIG_GLOBAL": os.devnull,
-        "GIT_TERMINAL_PROMPT": "0",
-        "GIT_ASKPASS": "",
-    }
+    return git_env({"HOME": str(home)})
 
 
 def basic_header(user: str, password: str) -> str:

@@ -41,7 +41,6 @@ import io
 import os
 import resource
 import shutil
-import signal
 import subprocess
 import tarfile
 import time
@@ -53,7 +52,7 @@ from xml.sax.saxutils import escape
 import docker
 import requests
 
-from .processes import free_port, wait_until
+from .processes import Process, free_port, wait_until
 
 __all__ = [
     "HOST_TOOL_MOUNTS",
@@ -111,19 +110,6 @@ HOST_TOOL_MOUNTS: list[str] = [
 ]
 
 
-def _stop_process(popen: subprocess.Popen[bytes], timeout: float = 10) -> None:
-    """SIGTERM the process group of ``popen`` (started with start_new_session), then SIGKILL."""
-    if popen.poll() is None:
-        try:
-            os.killpg(popen.pid, signal.SIGTERM)
-            popen.wait(timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(popen.pid, signal.SIGKILL)
-            popen.wait()
-        except ProcessLookupError:
-            popen.wait()
-
-
 def _toml_string(value: str) -> str:
     return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
@@ -143,7 +129,7 @@ class Registry:
         self.password = password
         self.port: int | None = None
         self.log_path = self.root / "registry.log"
-        self._popen: subprocess.Popen[bytes] | None = None
+        self._process: Process | None = None
         self._session = requests.Session()
 
     @property
@@ -181,12 +167,8 @@ class Registry:
             f"http:\n  addr: 127.0.0.1:{self.port}\n"
             f"auth:\n  htpasswd:\n    realm: opscd-test\n    path: {self.root / 'htpasswd'}\n"
         )
-        with self.log_path.open("ab") as log:
-            self._popen = subprocess.Popen(
-                ["docker-registry", "serve", str(config)],
-                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                cwd=self.root, start_new_session=True,
-            )  # fmt: skip
+        args = ["docker-registry", "serve", str(config)]
+        self._process = Process("registry", args, dict(os.environ), self.root)
         try:
             wait_until(self._answers_401, 20, f"the registry on {self.address}")
         except BaseException:
@@ -195,8 +177,8 @@ class Registry:
         return self
 
     def _answers_401(self) -> bool:
-        assert self._popen is not None
-        if self._popen.poll() is not None:
+        assert self._process is not None
+        if self._process.popen.poll() is not None:
             raise RuntimeError(f"docker-registry exited:\n{self.log()}")
         try:
             return requests.get(f"{self.url}/v2/", timeout=1).status_code == 401
@@ -207,9 +189,9 @@ class Registry:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
     def stop(self) -> None:
-        if self._popen is not None:
-            _stop_process(self._popen)
-            self._popen = None
+        if self._process is not None:
+            self._process.stop()
+            self._process = None
         self._session.close()
 
     def __enter__(self) -> Self:
@@ -284,7 +266,7 @@ class PodmanService:
             "CONTAINERS_STORAGE_CONF": str(self.root / "storage.conf"),
         }
         self.storage_driver: str | None = None
-        self._popen: subprocess.Popen[bytes] | None = None
+        self._process: Process | None = None
 
     # configuration
 
@@ -372,12 +354,8 @@ class PodmanService:
         self._write_registries_conf()
         self.storage_driver = self._choose_storage_driver()
         self.socket_path.unlink(missing_ok=True)
-        with self.log_path.open("ab") as log:
-            self._popen = subprocess.Popen(
-                ["podman", "system", "service", "--time=0", self.docker_host],
-                env=self._cli_env(), stdin=subprocess.DEVNULL, stdout=log,
-                stderr=subprocess.STDOUT, start_new_session=True,
-            )  # fmt: skip
+        args = ["podman", "system", "service", "--time=0", self.docker_host]
+        self._process = Process("podman-service", args, self._cli_env(), self.root)
         try:
             wait_until(self._pings, 30, f"podman to answer on {self.docker_host}")
         except BaseException:
@@ -386,8 +364,8 @@ class PodmanService:
         return self
 
     def _pings(self) -> bool:
-        assert self._popen is not None
-        if self._popen.poll() is not None:
+        assert self._process is not None
+        if self._process.popen.poll() is not None:
             raise RuntimeError(f"podman system service exited:\n{self.log()}")
         if not self.socket_path.exists():
             return False
@@ -418,9 +396,9 @@ class PodmanService:
 
     def stop(self) -> None:
         """Stop the service, remove all containers and images, unmount and delete the storage."""
-        if self._popen is not None:
-            _stop_process(self._popen)
-            self._popen = None
+        if self._process is not None:
+            self._process.stop()
+            self._process = None
         if self.storage_driver is not None:
             try:
                 self.podman("system", "reset", "--force")
