@@ -84,6 +84,14 @@ def celery_options(settings: Settings) -> dict[str, Any]:
             # The webhook must answer within GitLab's few seconds even when the
             # broker is unreachable: fail the connect fast and answer 503.
             "socket_connect_timeout": 2,
+            # A broker that vanished without closing the connection (a cut link, a
+            # firewall) is noticed in seconds, not half a minute: a send gives up
+            # after socket_timeout, and a node drops a BRPOP connection whose reply
+            # is overdue by health_check_interval (kombu's default: 25 s), then
+            # reconnects (every second: workers.celery_app.Consumer).
+            "socket_timeout": 5,
+            "socket_keepalive": True,
+            "health_check_interval": 2,
         },
         # A worker handing a build to its next stage waits out a broker restart
         # (about two minutes) rather than drop the chain. The web process does

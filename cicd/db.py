@@ -9,6 +9,7 @@ after a fork.
 
 from __future__ import annotations
 
+import datetime as dt
 import functools
 import logging
 import random
@@ -24,10 +25,11 @@ from sqlalchemy.schema import CreateColumn
 
 from cicd.config import Settings
 from cicd.errors import ConfigError
-from cicd.models import Base
+from cicd.models import Base, utcnow
 
 __all__ = [
-    "configure", "engine", "session", "retrying", "retry_conflicts", "reset", "create_schema",
+    "configure", "engine", "session", "clock", "retrying", "retry_conflicts", "reset",
+    "create_schema",
 ]  # fmt: skip
 
 log = logging.getLogger(__name__)
@@ -89,6 +91,24 @@ def session() -> Iterator[Session]:
         except BaseException:
             db.rollback()
             raise
+
+
+#: The database server's "now" in UTC, per dialect (SQLite's is this host's: it has no other).
+_NOW_IN_UTC = {"mysql": "SELECT UTC_TIMESTAMP(6)", "postgresql": "SELECT timezone('UTC', now())"}
+
+
+def clock(db: Session) -> dt.datetime:
+    """Now on the database's clock (UTC, naive, like every timestamp column).
+
+    Heartbeats are written and aged with it, so that no host's wall clock is
+    compared with another's: agents, the web and the reaper run on hosts of
+    their own, whose clocks may disagree by more than the offline bound.
+    """
+    query = _NOW_IN_UTC.get(db.get_bind().dialect.name)
+    if query is None:
+        return utcnow()
+    now = db.execute(text(query)).scalar_one()
+    return now.replace(tzinfo=None) if now.tzinfo else now
 
 
 def retrying(operation: Callable[[], T], what: str, give_up_after: float = 120) -> T:

@@ -15,6 +15,7 @@ __all__ = [
     "StageError",
     "BuildFailed",
     "BuildCanceled",
+    "LeaseLost",
 ]
 
 
@@ -70,3 +71,9 @@ class BuildFailed(OpsCDError):
 
 class BuildCanceled(OpsCDError):
     """Someone canceled the build while it ran; its processes or container were killed."""
+
+
+class LeaseLost(OpsCDError):
+    """This agent's heartbeats stopped reaching the database, so it stopped the build before
+    another agent could run it again (:mod:`workers.lease`). Not the build's result: the
+    build runs again, here once the database answers, or on another agent."""

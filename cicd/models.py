@@ -253,3 +253,5 @@ class AgentState(Base):
     sw_version: Mapped[str | None] = mapped_column(String(64))
     first_seen: Mapped[dt.datetime] = mapped_column(Timestamp, default=utcnow)
     last_heartbeat: Mapped[dt.datetime] = mapped_column(Timestamp, default=utcnow)
+    #: Since when the node has had no broker connection (it takes no builds), else NULL.
+    broker_lost_at: Mapped[dt.datetime | None] = mapped_column(Timestamp)

@@ -106,7 +106,8 @@ CREATE TABLE IF NOT EXISTS agent_states (
     loadavg         VARCHAR(64)  NULL,
     sw_version      VARCHAR(64)  NULL,
     first_seen      DATETIME(6)  NOT NULL,
-    last_heartbeat  DATETIME(6)  NOT NULL,
+    last_heartbeat  DATETIME(6)  NOT NULL,               -- the database's clock, UTC
+    broker_lost_at  DATETIME(6)  NULL,                   -- no broker connection since
     PRIMARY KEY (hostname),
     INDEX ix_agent_states_last_heartbeat (last_heartbeat)
 ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin;

@@ -23,7 +23,6 @@ next stage in its direct queue. Two mechanisms keep the promise:
 
 from __future__ import annotations
 
-import datetime as dt
 import enum
 import logging
 import time
@@ -81,7 +80,7 @@ def claim_slot(task_id: int, attempt: int, hostname: str, concurrency: int) -> C
             # find that at once: the row is made outside this transaction (its gap
             # locks released first, so no deadlock), one insert wins, all then lock it.
             session.rollback()
-            _create_node_row(hostname, concurrency, now)
+            _create_node_row(hostname, concurrency)
             session.execute(lock_node)
         if builds_in_flight(session, hostname, besides=task_id) >= concurrency:
             session.commit()
@@ -101,10 +100,12 @@ def claim_slot(task_id: int, attempt: int, hostname: str, concurrency: int) -> C
         return Claim.CLAIMED
 
 
-def _create_node_row(hostname: str, concurrency: int, now: dt.datetime) -> None:
+def _create_node_row(hostname: str, concurrency: int) -> None:
     try:
         with db.session() as session:
-            session.add(AgentState(hostname=hostname, concurrency=concurrency, first_seen=now))
+            now = db.clock(session)  # heartbeats are aged on the database's clock
+            session.add(AgentState(hostname=hostname, concurrency=concurrency, first_seen=now,
+                                   last_heartbeat=now))  # fmt: skip
             session.commit()
     except IntegrityError:  # another clone of this node made it first
         pass

@@ -8,22 +8,45 @@ process and Flower use :mod:`cicd.broker` and run none of the handlers.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 from celery.signals import celeryd_after_setup
+from celery.worker.consumer import Consumer as CeleryConsumer
 
 from cicd import broker, db
 from cicd.broker import BUILD_QUEUE, app, language_queue
 from cicd.config import load_settings
 from cicd.languages import LANGUAGES
 
-__all__ = ["app", "settings"]
+__all__ = ["app", "settings", "Consumer"]
+
+#: Seconds between two attempts to reach a broker that went away.
+RECONNECT_INTERVAL = 1.0
 
 #: The node's settings, read once as the worker starts (a bad value stops it here);
 #: the worker's modules get this same object from the cached ``load_settings()``.
 settings = load_settings()
 db.configure(settings)
 broker.configure(settings)
+
+
+class Consumer(CeleryConsumer):
+    """Celery's consumer, trying to reconnect every second while the broker is away.
+
+    Celery's own backs off to 30 s between attempts, so a node would go on
+    taking no builds for up to half a minute after the broker came back.
+    """
+
+    def ensure_connected(self, conn: Any) -> Any:
+        conn.ensure_connection = functools.partial(
+            conn.ensure_connection, interval_start=RECONNECT_INTERVAL, interval_step=1,
+            interval_max=RECONNECT_INTERVAL,
+        )  # fmt: skip
+        return super().ensure_connected(conn)
+
+
+app.conf.worker_consumer = f"{__name__}:Consumer"
 
 
 @celeryd_after_setup.connect

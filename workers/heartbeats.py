@@ -1,8 +1,8 @@
 """Agent heartbeats: each worker node keeps its own ``agent_states`` row current.
 
 Worker-side, not an event consumer, and not tied to the broker: a thread of
-the node's main process (:class:`Heartbeat`) writes the row every
-:data:`INTERVAL` seconds straight to the database, from ``worker_ready`` to a
+the node's main process (:class:`Heartbeat`) writes the row every 2 seconds
+(:func:`workers.lease.heartbeat_interval`) straight to the database, from ``worker_ready`` to a
 graceful stop (``worker_shutdown``, which marks the node offline at once).
 Celery's own heartbeats stop while the broker is away, and a node that cannot
 reach the broker is not a dead node: its builds go on and must not be run
@@ -10,9 +10,20 @@ again elsewhere. A node that stops heartbeating (killed, host down, database
 unreachable from it) is shown offline once its last heartbeat is older than
 ``CICD_AGENT_OFFLINE_AFTER``: readers compute that, nobody deletes rows.
 
+Each heartbeat that gets through renews the node's lease on its builds
+(:mod:`workers.lease`): a node whose heartbeats stop reaching the database
+stops its builds before any other node may run them again. Heartbeats carry
+the database's clock (:func:`cicd.db.clock`), never the agent's.
+
+The heartbeat also says whether the node has a broker connection: without
+one it takes no builds (it receives no messages), and its row says since when
+(``broker_lost_at``, shown on the agents page), but it is not dead: its builds
+go on and are not run again.
+
 The same thread runs the reaper (:mod:`workers.reaper`), but only once its
-own heartbeats have reached the database for a whole ``CICD_AGENT_OFFLINE_AFTER``:
-right after a database outage every node's row is old, and none of them is dead.
+own heartbeats have reached the database for a whole ``CICD_AGENT_OFFLINE_AFTER``
+(right after a database outage every node's row is old, and none of them is
+dead), and only while its broker connection is up (a rerun is sent through it).
 """
 
 from __future__ import annotations
@@ -28,16 +39,16 @@ from sqlalchemy import select
 
 from cicd import __version__, db
 from cicd.config import load_settings
-from cicd.models import AgentState, TaskState, TaskStatus, utcnow
-from workers import reaper
+from cicd.models import AgentState, TaskState, TaskStatus
+from workers import lease, reaper
 from workers.capacity import builds_in_flight
 
-__all__ = ["INTERVAL", "Heartbeat", "Node", "record_heartbeat", "record_offline"]
+__all__ = ["CELERY_HEARTBEAT", "Heartbeat", "Node", "record_heartbeat", "record_offline"]
 
 log = logging.getLogger(__name__)
 
-#: Seconds between two heartbeats of a node (Celery's own default interval).
-INTERVAL = 2.0
+#: Seconds between two of Celery's own heartbeats (sent through the broker).
+CELERY_HEARTBEAT = 2.0
 
 
 @dataclass
@@ -55,22 +66,22 @@ def _load_average() -> str | None:
         return None
 
 
-def record_heartbeat(current: Node) -> bool:
-    """Upsert this node's row: online, builds in flight, processed, load, version, now.
+def record_heartbeat(current: Node, broker_up: bool = True) -> bool:
+    """Upsert this node's row: online, builds in flight, processed, load, version, now (the
+    database's), and since when the broker is unreachable if ``broker_up`` is false.
 
     Returns whether the row was written; a failure is logged, never raised.
     """
-    now = utcnow()
     values = {
         "online": True,
         "concurrency": current.concurrency,
         "processed": all_total_count[0],
         "loadavg": _load_average(),
         "sw_version": f"opscd {__version__}",
-        "last_heartbeat": now,
     }
     try:
         with db.session() as session:
+            now = db.clock(session)
             values["active"] = builds_in_flight(session, current.hostname)
             row = session.get(AgentState, current.hostname)
             if row is None:
@@ -78,6 +89,8 @@ def record_heartbeat(current: Node) -> bool:
                 session.add(row)
             for key, value in values.items():
                 setattr(row, key, value)
+            row.last_heartbeat = now
+            row.broker_lost_at = None if broker_up else (row.broker_lost_at or now)
             session.commit()
     except Exception as error:  # the node keeps building; its row just ages
         log.error("%s: could not record its heartbeat (%s)", current.hostname, error)
@@ -91,7 +104,7 @@ def record_offline(current: Node) -> None:
         with db.session() as session:
             row = session.get(AgentState, current.hostname)
             if row is not None:
-                row.online, row.active, row.last_heartbeat = False, 0, utcnow()
+                row.online, row.active, row.last_heartbeat = False, 0, db.clock(session)
                 session.commit()
     except Exception:
         log.exception("%s: could not record going offline", current.hostname)
@@ -112,26 +125,47 @@ def _held_builds() -> set[int] | None:
 
 
 class Heartbeat(threading.Thread):
-    """The node's heartbeat thread: its row every :data:`INTERVAL` s, then the reaper."""
+    """The node's heartbeat thread: its row every few seconds, its lease, then the reaper."""
 
     def __init__(self, node: Node) -> None:
         super().__init__(name=f"opscd-heartbeat-{node.hostname}", daemon=True)
         self.node = node
+        self.interval = lease.heartbeat_interval(load_settings())
         self._stopped = threading.Event()
+        self._sweep_due = threading.Event()
         #: Since when (monotonic) every heartbeat reached the database; None after a failure.
         self._healthy_since: float | None = None
         #: Since when Celery's own heartbeats (broker connected) came without a gap.
         self._broker_since: float | None = None
-        self._broker_last = 0.0
+        self._broker_last = time.monotonic()  # the node just connected to start
+        self._broker_was_up = True
         #: Builds running here by the database with no message on this node, since when.
         self._missing: dict[int, float] = {}
 
     def broker_seen(self) -> None:
         """Celery sent a heartbeat: the node's broker connection is up (main thread)."""
         now = time.monotonic()
-        if self._broker_since is None or now - self._broker_last > 3 * INTERVAL:
+        if self._broker_since is None or now - self._broker_last > 3 * CELERY_HEARTBEAT:
             self._broker_since = now
         self._broker_last = now
+
+    def broker_connected(self) -> bool:
+        """Whether Celery's heartbeats (which travel through the broker) came lately."""
+        return time.monotonic() - self._broker_last <= 3 * CELERY_HEARTBEAT
+
+    def broker_up(self) -> bool:
+        """:meth:`broker_connected`, saying so in the log when that changes (heartbeat thread)."""
+        silent = time.monotonic() - self._broker_last
+        up = self.broker_connected()
+        if up != self._broker_was_up:
+            if up:
+                log.warning("%s: the broker is reachable again; taking builds", self.node.hostname)
+            else:
+                log.warning("%s: broker unreachable since %.0f s ago; taking no new builds "
+                            "until it is back (builds running here go on)",
+                            self.node.hostname, silent)  # fmt: skip
+            self._broker_was_up = up
+        return up
 
     def rerun_lost_builds(self) -> list[int]:
         """Builds ``running`` here that no stage message of this node carries any more.
@@ -145,7 +179,7 @@ class Heartbeat(threading.Thread):
         """
         held = _held_builds()
         now = time.monotonic()
-        if held is None or self._broker_since is None or now - self._broker_last > 3 * INTERVAL:
+        if held is None or self._broker_since is None or not self.broker_connected():
             self._missing.clear()  # the broker is away: messages cannot arrive
             return []
         with db.session() as session:
@@ -168,28 +202,46 @@ class Heartbeat(threading.Thread):
             task_id, self.node.hostname, running[task_id])]  # fmt: skip
 
     def beat(self) -> None:
-        """One heartbeat; the reaper's sweep once the database answered long enough."""
-        if not record_heartbeat(self.node):
+        """One heartbeat and the lease it renews; the reaper's sweep once the database
+        answered long enough and the broker connection is up."""
+        settings = load_settings()
+        sent = time.monotonic()
+        broker_up = self.broker_up()
+        if not record_heartbeat(self.node, broker_up):
             self._healthy_since = None
             return
+        lease.renew(sent, lease.lease_length(settings))
         now = time.monotonic()
         if self._healthy_since is None:
             self._healthy_since = now
-        if now - self._healthy_since >= load_settings().agent_offline_after:
-            reaper.sweep()
-            self.rerun_lost_builds()
+        if now - self._healthy_since >= settings.agent_offline_after and broker_up:
+            self._sweep_due.set()
 
     def run(self) -> None:
+        threading.Thread(target=self._sweep, name=f"{self.name}-reaper", daemon=True).start()
         while not self._stopped.is_set():
             started = time.monotonic()
             try:
                 self.beat()
             except Exception:
                 log.exception("%s: heartbeat failed", self.node.hostname)
-            self._stopped.wait(max(0.0, INTERVAL - (time.monotonic() - started)))
+            self._stopped.wait(max(0.0, self.interval - (time.monotonic() - started)))
+
+    def _sweep(self) -> None:
+        """The reaper, on a thread of its own: a slow sweep must not delay the lease."""
+        while not self._stopped.is_set():
+            if not self._sweep_due.wait(timeout=1):
+                continue
+            self._sweep_due.clear()
+            try:
+                reaper.sweep()
+                self.rerun_lost_builds()
+            except Exception:
+                log.exception("%s: reaper failed", self.node.hostname)
 
     def stop(self) -> None:
         """Stop beating (a graceful shutdown), then say the node is offline."""
         self._stopped.set()
+        self._sweep_due.set()
         self.join(timeout=10)
         record_offline(self.node)

@@ -26,12 +26,14 @@ from sqlalchemy import delete, or_, select
 from cicd import db, lifecycle
 from cicd.broker import BrokerUnavailable, send_task
 from cicd.config import load_settings
-from cicd.models import AgentState, TaskLog, TaskStage, TaskState, TaskStatus, utcnow
+from cicd.models import AgentState, TaskLog, TaskStage, TaskState, TaskStatus
 
 __all__ = [
     "sweep",
     "rerun_builds_of_dead_agents",
     "rerun_builds_of_restarted_node",
+    "rerun_lost_build",
+    "rerun_fenced_build",
     "send_unsent_builds",
 ]
 
@@ -56,11 +58,12 @@ def sweep(force: bool = False) -> None:
 def rerun_builds_of_dead_agents() -> list[int]:
     """Send again (or fail) every build running on a node that stopped heartbeating."""
     settings = load_settings()
-    silent_since = utcnow() - dt.timedelta(seconds=settings.agent_offline_after)
-    dead = select(AgentState.hostname).where(
-        or_(AgentState.online.is_(False), AgentState.last_heartbeat < silent_since)
-    )
     with db.session() as session:
+        # Both ages on the database's clock: the heartbeats were written with it.
+        silent_since = db.clock(session) - dt.timedelta(seconds=settings.agent_offline_after)
+        dead = select(AgentState.hostname).where(
+            or_(AgentState.online.is_(False), AgentState.last_heartbeat < silent_since)
+        )
         orphans = session.execute(
             select(TaskStatus.task_id, TaskStatus.worker, TaskStatus.attempt).where(
                 TaskStatus.state == TaskState.RUNNING, TaskStatus.worker.in_(dead)
@@ -99,6 +102,13 @@ def rerun_lost_build(task_id: int, node: str, attempt: int) -> bool:
     return _rerun(task_id, node, attempt, load_settings().max_attempts, "lost its next stage")
 
 
+def rerun_fenced_build(task_id: int, node: str, attempt: int) -> bool:
+    """A build ``node`` stopped itself because its lease expired: run it again, unless another
+    node's reaper already did."""
+    return _rerun(task_id, node, attempt, load_settings().max_attempts,
+                  "lost its connection to the database")  # fmt: skip
+
+
 def _rerun(
     task_id: int, node: str, attempt: int, max_attempts: int,
     what: str = "stopped responding",
@@ -131,8 +141,8 @@ def send_unsent_builds() -> list[int]:
     After ``CICD_RECONCILE_AFTER``: the forge's redelivery of the webhook comes first.
     """
     settings = load_settings()
-    waited = utcnow() - dt.timedelta(seconds=settings.reconcile_after)
     with db.session() as session:
+        waited = db.clock(session) - dt.timedelta(seconds=settings.reconcile_after)
         unsent = session.execute(
             select(TaskStatus.task_id, TaskStatus.attempt).where(
                 TaskStatus.state.in_((TaskState.QUEUED, TaskState.FAILED)),

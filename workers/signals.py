@@ -8,6 +8,7 @@ database says which node runs which stage of which build, and how it ended.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -18,9 +19,9 @@ from sqlalchemy.orm import Session
 from cicd import db, lifecycle
 from cicd.broker import STAGE_TASKS
 from cicd.config import load_settings
-from cicd.errors import BuildFailed
+from cicd.errors import BuildFailed, LeaseLost
 from cicd.models import Stage, StageState, TaskStage, TaskState, TaskStatus, utcnow
-from workers import capacity, heartbeats, reaper, workspace
+from workers import capacity, heartbeats, lease, reaper, workspace
 from workers.stages import describe_error
 
 __all__: list[str] = []
@@ -129,8 +130,8 @@ def on_stage_failure(
     sender: Any = None, exception: BaseException | None = None, args: Any = None, **_: Any
 ) -> None:
     build = _build_of(sender, args)
-    if build is None:
-        return
+    if build is None or isinstance(exception, LeaseLost):
+        return  # a run stopped for its lease is no result: StageTask hands the build back
     task_id, stage, attempt = build
     error = describe_error(exception)[:10000] if exception else "unknown error"
     code = exception.exit_code if isinstance(exception, BuildFailed) else None
@@ -171,6 +172,12 @@ def on_node_setup(sender: str, instance: Any, **_: Any) -> None:
     that is gone (a restart): they are run again, on any node.
     """
     capacity.node.configure(sender, int(instance.concurrency or 1))
+    # Builds here need the lease from now on; the first heartbeat gives it, before any
+    # build can start (the heartbeat thread renews it from worker_ready on).
+    lease.hold()
+    sent = time.monotonic()
+    if heartbeats.record_heartbeat(heartbeats.Node(sender, int(instance.concurrency or 1))):
+        lease.renew(sent, lease.lease_length(load_settings()))
     try:
         reaper.rerun_builds_of_restarted_node(sender)
     except Exception:

@@ -137,6 +137,7 @@ def agent_to_dict(agent: AgentState, offline_after: float, now: dt.datetime) -> 
         "first_seen": _iso(agent.first_seen),
         "last_heartbeat": _iso(agent.last_heartbeat),
         "seconds_since_heartbeat": round(age, 3),
+        "broker_unreachable_since": _iso(agent.broker_lost_at),
     }
 
 
@@ -145,7 +146,7 @@ def fleet() -> list[dict[str, Any]]:
     offline_after = current_app.config["AGENT_OFFLINE_AFTER"]
     with db.session() as session:
         agents = session.scalars(select(AgentState).order_by(AgentState.hostname)).all()
-        now = utcnow()
+        now = db.clock(session)  # heartbeats carry the database's clock, not this host's
         rows = [agent_to_dict(a, offline_after, now) for a in agents]
     rows.sort(key=lambda a: not a["online"])
     return rows

@@ -21,7 +21,7 @@ from cicd import db
 from cicd.broker import BUILD_QUEUE, language_queue
 from cicd.config import Settings
 from cicd.languages import LANGUAGES
-from cicd.models import AgentState, TaskState, TaskStatus, utcnow
+from cicd.models import AgentState, TaskState, TaskStatus
 
 __all__ = ["bp", "BUCKETS"]
 
@@ -70,6 +70,7 @@ class OpsCDCollector(Collector):
                 ).where(finished, TaskStatus.state.in_([TaskState.SUCCESS, TaskState.FAILED]))
             ).one()
             agents = session.execute(select(AgentState.online, AgentState.last_heartbeat)).all()
+            now = db.clock(session)
 
         builds = GaugeMetricFamily("opscd_builds", "Builds by state", labels=["state"])
         for state in TaskState:
@@ -86,7 +87,6 @@ class OpsCDCollector(Collector):
             sum_value=float(seconds or 0),
         )
 
-        now = utcnow()
         online = sum(
             1
             for is_online, last in agents

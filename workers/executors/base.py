@@ -10,9 +10,12 @@ from __future__ import annotations
 import shlex
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from workers import lease
 
 __all__ = ["Step", "StepResult", "Executor", "OutputSink", "Watchdog", "shell_script"]
 
@@ -37,15 +40,20 @@ class Step:
 
 @dataclass(frozen=True)
 class StepResult:
-    """How a step ended: ``exit_code`` as a shell reports it (128 + signal when killed)."""
+    """How a step ended: ``exit_code`` as a shell reports it (128 + signal when killed).
+
+    ``fenced``: stopped because this node's lease expired (:mod:`workers.lease`):
+    not the build's result, the build runs again.
+    """
 
     exit_code: int
     timed_out: bool = False
     canceled: bool = False
+    fenced: bool = False
 
     @property
     def ok(self) -> bool:
-        return self.exit_code == 0 and not self.timed_out and not self.canceled
+        return self.exit_code == 0 and not (self.timed_out or self.canceled or self.fenced)
 
 
 class Executor(ABC):
@@ -63,7 +71,8 @@ class Executor(ABC):
 
 
 class Watchdog:
-    """Tells a running step when to stop: at its deadline, or when it was canceled."""
+    """Tells a running step when to stop: at its deadline, when it was canceled, or when the
+    node's lease expired (also from another thread, see :meth:`fence`)."""
 
     CANCEL_POLL_SECONDS = 1.0
 
@@ -73,11 +82,27 @@ class Watchdog:
         self._next_poll = time.monotonic() + self.CANCEL_POLL_SECONDS
         self.timed_out = False
         self.canceled = False
+        self.fenced = False
+
+    @contextmanager
+    def fence(self, kill: Callable[[], None]) -> Iterator[None]:
+        """While the step runs, ``kill`` it at once if the lease expires, even if the thread
+        that ticks this watchdog is stuck (e.g. storing a log line on a cut connection)."""
+
+        def stop() -> None:
+            self.fenced = True
+            kill()
+
+        with lease.guard(stop):
+            yield
 
     def should_stop(self) -> bool:
         """True once, the first time the step must be killed; call it on every tick."""
-        if self.timed_out or self.canceled:
+        if self.timed_out or self.canceled or self.fenced:
             return False
+        if lease.expired():
+            self.fenced = True
+            return True
         now = time.monotonic()
         if now >= self.deadline:
             self.timed_out = True
@@ -90,7 +115,7 @@ class Watchdog:
         return False
 
     def result(self, exit_code: int) -> StepResult:
-        return StepResult(exit_code=exit_code, timed_out=self.timed_out, canceled=self.canceled)
+        return StepResult(exit_code, self.timed_out, self.canceled, self.fenced)
 
 
 def shell_script(commands: list[str]) -> str:

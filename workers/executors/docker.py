@@ -96,11 +96,12 @@ class DockerExecutor(Executor):
         reader = threading.Thread(target=_copy_logs, args=(container, output), daemon=True)
         reader.start()
         watchdog = Watchdog(step)
-        while reader.is_alive():
-            reader.join(TICK_SECONDS)
-            output(b"")
-            if watchdog.should_stop():
-                _kill(container)
+        with watchdog.fence(lambda: _kill(container)):
+            while reader.is_alive():
+                reader.join(TICK_SECONDS)
+                output(b"")
+                if watchdog.should_stop():
+                    _kill(container)
         status = container.wait(timeout=API_TIMEOUT)
         return watchdog.result(int(status.get("StatusCode", -1)))
 

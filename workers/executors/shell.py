@@ -40,12 +40,12 @@ class ShellExecutor(Executor):
             start_new_session=True,  # its own process group, killed as one
         )
         watchdog = Watchdog(step)
-        with selectors.DefaultSelector() as selector:
-            selector.register(process.stdout, selectors.EVENT_READ)
+        with watchdog.fence(lambda: _kill_leftovers(process)), selectors.DefaultSelector() as sel:
+            sel.register(process.stdout, selectors.EVENT_READ)
             while True:
                 if watchdog.should_stop():
-                    _kill_group(process)
-                if selector.select(TICK_SECONDS):
+                    _kill_group(process, grace=not watchdog.fenced)
+                if sel.select(TICK_SECONDS):
                     chunk = os.read(process.stdout.fileno(), 65536)
                     if not chunk:
                         break
@@ -68,14 +68,15 @@ def _kill_leftovers(process: subprocess.Popen) -> None:
         pass
 
 
-def _kill_group(process: subprocess.Popen) -> None:
+def _kill_group(process: subprocess.Popen, grace: bool = True) -> None:
     """SIGTERM the process group, then SIGKILL whatever is left after a grace period."""
     try:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(KILL_GRACE_SECONDS)
-        except subprocess.TimeoutExpired:
-            pass
+        if grace:
+            os.killpg(process.pid, signal.SIGTERM)
+            try:
+                process.wait(KILL_GRACE_SECONDS)
+            except subprocess.TimeoutExpired:
+                pass
         os.killpg(process.pid, signal.SIGKILL)
     except ProcessLookupError:
         pass

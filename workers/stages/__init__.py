@@ -19,9 +19,9 @@ from sqlalchemy import select
 
 from cicd import db
 from cicd.config import load_settings
-from cicd.errors import BuildCanceled, OpsCDError
+from cicd.errors import BuildCanceled, LeaseLost, OpsCDError
 from cicd.models import Stage, StageState, TaskStage, TaskState, TaskStatus
-from workers import capacity
+from workers import capacity, reaper
 from workers.logs import LogWriter, Masker, record_superseded, stored_log_bytes, task_log_store
 from workers.workspace import remove_workspace
 
@@ -133,6 +133,20 @@ class StageTask(Task):
         if claim is capacity.Claim.GONE:
             raise Ignore()
 
+    def _hand_back(self, task_id: int, attempt: int) -> None:
+        """A run this node stopped when its lease expired: once the database answers, it runs
+        again (attempt + 1), unless another node's reaper got there first; either way its
+        own log ends saying another run replaced it."""
+        node = self.request.hostname or capacity.node.hostname or "local"
+        try:
+            db.retrying(lambda: reaper.rerun_fenced_build(task_id, node, attempt),
+                        f"task {task_id}: handing back run {attempt}")  # fmt: skip
+            found = current_run(task_id)
+            if found is not None and found[1] != attempt:
+                record_superseded(task_id, attempt, found[1])
+        except Exception:  # still unreachable: the reaper or rerun_lost_builds takes it
+            log.exception("task %s: could not hand back run %s", task_id, attempt)
+
     def log_writer(self, ctx: dict[str, Any]) -> LogWriter:
         task_id, attempt = int(ctx["task_id"]), int(ctx.get("attempt", 1))
         room = max(load_settings().max_log_bytes - stored_log_bytes(task_id, attempt), 0)
@@ -140,12 +154,16 @@ class StageTask(Task):
 
     def on_failure(self, exc, task_id, args, kwargs, einfo) -> None:
         ctx = args[0] if args and isinstance(args[0], dict) else {}
-        found = current_run(int(ctx["task_id"])) if "task_id" in ctx else None
         attempt = int(ctx.get("attempt", 1))
+        if isinstance(exc, LeaseLost) and "task_id" in ctx:
+            self._hand_back(int(ctx["task_id"]), attempt)
+            found = None
+        else:
+            found = current_run(int(ctx["task_id"])) if "task_id" in ctx else None
         if found is not None and found[1] != attempt:
             # Another run replaced this one: it says so in its own log, and nothing else.
             record_superseded(int(ctx["task_id"]), attempt, found[1])
-        elif "task_id" in ctx:
+        elif "task_id" in ctx and not isinstance(exc, LeaseLost):
             with self.log_writer(ctx) as writer:
                 if isinstance(exc, BuildCanceled):
                     writer.line(f"Canceled during {self.stage}", always=True)

@@ -16,7 +16,7 @@ from cicd import db, lifecycle
 from cicd.broker import STAGE_TASKS, app
 from cicd.ciyaml import BuildSpec, Pipeline, load_pipeline
 from cicd.config import Settings, load_settings
-from cicd.errors import BuildCanceled, BuildFailed
+from cicd.errors import BuildCanceled, BuildFailed, LeaseLost
 from cicd.languages import LANGUAGES
 from cicd.models import Stage, TaskApproval
 from cicd.secrets import secret_values
@@ -73,6 +73,8 @@ def run_build(
         f"timeout {timeout}s"
     )
     result = executor.run(step, log.write)
+    if result.fenced:
+        raise LeaseLost("this agent could not reach the database; its build script was stopped")
     if result.canceled:
         raise BuildCanceled("canceled while the build script ran")
     if result.timed_out:

@@ -17,8 +17,9 @@ from typing import Any
 from cicd.broker import STAGE_TASKS, app
 from cicd.ciyaml import PublishSpec
 from cicd.config import load_settings
-from cicd.errors import BuildCanceled, StageError
+from cicd.errors import BuildCanceled, LeaseLost, StageError
 from cicd.models import Stage
+from workers import lease
 from workers.engine import docker_client
 from workers.logs import LogWriter
 from workers.registry import build_image, image_reference, push_image, remove_image
@@ -61,6 +62,8 @@ def run_publish(
     client = docker_client(settings)
     try:
         build_image(client, checkout, spec, reference, labels, settings, log.write)
+        if lease.expired():
+            raise LeaseLost("this agent could not reach the database; it pushed no image")
         if canceled():
             raise BuildCanceled("canceled before the image was pushed")
         digest = push_image(client, repository, tag, settings, log.write)
