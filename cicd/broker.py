@@ -26,7 +26,7 @@ from kombu.transport import TRANSPORT_ALIASES
 from redis.exceptions import RedisError
 from sqlalchemy.orm import Session
 
-from cicd import db, lifecycle
+from cicd import db, lifecycle, redis_transport
 from cicd.config import Settings, load_settings
 from cicd.errors import OpsCDError
 from cicd.lifecycle import BROKER_DOWN
@@ -44,6 +44,7 @@ __all__ = [
     "send_task",
     "enqueue_build",
     "revoke_build",
+    "messages_held",
     "send_publish",
     "stage_task_id",
 ]
@@ -86,10 +87,10 @@ def celery_options(settings: Settings) -> dict[str, Any]:
             "socket_connect_timeout": 2,
             # A broker that vanished without closing the connection (a cut link, a
             # firewall) is noticed in seconds, not half a minute: a send gives up
-            # after socket_timeout, and a node drops a BRPOP connection whose reply
-            # is overdue by health_check_interval (kombu's default: 25 s), then
-            # reconnects (every second: workers.celery_app.Consumer).
-            "socket_timeout": 5,
+            # after socket_timeout (so a webhook still answers 503 within GitLab's
+            # 10 s), and a node drops a BRPOP connection whose reply is overdue by
+            # health_check_interval (kombu's default: 25 s), then reconnects.
+            "socket_timeout": 2,
             "socket_keepalive": True,
             "health_check_interval": 2,
         },
@@ -203,6 +204,19 @@ def send_publish(task_id: int, node: str, ctx: dict) -> None:
         signature.apply_async(queue=worker_direct(node), retry_policy=FAST_FAIL_RETRY_POLICY)
     except (KombuError, RedisError, OSError) as error:
         raise BrokerUnavailable(f"could not send publish of {task_id}: {error}") from None
+
+
+def messages_held(queues: list[str]) -> set[str] | None:
+    """Stage ids of every message the broker holds for ``queues`` (waiting or delivered and not
+    acknowledged), or None if this broker cannot say. Raises :class:`BrokerUnavailable`."""
+    try:
+        with app.connection_for_read() as connection:
+            channel = connection.default_channel
+            if not isinstance(channel, redis_transport.Channel):
+                return None
+            return redis_transport.message_ids(channel, queues)
+    except (KombuError, RedisError, OSError) as error:
+        raise BrokerUnavailable(f"could not look into the broker's queues: {error}") from None
 
 
 def revoke_build(task_id: int) -> None:

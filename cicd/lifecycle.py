@@ -38,6 +38,7 @@ __all__ = [
     "BROKER_DOWN",
     "UNFINISHED",
     "accept",
+    "claim_lost",
     "sent",
     "unsent",
     "claim_unsent",
@@ -122,6 +123,13 @@ def claim_unsent(
         )
     return _move(session, task_id, (QUEUED, TaskState.FAILED), TaskStatus.enqueued_at.is_(None),
                  never_sent, state=QUEUED, error=None, finished_at=None,
+                 enqueued_at=utcnow())  # fmt: skip
+
+
+def claim_lost(session: Session, task_id: int, attempt: int, enqueued_at: dt.datetime) -> bool:
+    """Claim a build sent at ``enqueued_at`` whose message the broker no longer holds, to send
+    it again; of two reapers finding it, one wins (the send time is the claim)."""
+    return _move(session, task_id, (QUEUED,), *_run(attempt), TaskStatus.enqueued_at == enqueued_at,
                  enqueued_at=utcnow())  # fmt: skip
 
 

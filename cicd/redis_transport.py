@@ -30,13 +30,15 @@ https://github.com/celery/kombu/issues/970.
 
 from __future__ import annotations
 
+import json
 import logging
+from collections.abc import Iterable
 from typing import Any
 
 from celery.worker.state import active_requests
 from kombu.transport import redis
 
-__all__ = ["Transport"]
+__all__ = ["Transport", "Channel", "message_ids"]
 
 log = logging.getLogger(__name__)
 
@@ -105,3 +107,36 @@ class Transport(redis.Transport):
     """kombu's Redis transport with :class:`Channel`."""
 
     Channel = Channel
+
+
+def message_ids(channel: Channel, queues: Iterable[str]) -> set[str]:
+    """Celery task ids of the messages Redis holds for ``queues``: waiting in their lists, or
+    delivered to any node and not yet acknowledged (kombu's unacked hash).
+
+    A message popped by a node whose connection was cut as Redis answered is in
+    neither: BRPOP removed it, and the node never received it to record it.
+    """
+    prefix = channel.global_keyprefix or ""
+    client = channel.client
+    raw: list[bytes] = []
+    for queue in queues:
+        for priority in channel.priority_steps:
+            raw += client.execute_command("LRANGE", prefix + channel._q_for_pri(queue, priority),
+                                          0, -1)  # fmt: skip
+    messages = [_decoded(entry) for entry in raw]
+    for entry in client.execute_command("HVALS", prefix + channel.unacked_key):
+        delivered = _decoded(entry)  # [message, exchange, routing key]
+        messages.append(delivered[0] if isinstance(delivered, list) and delivered else None)
+    return {
+        str(message["headers"]["id"])
+        for message in messages
+        if isinstance(message, dict) and isinstance(message.get("headers"), dict)
+        and message["headers"].get("id")
+    }  # fmt: skip
+
+
+def _decoded(entry: bytes) -> Any:
+    try:
+        return json.loads(entry)
+    except ValueError:
+        return None

@@ -34,7 +34,7 @@ from cicd.config import Settings
 
 __all__ = [
     "LEASE_TICK", "heartbeat_interval", "fence_margin", "lease_length", "hold", "renew",
-    "expired", "guard",
+    "expired", "wait_renewed", "guard",
 ]  # fmt: skip
 
 log = logging.getLogger(__name__)
@@ -80,6 +80,17 @@ def renew(sent_at: float, length: float) -> None:
 def expired() -> bool:
     """Whether this node's builds must stop: its last heartbeat that got through is too old."""
     return _held.value and time.monotonic() >= _until.value
+
+
+def wait_renewed(timeout: float) -> bool:
+    """Wait up to ``timeout`` s for a live lease (right after an outage, the heartbeat thread
+    may not have written yet); whether there is one."""
+    deadline = time.monotonic() + timeout
+    while expired():
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(LEASE_TICK)
+    return True
 
 
 class _Watcher(threading.Thread):

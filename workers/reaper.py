@@ -23,9 +23,10 @@ import time
 
 from sqlalchemy import delete, or_, select
 
-from cicd import db, lifecycle
-from cicd.broker import BrokerUnavailable, send_task
+from cicd import broker, db, lifecycle
+from cicd.broker import BUILD_QUEUE, BrokerUnavailable, language_queue, send_task, stage_task_id
 from cicd.config import load_settings
+from cicd.languages import LANGUAGES
 from cicd.models import AgentState, TaskLog, TaskStage, TaskState, TaskStatus
 
 __all__ = [
@@ -35,6 +36,7 @@ __all__ = [
     "rerun_lost_build",
     "rerun_fenced_build",
     "send_unsent_builds",
+    "resend_lost_builds",
 ]
 
 log = logging.getLogger(__name__)
@@ -48,7 +50,7 @@ def sweep(force: bool = False) -> None:
     if not force and time.monotonic() - _last_sweep < settings.reaper_interval:
         return
     _last_sweep = time.monotonic()
-    for check in (rerun_builds_of_dead_agents, send_unsent_builds):
+    for check in (rerun_builds_of_dead_agents, send_unsent_builds, resend_lost_builds):
         try:
             check()
         except Exception:
@@ -161,6 +163,56 @@ def send_unsent_builds() -> list[int]:
         log.warning("task %s: was recorded but never sent; sent it now", task_id)
         sent.append(task_id)
     return sent
+
+
+#: How long a message may be in neither a queue nor the unacked hash while a node takes it.
+LOST_RECHECK_SECONDS = 1.0
+
+
+def resend_lost_builds() -> list[int]:
+    """Send again builds that were sent but whose message the broker no longer holds.
+
+    Redis's BRPOP hands a message to a connection that a cut link has made
+    dead: Redis removed it from the queue, the node never got it. Such a build
+    would stay ``queued`` forever. After ``CICD_RECONCILE_AFTER``, a queued
+    build whose clone message is in no queue and in no node's hands (looked at
+    twice, :data:`LOST_RECHECK_SECONDS` apart) is sent again. A copy that
+    surfaced after all changes nothing: the first clone claims the build.
+    """
+    settings = load_settings()
+    with db.session() as session:
+        waited = db.clock(session) - dt.timedelta(seconds=settings.reconcile_after)
+        waiting = session.execute(
+            select(TaskStatus.task_id, TaskStatus.attempt, TaskStatus.enqueued_at).where(
+                TaskStatus.state == TaskState.QUEUED, TaskStatus.enqueued_at < waited
+            )
+        ).all()
+    if not waiting:
+        return []
+    queues = [BUILD_QUEUE, *(language_queue(language) for language in LANGUAGES)]
+    missing = list(waiting)
+    for look in range(2):
+        if look:
+            time.sleep(LOST_RECHECK_SECONDS)
+        held = broker.messages_held(queues)
+        if held is None:
+            return []  # this broker cannot say
+        missing = [row for row in missing if stage_task_id(row[0], "clone") not in held]
+        if not missing:
+            return []
+    resent = []
+    for task_id, attempt, enqueued_at in missing:
+        with db.session() as session:
+            if not lifecycle.claim_lost(session, task_id, attempt, enqueued_at):
+                continue
+            note = "\n*** the broker lost this build's message (a connection cut as it was "
+            note += "delivered); sent it again ***\n"
+            session.add(TaskLog(task_id=task_id, stage=None, attempt=attempt, content=note))
+            session.commit()
+        log.warning("task %s: the broker lost its message; sent it again", task_id)
+        if _send(task_id, attempt):
+            resent.append(task_id)
+    return resent
 
 
 def _send(task_id: int, attempt: int) -> bool:

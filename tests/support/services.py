@@ -1,7 +1,9 @@
 """Private Redis and MariaDB servers that a test may stop and start, on loopback ports.
 
 The session's MariaDB and Redis are shared by every test; faults (a restart,
-an outage, a password) are rehearsed on servers of the test's own.
+an outage, a password) are rehearsed on servers of the test's own. Given a
+``host`` (:mod:`support.hosts`), a server runs on that host of a test fleet,
+listening on its address.
 """
 
 from __future__ import annotations
@@ -11,16 +13,41 @@ import signal
 import subprocess
 from pathlib import Path
 
+from .hosts import Host
 from .processes import free_port, port_open, wait_until
 
 __all__ = ["PrivateRedis", "PrivateMariaDB"]
 
 
-class PrivateRedis:
+class _Placed:
+    """Where a server runs: this machine's loopback, or a host of a test fleet."""
+
+    host: Host | None = None
+    port: int
+
+    @property
+    def address(self) -> str:
+        return self.host.address if self.host else "127.0.0.1"
+
+    def seen(self, path: Path) -> Path:
+        return self.host.inside(path) if self.host else path
+
+    def spawn(self, args: list[str], **kwargs) -> subprocess.Popen:
+        args = self.host.command(args) if self.host else args
+        return subprocess.Popen(args, start_new_session=True, **kwargs)
+
+    def listening(self) -> bool:
+        return self.host.port_open(self.port) if self.host else port_open(self.port)
+
+
+class PrivateRedis(_Placed):
     """redis-server on a free port; with ``persistent`` its data survives a restart (AOF)."""
 
-    def __init__(self, root: Path, password: str | None = None, persistent: bool = True) -> None:
-        self.root, self.password, self.persistent = root, password, persistent
+    def __init__(
+        self, root: Path, password: str | None = None, persistent: bool = True,
+        host: Host | None = None,
+    ) -> None:  # fmt: skip
+        self.root, self.password, self.persistent, self.host = root, password, persistent, host
         self.port = free_port()
         self.process: subprocess.Popen | None = None
         root.mkdir(parents=True, exist_ok=True)
@@ -28,17 +55,18 @@ class PrivateRedis:
     @property
     def url(self) -> str:
         auth = f":{self.password}@" if self.password else ""
-        return f"redis://{auth}127.0.0.1:{self.port}/0"
+        return f"redis://{auth}{self.address}:{self.port}/0"
 
     def start(self) -> PrivateRedis:
-        args = ["redis-server", "--bind", "127.0.0.1", "--port", str(self.port), "--save", "",
-                "--dir", str(self.root), "--logfile", str(self.root / "redis.log")]  # fmt: skip
+        args = ["redis-server", "--bind", self.address, "--port", str(self.port), "--save", "",
+                "--protected-mode", "no", "--dir", str(self.seen(self.root)),
+                "--logfile", str(self.seen(self.root / "redis.log"))]  # fmt: skip
         if self.persistent:
             args += ["--appendonly", "yes", "--appendfsync", "always"]
         if self.password:
             args += ["--requirepass", self.password]
-        self.process = subprocess.Popen(args, start_new_session=True)
-        wait_until(lambda: port_open(self.port), 10, "redis to listen")
+        self.process = self.spawn(args)
+        wait_until(self.listening, 10, "redis to listen")
         return self
 
     def stop(self) -> None:
@@ -48,11 +76,12 @@ class PrivateRedis:
         self.process = None
 
 
-class PrivateMariaDB:
-    """A MariaDB server of its own (datadir in ``root``), root without a password over TCP."""
+class PrivateMariaDB(_Placed):
+    """A MariaDB server of its own (datadir in ``root``), root without a password over TCP
+    (from the server's own host; :meth:`add_user` for others)."""
 
-    def __init__(self, root: Path) -> None:
-        self.root = root
+    def __init__(self, root: Path, host: Host | None = None) -> None:
+        self.root, self.host = root, host
         self.port = free_port()
         self.datadir = root / "data"
         self.process: subprocess.Popen | None = None
@@ -66,16 +95,21 @@ class PrivateMariaDB:
     def url(self, database: str) -> str:
         return f"mysql+pymysql://root@127.0.0.1:{self.port}/{database}?charset=utf8mb4"
 
+    @property
+    def socket(self) -> Path:
+        """The server's Unix socket: reachable from this machine whatever host it runs on."""
+        return self.root / "mysqld.sock"
+
     def start(self) -> PrivateMariaDB:
-        self.process = subprocess.Popen(
-            ["/usr/sbin/mariadbd", "--no-defaults", f"--datadir={self.datadir}", "--user=root",
-             f"--port={self.port}", "--bind-address=127.0.0.1",
-             f"--socket={self.root / 'mysqld.sock'}", f"--pid-file={self.root / 'mysqld.pid'}",
+        self.process = self.spawn(
+            ["/usr/sbin/mariadbd", "--no-defaults", f"--datadir={self.seen(self.datadir)}",
+             "--user=root", f"--port={self.port}", f"--bind-address={self.address}",
+             f"--socket={self.seen(self.socket)}",
+             f"--pid-file={self.seen(self.root / 'mysqld.pid')}",
              "--skip-log-bin", "--innodb-buffer-pool-size=32M"],
             stdout=(self.root / "mysqld.log").open("ab"), stderr=subprocess.STDOUT,
-            start_new_session=True,
         )  # fmt: skip
-        wait_until(lambda: port_open(self.port), 60, "mariadb to listen")
+        wait_until(self.listening, 60, "mariadb to listen")
         return self
 
     def stop(self) -> None:

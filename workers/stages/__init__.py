@@ -21,7 +21,7 @@ from cicd import db
 from cicd.config import load_settings
 from cicd.errors import BuildCanceled, LeaseLost, OpsCDError
 from cicd.models import Stage, StageState, TaskStage, TaskState, TaskStatus
-from workers import capacity, reaper
+from workers import capacity, lease, reaper
 from workers.logs import LogWriter, Masker, record_superseded, stored_log_bytes, task_log_store
 from workers.workspace import remove_workspace
 
@@ -117,6 +117,11 @@ class StageTask(Task):
         if is_stale(ctx, self.stage):
             remove_workspace(ctx.get("workspace"))
             raise Ignore()
+        if not lease.wait_renewed(lease.lease_length(load_settings())):
+            # This node's heartbeats do not reach the database: it must not start a build,
+            # which the reaper may soon run elsewhere. A clone goes back to the shared queue.
+            if self.stage is Stage.CLONE:
+                raise Reject("no lease", requeue=True)
         if self.stage is Stage.CLONE:
             self._claim_slot(int(ctx["task_id"]), int(ctx.get("attempt", 1)))
 
