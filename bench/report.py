@@ -200,6 +200,23 @@ def _memory(data: dict[str, Any]) -> str:
     )
 
 
+def _host_kill(data: dict[str, Any]) -> str:
+    summary, bound = data["summary"], data["offline_after_s"]
+    rows = [
+        ["kill → rerun recorded (reaper)", _fig(summary["rerun_s"], " s", 1), "attempt 2 seen"],
+        ["kill → rerun's script starts", _fig(summary["script_s"], " s", 1),
+         "first tick on the other agent's disk"],
+        ["the same, in `CICD_AGENT_OFFLINE_AFTER`s", _fig(summary["script_over_bound"], " x", 2),
+         f"the bound: {bound:.0f} s"],
+    ]  # fmt: skip
+    return (
+        f"{_table(['figure', 'measured', 'note'], rows)}\n\nA control host and two agent hosts "
+        "in network namespaces (`tests/support/fleet.py`); each run kills every process of the "
+        "agent host running a build. The rest of the time after the bound is the reaper's "
+        "sweep interval (`CICD_REAPER_INTERVAL`, 2 s here) and the rerun's clone.\n"
+    )
+
+
 def render(results: dict[str, Any]) -> str:
     machine, versions, meta = results["machine"], results["versions"], results["meta"]
     background = meta["background_before"]
@@ -250,6 +267,7 @@ def render(results: dict[str, Any]) -> str:
         ("pipelines", "3. and 4. Pipeline throughput and scale", _pipelines),
         ("heartbeats", "4. 200 agents heartbeating", _heartbeats),
         ("memory", "5. Memory", _memory),
+        ("host_kill", "6. An agent host killed under a build", _host_kill),
     )
     for key, title, section in sections:
         if scenarios.get(key):

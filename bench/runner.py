@@ -17,14 +17,14 @@ from typing import Any
 
 import psutil
 
-from bench import scenarios
+from bench import fleet, scenarios
 from bench.report import render
 from bench.services import ROOT, ForeignCpu, find_process
 from bench.stack import Stack
 
 __all__ = ["main"]
 
-SCENARIOS = ("webhook", "dispatch", "pipelines", "heartbeats")
+SCENARIOS = ("webhook", "dispatch", "pipelines", "heartbeats", "host_kill")
 PACKAGES = ("celery", "kombu", "redis", "flask", "gunicorn", "sqlalchemy", "pymysql")
 
 
@@ -204,6 +204,7 @@ def main(argv: list[str] | None = None) -> int:
             "dispatch": lambda: scenarios.dispatch_latency(stack, plan),
             "pipelines": lambda: scenarios.pipelines(stack, plan, memory),
             "heartbeats": lambda: scenarios.heartbeats(stack, plan),
+            "host_kill": lambda: fleet.host_kill(plan.runs, plan.fleet_offline_after),
         }
         for name in SCENARIOS:
             if name not in args.only:

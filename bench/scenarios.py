@@ -70,6 +70,7 @@ class Plan:
     agent_processes: int
     heartbeat_seconds: float
     heartbeat_interval: float = 2.0
+    fleet_offline_after: float = 10.0  # CICD_AGENT_OFFLINE_AFTER of the host-kill fleet
 
 
 FULL = Plan(
@@ -101,6 +102,7 @@ SMOKE = Plan(
     agents=200,
     agent_processes=2,
     heartbeat_seconds=2,
+    fleet_offline_after=4.0,
 )
 
 
@@ -184,12 +186,19 @@ def webhook_throughput(stack: Stack, plan: Plan, memory: dict[str, Any]) -> dict
         "baseline": stack.web("web-baseline", BASELINE_APP),
     }
     queues = {"opscd": BUILD_QUEUE, "baseline": QUEUE_KEY}
+
+    def discard(queue: str) -> None:
+        if queue == BUILD_QUEUE:
+            stack.discard_builds(queue)  # OpsCD's builds are rows too
+        else:
+            stack.purge(queue)
+
     webs = {name: stack.processes[f"web-{name}"] for name in urls}
     services = _service_pids(stack)
     for name, url in urls.items():
         _idle_memory(memory, f"web_{name}", webs[name].pid)
         _wrk(url, plan.wrk_warmup_seconds, plan.connections, body, stack.secret)
-        stack.purge(queues[name])
+        discard(queues[name])
 
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name in urls}
     for run in range(plan.runs):
@@ -207,7 +216,7 @@ def webhook_throughput(stack: Stack, plan: Plan, memory: dict[str, Any]) -> dict
                 for service, pid in services.items()
             }
             queued = stack.broker_queue_length(queues[name])
-            stack.purge(queues[name])
+            discard(queues[name])
             seconds = result["duration_us"] / 1e6
             requests_done = result["requests"]
             record = {

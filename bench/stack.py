@@ -260,3 +260,10 @@ class Stack:
     def purge(self, *keys: str) -> None:
         if keys:
             self.redis.delete(*keys)
+
+    def discard_builds(self, queue: str) -> None:
+        """Drop the builds waiting in ``queue`` and mark them canceled: a worker's reaper would
+        otherwise find them queued with no message and send them again (a lost message)."""
+        self.purge(queue)
+        self.sql("UPDATE task_states SET state = 'canceled', finished_at = UTC_TIMESTAMP(6)"
+                 " WHERE state = 'queued'")  # fmt: skip

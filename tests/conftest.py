@@ -34,7 +34,7 @@ from support.containers import (
 )
 from support.git import GitHttpServer, GitRepo
 from support.gitlab import gitlab_headers
-from support.processes import ROOT, Process, free_port, wait_until
+from support.processes import ROOT, Process, free_port, procfile_command, wait_until
 
 from cicd import processes
 
@@ -178,15 +178,6 @@ def start_web(opscd_env: dict[str, str], tmp_path_factory) -> Iterator:
 @pytest.fixture(scope="session")
 def web(start_web) -> str:
     return start_web()
-
-
-def procfile_command(role: str) -> str:
-    """The Procfile's command line of ``role`` (``web``, ``worker``, ``flower``)."""
-    for line in (ROOT / "Procfile").read_text().splitlines():
-        name, _, command = line.partition(":")
-        if name.strip() == role:
-            return command.strip()
-    raise AssertionError(f"the Procfile has no {role} process")
 
 
 def procfile_worker(name: str, env: dict[str, str], log_dir: Path, **settings: str) -> Process:

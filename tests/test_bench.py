@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-SCENARIOS = {"webhook", "dispatch", "pipelines", "heartbeats", "memory"}
+SCENARIOS = {"webhook", "dispatch", "pipelines", "heartbeats", "host_kill", "memory"}
 BENCH_REDIS_DB = "11"  # the tests use 13 to 15; a full bench run uses 12
 
 
@@ -48,7 +48,7 @@ def test_smoke_run_writes_every_scenario(smoke) -> None:
         "webhook", "dispatch", "pipelines/s",
     }  # fmt: skip
     for title in ("Webhook throughput", "Dispatch latency", "Pipeline throughput", "heartbeating",
-                  "Memory", "Machine and versions"):  # fmt: skip
+                  "Memory", "Machine and versions", "agent host killed"):  # fmt: skip
         assert title in doc
 
 
@@ -77,6 +77,9 @@ def test_smoke_run_measured_the_real_path(smoke) -> None:
     heartbeats = scenarios["heartbeats"]
     assert heartbeats["agent_rows"] == heartbeats["agents"] == 200
     assert all(run["errors"] == 0 for run in heartbeats["runs"])
+
+    kill = scenarios["host_kill"]  # the rerun came after the offline bound, and started
+    assert kill["runs"] and all(s["script_s"] > kill["offline_after_s"] for s in kill["runs"])
 
     memory = scenarios["memory"]
     for key in ("web_opscd", "web_baseline", "worker_opscd", "worker_noop"):

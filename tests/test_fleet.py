@@ -13,201 +13,28 @@ a run is the span from its first tick to its last.
 from __future__ import annotations
 
 import os
-import re
-import sys
 import time
-import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass, field
-from pathlib import Path
 
-import pymysql
 import pytest
-import requests
-from conftest import GIT_PASSWORD, GIT_USER, WEBHOOK_SECRET, gitlab_payload, procfile_command
-from support.git import GitHttpServer, GitRepo
-from support.gitlab import gitlab_headers
-from support.hosts import Host, Network
-from support.processes import Process, wait_until
-from support.services import PrivateMariaDB, PrivateRedis
+from support.fleet import Fleet, Run, start_fleet
+from support.git import GitRepo
+from support.processes import wait_until
 
 OFFLINE_AFTER = 10
-DB_USER, DB_PASSWORD = "opscd", "fleet-db-" + uuid.uuid4().hex[:8]
-
-
-@dataclass
-class Run:
-    """One run of a build script, as its ticks on an agent's disk show it."""
-
-    agent: str
-    ticks: list[float]
-
-    @property
-    def first(self) -> float:
-        return self.ticks[0]
-
-    @property
-    def last(self) -> float:
-        return self.ticks[-1]
-
-
-@dataclass
-class Fleet:
-    network: Network
-    web: str
-    git: GitHttpServer
-    agents: dict[str, Host]
-    nodes: dict[str, Process] = field(default_factory=dict)
-    env: dict[str, dict[str, str]] = field(default_factory=dict)
-
-    @property
-    def control(self) -> Host:
-        return self.network.control
-
-    def get(self, path: str, **params) -> requests.Response:
-        """A request from the control host, where the web runs."""
-        with self.control.entered():
-            return requests.get(self.web + path, params=params, timeout=10)
-
-    def task(self, task_id: int) -> dict:
-        return self.get(f"/api/tasks/{task_id}").json()
-
-    def log(self, task_id: int, **params) -> str:
-        response = self.get(f"/api/tasks/{task_id}/log", **params)
-        assert response.status_code == 200, response.text
-        return response.text
-
-    def agent_rows(self) -> dict[str, dict]:
-        rows = self.get("/api/agents").json()["agents"]
-        return {row["hostname"].split("@")[0]: row for row in rows}
-
-    def push(self, repo: GitRepo, ticks: int, branch: str = "main") -> int:
-        """Commit a ci.yaml whose script ticks ``ticks`` times, 0.5 s apart; send its webhook."""
-        marks = self.network.root / "marks"  # each agent's own disk, as its processes see it
-        tick = f'date +%s.%N >> "{marks}/$CI_TASK_ID.$(hostname).$$"'
-        ci = (
-            "build:\n  script:\n"
-            f"    - for i in $(seq 1 {ticks}); do {tick}; sleep 0.5; done\n"
-            "    - echo done $CI_TASK_ID\n"
-        )
-        sha = repo.commit({"ci.yaml": ci}, message=f"push {uuid.uuid4().hex[:6]}", branch=branch)
-        payload = gitlab_payload("push-event.json", repo, f"refs/heads/{branch}", sha)
-        with self.control.entered():
-            response = requests.post(
-                self.web + "/webhooks/gitlab", json=payload, timeout=10,
-                headers=gitlab_headers(WEBHOOK_SECRET),
-            )  # fmt: skip
-        assert response.status_code == 202, response.text
-        return response.json()["task_id"]
-
-    def runs(self, task_id: int) -> list[Run]:
-        """Every run of the build's script on any agent, in the order they started."""
-        found = []
-        for name, host in self.agents.items():
-            for marker in (host.root / "marks").glob(f"{task_id}.*"):
-                ticks = [float(line) for line in marker.read_text().split()]
-                if ticks:
-                    found.append(Run(name, ticks))
-        return sorted(found, key=lambda run: run.first)
-
-    def wait_done(self, task_id: int, timeout: float = 120) -> dict:
-        def finished() -> dict | None:
-            task = self.task(task_id)
-            return task if task["state"] in ("success", "failed", "canceled") else None
-
-        return wait_until(finished, timeout, f"build {task_id} to finish", interval=0.3)
-
-    def running_on(self, task_id: int) -> str:
-        """The agent running the build's script, once its first tick is written."""
-        runs = wait_until(lambda: self.runs(task_id), 60, f"build {task_id}'s script to start")
-        return runs[0].agent
-
-    def wait_online(self, agent: str, timeout: float = 60) -> None:
-        wait_until(lambda: self.agent_rows().get(agent, {}).get("online"), timeout,
-                   f"{agent} to be online")  # fmt: skip
-
-
-def procfile(role: str) -> list[str]:
-    return ["sh", "-c", "exec " + procfile_command(role)]
-
-
-def base_env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CICD_")}
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '/usr/bin:/bin')}"
-    return {**env, "PYTHONUNBUFFERED": "1"}
 
 
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory) -> Iterator[Fleet]:
     if os.geteuid() != 0:
         pytest.fail("the fleet test makes network namespaces: it runs as root (as .ci/run does)")
-    base = tmp_path_factory.mktemp("fleet")
-    network = Network(base / "hosts")
-    processes: list[Process] = []
-    servers: list = []
-    git = None
-    try:
-        control = network.control
-        agents = {name: network.add_host(name) for name in ("agent-a", "agent-b")}
-        database = PrivateMariaDB(control.root / "mariadb", host=control).start()
-        servers.append(database)
-        admin = pymysql.connect(unix_socket=str(database.socket), user="root", autocommit=True)
-        with admin.cursor() as cursor:
-            cursor.execute("CREATE DATABASE opscd CHARACTER SET utf8mb4")
-            cursor.execute(f"CREATE USER '{DB_USER}'@'%' IDENTIFIED BY '{DB_PASSWORD}'")
-            cursor.execute(f"GRANT ALL ON opscd.* TO '{DB_USER}'@'%'")
-        admin.close()
-        broker = PrivateRedis(control.root / "redis", persistent=False, host=control).start()
-        servers.append(broker)
-        with control.entered():  # its listening socket is the control host's
-            git = GitHttpServer(control.root / "git", GIT_USER, GIT_PASSWORD,
-                                host=control.address).start()  # fmt: skip
-        settings = {
-            "CICD_DATABASE_URL": f"mysql+pymysql://{DB_USER}:{DB_PASSWORD}@{control.address}:"
-            f"{database.port}/opscd?charset=utf8mb4",
-            "CICD_BROKER_URL": broker.url,
-            "CICD_GIT_USERNAME": GIT_USER,
-            "CICD_GIT_PASSWORD": GIT_PASSWORD,
-            "CICD_AGENT_OFFLINE_AFTER": str(OFFLINE_AFTER),
-            "CICD_REAPER_INTERVAL": "2",
-            "CICD_RECONCILE_AFTER": "4",
-            "CICD_SECRETS_KEY": "fleet-secrets-" + uuid.uuid4().hex,
-        }
-        web_env = {**base_env(), **settings, "CICD_WEBHOOK_SECRET": WEBHOOK_SECRET,
-                   "PORT": "8000"}  # fmt: skip
-        control.run([sys.executable, "-m", "cicd.cli", "init-db"], env=web_env)
-        processes.append(Process("fleet-web", control.command(procfile("web")), web_env, base))
-        fleet = Fleet(network, f"http://{control.address}:8000", git, agents)
-        wait_until(lambda: control.port_open(8000), 30, "the web on the control host")
-        for name, host in agents.items():
-            (host.root / "marks").mkdir()
-            env = {**base_env(), **settings, "CICD_AGENT_NAME": name, "CICD_EXECUTOR": "shell",
-                   "CICD_WORKSPACE_DIR": str(network.root / "workspaces")}  # fmt: skip
-            loopback = [k for k, v in env.items() if k.startswith("CICD_") and
-                        re.search(r"127\.|localhost|::1", v)]  # fmt: skip
-            assert not loopback, f"an agent's settings name a loopback address: {loopback}"
-            node = Process(f"fleet-{name}", host.command(procfile("worker")), env, base)
-            processes.append(node)
-            fleet.nodes[name], fleet.env[name] = node, env
-        for name in agents:
-            wait_until(lambda n=name: "ready." in fleet.nodes[n].output(), 60, f"{name} ready")
-            fleet.wait_online(name)
-        yield fleet
-    finally:
-        for process in reversed(processes):
-            process.stop()
-        if git is not None:
-            git.stop()
-        for server in reversed(servers):
-            server.stop()
-        network.close()
+    with start_fleet(tmp_path_factory.mktemp("fleet"), offline_after=OFFLINE_AFTER) as started:
+        yield started
 
 
 @pytest.fixture
 def repo(fleet: Fleet) -> GitRepo:
-    created = GitRepo.create(fleet.git.root, f"fleet/app-{uuid.uuid4().hex[:6]}")
-    created.clone_url = fleet.git.repo_url(created.project_path)
-    return created
+    return fleet.new_repo()
 
 
 def max_in_flight(runs: list[Run]) -> int:

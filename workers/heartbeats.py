@@ -2,8 +2,8 @@
 
 Worker-side, not an event consumer, and not tied to the broker: a thread of
 the node's main process (:class:`Heartbeat`) writes the row every 2 seconds
-(:func:`workers.lease.heartbeat_interval`) straight to the database, from ``worker_ready`` to a
-graceful stop (``worker_shutdown``, which marks the node offline at once).
+(:func:`workers.lease.heartbeat_interval`) straight to the database, from
+``worker_ready`` to a graceful stop (``worker_shutdown``, which marks the node offline at once).
 Celery's own heartbeats stop while the broker is away, and a node that cannot
 reach the broker is not a dead node: its builds go on and must not be run
 again elsewhere. A node that stops heartbeating (killed, host down, database
@@ -20,14 +20,16 @@ one it takes no builds (it receives no messages), and its row says since when
 (``broker_lost_at``, shown on the agents page), but it is not dead: its builds
 go on and are not run again.
 
-The same thread runs the reaper (:mod:`workers.reaper`), but only once its
-own heartbeats have reached the database for a whole ``CICD_AGENT_OFFLINE_AFTER``
-(right after a database outage every node's row is old, and none of them is
-dead), and only while its broker connection is up (a rerun is sent through it).
+A second thread runs the reaper (:mod:`workers.reaper`), so that a slow sweep
+never delays the lease, but only once the node's own heartbeats have reached
+the database for a whole ``CICD_AGENT_OFFLINE_AFTER`` (right after a database
+outage every node's row is old, and none of them is dead), and only while its
+broker connection is up (a rerun is sent through it).
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import os
 import threading
@@ -39,11 +41,14 @@ from sqlalchemy import select
 
 from cicd import __version__, db
 from cicd.config import load_settings
-from cicd.models import AgentState, TaskState, TaskStatus
+from cicd.models import AgentState, TaskState, TaskStatus, utcnow
 from workers import lease, reaper
 from workers.capacity import builds_in_flight
 
-__all__ = ["CELERY_HEARTBEAT", "Heartbeat", "Node", "record_heartbeat", "record_offline"]
+__all__ = [
+    "CELERY_HEARTBEAT", "Heartbeat", "Node", "record_heartbeat", "record_and_renew",
+    "record_offline",
+]  # fmt: skip
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +100,15 @@ def record_heartbeat(current: Node, broker_up: bool = True) -> bool:
     except Exception as error:  # the node keeps building; its row just ages
         log.error("%s: could not record its heartbeat (%s)", current.hostname, error)
         return False
+    return True
+
+
+def record_and_renew(current: Node, broker_up: bool = True) -> bool:
+    """:func:`record_heartbeat`, and renew the node's lease if it got through."""
+    sent = time.monotonic()  # before the write: the database records it later
+    if not record_heartbeat(current, broker_up):
+        return False
+    lease.renew(sent, lease.lease_length(load_settings()))
     return True
 
 
@@ -161,9 +175,13 @@ class Heartbeat(threading.Thread):
             if up:
                 log.warning("%s: the broker is reachable again; taking builds", self.node.hostname)
             else:
-                log.warning("%s: broker unreachable since %.0f s ago; taking no new builds "
-                            "until it is back (builds running here go on)",
-                            self.node.hostname, silent)  # fmt: skip
+                since = (utcnow() - dt.timedelta(seconds=silent)).strftime("%H:%M:%S UTC")
+                log.warning(
+                    "%s: broker unreachable since %s; taking no new builds until it "
+                    "is back (builds running here go on)",
+                    self.node.hostname,
+                    since,
+                )
             self._broker_was_up = up
         return up
 
@@ -204,17 +222,14 @@ class Heartbeat(threading.Thread):
     def beat(self) -> None:
         """One heartbeat and the lease it renews; the reaper's sweep once the database
         answered long enough and the broker connection is up."""
-        settings = load_settings()
-        sent = time.monotonic()
         broker_up = self.broker_up()
-        if not record_heartbeat(self.node, broker_up):
+        if not record_and_renew(self.node, broker_up):
             self._healthy_since = None
             return
-        lease.renew(sent, lease.lease_length(settings))
         now = time.monotonic()
         if self._healthy_since is None:
             self._healthy_since = now
-        if now - self._healthy_since >= settings.agent_offline_after and broker_up:
+        if now - self._healthy_since >= load_settings().agent_offline_after and broker_up:
             self._sweep_due.set()
 
     def run(self) -> None:

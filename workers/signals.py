@@ -8,7 +8,6 @@ database says which node runs which stage of which build, and how it ended.
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -175,9 +174,7 @@ def on_node_setup(sender: str, instance: Any, **_: Any) -> None:
     # Builds here need the lease from now on; the first heartbeat gives it, before any
     # build can start (the heartbeat thread renews it from worker_ready on).
     lease.hold()
-    sent = time.monotonic()
-    if heartbeats.record_heartbeat(heartbeats.Node(sender, int(instance.concurrency or 1))):
-        lease.renew(sent, lease.lease_length(load_settings()))
+    heartbeats.record_and_renew(heartbeats.Node(sender, int(instance.concurrency or 1)))
     try:
         reaper.rerun_builds_of_restarted_node(sender)
     except Exception:

@@ -12,10 +12,19 @@ from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
-__all__ = ["ROOT", "Process", "free_port", "port_open", "wait_until"]
+__all__ = ["ROOT", "Process", "free_port", "port_open", "procfile_command", "wait_until"]
 
 #: The project's root: every child runs there, as a user runs OpsCD from a clone.
 ROOT = Path(__file__).resolve().parents[2]
+
+
+def procfile_command(role: str) -> str:
+    """The Procfile's command line of ``role`` (``web``, ``worker``, ``flower``)."""
+    for line in (ROOT / "Procfile").read_text().splitlines():
+        name, _, command = line.partition(":")
+        if name.strip() == role:
+            return command.strip()
+    raise LookupError(f"the Procfile has no {role} process")
 
 
 def free_port() -> int:

@@ -119,7 +119,8 @@ class StageTask(Task):
             raise Ignore()
         if not lease.wait_renewed(lease.lease_length(load_settings())):
             # This node's heartbeats do not reach the database: it must not start a build,
-            # which the reaper may soon run elsewhere. A clone goes back to the shared queue.
+            # which the reaper may soon run elsewhere. A clone goes back to the shared queue;
+            # a later stage must run here (the checkout is here) and stops at its first check.
             if self.stage is Stage.CLONE:
                 raise Reject("no lease", requeue=True)
         if self.stage is Stage.CLONE:
