@@ -137,7 +137,7 @@ class Stack:
         self.settings = settings_from(self.env)
         db.configure(self.settings)
         broker.configure(self.settings)
-        db.create_schema()
+        db.migrate()
         noop_app.app.conf.broker_url = self.redis_url
 
         from tests.support.git import GitHttpServer

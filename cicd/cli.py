@@ -31,17 +31,38 @@ def _settings():
         raise click.ClickException(str(error)) from None
 
 
-@main.command("init-db")
-def init_db() -> None:
-    """Create the tables that do not exist yet in CICD_DATABASE_URL."""
+@main.command()
+@click.option(
+    "--sql",
+    "as_sql",
+    is_flag=True,
+    help="Print the migrations as SQL for MariaDB/MySQL instead (for a DBA).",
+)
+def migrate(as_sql: bool) -> None:
+    """Create the schema in CICD_DATABASE_URL, or upgrade it in place to this version's."""
+    if as_sql:
+        from cicd import migrations
+
+        click.echo(migrations.sql("mysql"), nl=False)
+        return
     from cicd import db
 
     try:
         db.configure(_settings())
-        db.create_schema()
+        before, after = db.migrate()
     except ConfigError as error:
         raise click.ClickException(str(error)) from None
-    click.echo("database schema is ready")
+    if before == after:
+        click.echo(f"database schema is ready (revision {after})")
+    else:
+        click.echo(f"database schema is ready: upgraded from {before or 'nothing'} to {after}")
+
+
+@main.command("init-db")
+@click.pass_context
+def init_db(context: click.Context) -> None:
+    """The same as migrate: create or upgrade the schema."""
+    context.invoke(migrate, as_sql=False)
 
 
 @main.command()

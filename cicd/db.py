@@ -18,18 +18,17 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TypeVar
 
-from sqlalchemy import Engine, create_engine, event, inspect, text
+from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
-from sqlalchemy.schema import CreateColumn
 
 from cicd.config import Settings
 from cicd.errors import ConfigError
-from cicd.models import Base, utcnow
+from cicd.models import utcnow
 
 __all__ = [
     "configure", "engine", "session", "clock", "retrying", "retry_conflicts", "reset",
-    "create_schema",
+    "migrate",
 ]  # fmt: skip
 
 log = logging.getLogger(__name__)
@@ -164,20 +163,9 @@ def reset() -> None:
     _sessionmaker.cache_clear()
 
 
-def create_schema() -> None:
-    """Create every table that does not exist yet and add the columns a newer version added.
+def migrate() -> tuple[str | None, str]:
+    """Create or upgrade the schema to the newest migration (:mod:`cicd.migrations`, ``cicd
+    migrate``); returns the revisions before and after."""
+    from cicd import migrations  # Alembic is loaded only where the schema changes
 
-    ``cicd init-db`` is also the upgrade: a column OpsCD added since a table was
-    created (each has a server default, e.g. ``task_logs.attempt``) is added in place.
-    """
-    created = engine()
-    Base.metadata.create_all(created)
-    existing = inspect(created)
-    with created.begin() as connection:
-        for table in Base.metadata.sorted_tables:
-            have = {column["name"] for column in existing.get_columns(table.name)}
-            for column in table.columns:
-                if column.name not in have:
-                    log.warning("adding column %s.%s", table.name, column.name)
-                    definition = CreateColumn(column).compile(dialect=created.dialect)
-                    connection.execute(text(f"ALTER TABLE {table.name} ADD COLUMN {definition}"))
+    return migrations.upgrade(engine())

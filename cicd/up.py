@@ -142,7 +142,7 @@ def up(host: str, port: int, flower_port: int) -> int:
     # The children's environment is the configuration; this process reads the same.
     settings = settings_from(env)
     db.configure(settings)
-    db.create_schema()
+    db.migrate()
     credentials = f"{settings.flower_user}:{settings.flower_password.get_secret_value()}"
     children += [
         Child("web", processes.with_python(processes.web(f"{host}:{port}"), python), env),

@@ -114,7 +114,7 @@ from cicd.models import RefType, TaskDetail, TaskState, TaskStatus
 from workers.capacity import Claim, claim_slot
 
 db.configure(load_settings())
-db.create_schema()
+db.migrate()
 with db.session() as session:
     tasks = [TaskDetail(forge="gitlab", project="race/app", clone_url="http://127.0.0.1:9/x.git",
                         ref_type=RefType.BRANCH, ref_name="main", commit_sha="0" * 40)

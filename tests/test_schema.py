@@ -1,4 +1,5 @@
-"""``sql/schema.sql`` and the SQLAlchemy models describe the same schema, in real MariaDB."""
+"""The schema in real MariaDB: ``sql/schema.sql``, the models and the migrations agree, and a
+0.1 database is upgraded in place with its builds."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pymysql
+import requests
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from conftest import ROOT, mysql_connect
@@ -15,12 +17,14 @@ from sqlalchemy import create_engine, inspect
 from cicd.models import Base
 
 SCHEMA = Path(ROOT, "sql", "schema.sql")
+#: sql/schema.sql as OpsCD 0.1 shipped it, before migrations (see tests/fixtures/README.md).
+OLD_SCHEMA = Path(ROOT, "tests", "fixtures", "schema-0.1.sql")
 
 
-def load_ddl(database: str) -> None:
+def load_ddl(database: str, schema: Path = SCHEMA) -> None:
     connection = mysql_connect(database, client_flag=pymysql.constants.CLIENT.MULTI_STATEMENTS)
     with connection, connection.cursor() as cursor:
-        cursor.execute(SCHEMA.read_text())
+        cursor.execute(schema.read_text())
         while cursor.nextset():
             pass
 
@@ -44,6 +48,7 @@ def test_sql_schema_matches_the_models(make_database):
         "task_approvals",
         "project_secrets",
         "agent_states",
+        "alembic_version",
     }
     for table, opts in options.items():
         assert opts["mysql_default charset"] == "utf8mb4", table
@@ -85,33 +90,88 @@ def test_init_db_creates_the_same_schema(make_database):
     engine.dispose()
 
 
-def test_init_db_upgrades_a_database_of_an_older_version_in_place(make_database):
-    """A log written before runs were fenced (no ``task_logs.attempt``) survives the upgrade."""
-    name, url = make_database("opscd_upgrade")
-    load_ddl(name)
-    connection = mysql_connect(name)
+def test_schema_sql_is_what_the_migrations_generate():
+    """``sql/schema.sql`` is generated (``cicd migrate --sql``), never edited by hand."""
+    from cicd import migrations
+
+    assert SCHEMA.read_text() == migrations.sql("mysql"), (
+        "sql/schema.sql is stale: run  cicd migrate --sql > sql/schema.sql"
+    )
+
+
+def fill_with_a_build(database: str) -> int:
+    """One finished build with a log line, written as 0.1 wrote them; its id."""
+    connection = mysql_connect(database)
     with connection, connection.cursor() as cursor:
-        cursor.execute("ALTER TABLE task_logs DROP COLUMN attempt")
         cursor.execute(
             "INSERT INTO task_details (forge, project, clone_url, ref_type, ref_name, commit_sha,"
-            " created_at) VALUES ('gitlab', 'old/app', 'http://127.0.0.1:9/a.git', 'branch',"
-            " 'main', REPEAT('a', 40), NOW(6))"
+            " commit_message, created_at) VALUES ('gitlab', 'old/app', 'http://127.0.0.1:9/a.git',"
+            " 'branch', 'main', REPEAT('a', 40), 'built by 0.1', NOW(6))"
         )
+        task_id = cursor.lastrowid
         cursor.execute(
-            "INSERT INTO task_logs (task_id, created_at, content) VALUES"
-            " (LAST_INSERT_ID(), NOW(6), 'an old line')"
-        )
+            "INSERT INTO task_states (task_id, state, worker, queued_at, finished_at, exit_code,"
+            " attempt, updated_at) VALUES (%s, 'success', 'agent1@old', NOW(6), NOW(6), 0, 1,"
+            " NOW(6))", (task_id,),
+        )  # fmt: skip
+        cursor.execute(
+            "INSERT INTO task_logs (task_id, stage, created_at, content) VALUES"
+            " (%s, 'build', NOW(6), 'an old line\n')", (task_id,),
+        )  # fmt: skip
         connection.commit()
+    return task_id
+
+
+def migrate(url: str) -> subprocess.CompletedProcess:
     env = {"PATH": "/usr/bin:/bin", "CICD_DATABASE_URL": url}
-    result = subprocess.run(
-        [sys.executable, "-m", "cicd.cli", "init-db"], env=env, capture_output=True, text=True
+    return subprocess.run(
+        [sys.executable, "-m", "cicd.cli", "migrate"], env=env, capture_output=True, text=True
     )
+
+
+def test_a_0_1_database_is_upgraded_in_place_and_its_builds_stay_readable(make_database, start_web):
+    name, url = make_database("opscd_upgrade")
+    load_ddl(name, OLD_SCHEMA)
+    task_id = fill_with_a_build(name)
+    result = migrate(url)
     assert result.returncode == 0, result.stderr
-    assert "adding column task_logs.attempt" in result.stderr
+    assert "upgraded from nothing to" in result.stdout
+    engine = create_engine(url)
+    with engine.connect() as connection:
+        context = MigrationContext.configure(connection, opts={"compare_type": True})
+        assert compare_metadata(context, Base.metadata) == []
+        assert context.get_current_revision() == migrations_head()
+    engine.dispose()
+    again = migrate(url)  # nothing left to do, nothing changed
+    assert again.returncode == 0 and "database schema is ready (revision" in again.stdout
+    web = start_web(CICD_DATABASE_URL=url)
+    build = requests.get(f"{web}/api/tasks/{task_id}", timeout=10).json()
+    assert build["state"] == "success" and build["project"] == "old/app", build
+    assert build["attempt"] == 1
+    log = requests.get(f"{web}/api/tasks/{task_id}/log", timeout=10)
+    assert log.status_code == 200 and "an old line" in log.text
+
+
+def test_a_database_of_a_development_build_after_0_1_is_upgraded_too(make_database):
+    """``cicd init-db`` of a build between 0.1 and migrations added ``task_logs.attempt``."""
+    name, url = make_database("opscd_upgrade_dev")
+    load_ddl(name, OLD_SCHEMA)
+    fill_with_a_build(name)
+    connection = mysql_connect(name)
+    with connection, connection.cursor() as cursor:
+        cursor.execute("ALTER TABLE task_logs ADD COLUMN attempt INTEGER NOT NULL DEFAULT 1")
+    result = migrate(url)
+    assert result.returncode == 0, result.stderr
     engine = create_engine(url)
     with engine.connect() as connection:
         context = MigrationContext.configure(connection, opts={"compare_type": True})
         assert compare_metadata(context, Base.metadata) == []
         rows = connection.exec_driver_sql("SELECT attempt, content FROM task_logs").all()
     engine.dispose()
-    assert [tuple(row) for row in rows] == [(1, "an old line")]
+    assert [tuple(row) for row in rows] == [(1, "an old line\n")]
+
+
+def migrations_head() -> str:
+    from cicd import migrations
+
+    return migrations.head()
