@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -350,6 +351,131 @@ def secrets_rm(url: str, project: str, name: str) -> None:
     """Delete secret NAME of PROJECT."""
     _send("delete", url, f"/api/projects/{project}/secrets/{name}")
     click.echo(f"removed {name} from {project}")
+
+
+json_option = click.option(
+    "--json", "as_json", is_flag=True, help="Print {project, webhook_url, webhook_secret}."
+)
+
+
+@main.group(name="projects")
+def projects_group() -> None:
+    """Register the projects OpsCD builds (path, clone URL, webhook secret, ref policy)."""
+
+
+def _git_password(from_stdin: bool) -> str | None:
+    return sys.stdin.read().rstrip("\n") if from_stdin else None
+
+
+def _show_registered(answer: dict, as_json: bool, what: str) -> None:
+    """The webhook URL and secret, shown this once."""
+    if as_json:
+        click.echo(json.dumps({"project": answer["project"]["project"],
+                               "webhook_url": answer["webhook_url"],
+                               "webhook_secret": answer["webhook_secret"]}))  # fmt: skip
+        return
+    click.echo(f"{what} {answer['project']['project']}")
+    click.echo(f"webhook URL:    {answer['webhook_url']}")
+    click.echo(f"webhook secret: {answer['webhook_secret']}")
+    click.echo("(the secret is shown only now: put it in the forge's webhook settings)")
+
+
+@projects_group.command(name="add")
+@api_url_option
+@click.argument("project")
+@click.option("--clone-url", required=True, help="Where builds clone it from (http or https).")
+@click.option(
+    "--protected",
+    default="main",
+    show_default=True,
+    help="Ref patterns whose builds get the secret variables, comma-separated.",
+)
+@click.option("--approval", default="", help="Ref patterns whose publish waits for approval.")
+@click.option("--git-username", help="Its own git user (else the instance's CICD_GIT_USERNAME).")
+@click.option("--git-password-stdin", is_flag=True, help="Read its own git password from stdin.")
+@json_option
+def projects_add(
+    url: str,
+    project: str,
+    clone_url: str,
+    protected: str,
+    approval: str,
+    git_username: str | None,
+    git_password_stdin: bool,
+    as_json: bool,
+) -> None:
+    """Register PROJECT (group/app, or group/* for a group webhook)."""
+    body = {"project": project, "clone_url": clone_url, "protected": protected,
+            "approval": approval}  # fmt: skip
+    if git_username is not None or git_password_stdin:
+        body.update(git_username=git_username, git_password=_git_password(git_password_stdin))
+    _show_registered(_send("post", url, "/api/projects", json=body), as_json, "registered")
+
+
+@projects_group.command(name="list")
+@api_url_option
+def projects_list(url: str) -> None:
+    """Every registered project."""
+    rows = _send("get", url, "/api/projects")["projects"]
+    for row in rows:
+        row["protected"] = ",".join(row["protected"])
+    click.echo(_table(rows, [("PROJECT", "project"), ("CLONE URL", "clone_url"),
+                             ("PROTECTED", "protected"), ("UPDATED", "updated_at")]))  # fmt: skip
+
+
+@projects_group.command(name="show")
+@api_url_option
+@click.argument("project")
+def projects_show(url: str, project: str) -> None:
+    """One registration, as JSON (never its secret)."""
+    click.echo(json.dumps(_send("get", url, f"/api/projects/{project}"), indent=2))
+
+
+@projects_group.command(name="set")
+@api_url_option
+@click.argument("project")
+@click.option("--clone-url", help="A new clone URL.")
+@click.option("--protected", help="New protected ref patterns.")
+@click.option("--approval", help="New approval ref patterns ('' for none).")
+@click.option("--git-username", help="Its own git user (with --git-password-stdin).")
+@click.option("--git-password-stdin", is_flag=True, help="Read its own git password from stdin.")
+@click.option("--instance-git", is_flag=True, help="Drop its own git credentials.")
+def projects_set(url: str, project: str, clone_url: str | None, protected: str | None,
+                 approval: str | None, git_username: str | None, git_password_stdin: bool,
+                 instance_git: bool) -> None:  # fmt: skip
+    """Change PROJECT's registration."""
+    changes: dict[str, str | None] = {
+        key: value for key, value in
+        (("clone_url", clone_url), ("protected", protected), ("approval", approval))
+        if value is not None
+    }  # fmt: skip
+    if instance_git:
+        changes.update(git_username=None, git_password=None)
+    elif git_username is not None or git_password_stdin:
+        changes.update(git_username=git_username, git_password=_git_password(git_password_stdin))
+    if not changes:
+        raise click.UsageError("nothing to change: give at least one option")
+    answer = _send("patch", url, f"/api/projects/{project}", json=changes)
+    click.echo(f"updated {answer['project']}")
+
+
+@projects_group.command(name="rotate-secret")
+@api_url_option
+@click.argument("project")
+@json_option
+def projects_rotate_secret(url: str, project: str, as_json: bool) -> None:
+    """A new webhook secret for PROJECT; the old one stops working now."""
+    answer = _send("post", url, f"/api/projects/{project}/rotate-secret")
+    _show_registered(answer, as_json, "new secret for")
+
+
+@projects_group.command(name="rm")
+@api_url_option
+@click.argument("project")
+def projects_rm(url: str, project: str) -> None:
+    """Unregister PROJECT (its builds stay)."""
+    _send("delete", url, f"/api/projects/{project}")
+    click.echo(f"unregistered {project}")
 
 
 if __name__ == "__main__":

@@ -225,6 +225,37 @@ class TaskApproval(Base):
     decided_at: Mapped[dt.datetime | None] = mapped_column(Timestamp)
 
 
+class Project(Base):
+    """A project registered on the server: its identity, where it is cloned from, its webhook
+    secret and its policy. A webhook only says that a registered project changed.
+
+    ``path`` is ``group/app``, or ``group/*`` for a namespace (a GitLab group
+    webhook): then ``clone_url`` is a prefix, and each project's clone URL is it
+    plus the project's path. The webhook secret is kept as its SHA-256 (it is
+    long and random: shown once, verified, never shown again); git credentials
+    of its own are encrypted like secret variables (``CICD_SECRETS_KEY``).
+    """
+
+    __tablename__ = "projects"
+    __table_args__ = (TABLE_ARGS,)
+
+    id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
+    path: Mapped[str] = mapped_column(String(255), unique=True)
+    forge: Mapped[str] = mapped_column(String(32), default="gitlab")
+    #: The forge's id of the project, recorded from its first webhook.
+    forge_project_id: Mapped[int | None] = mapped_column(BigInteger)
+    clone_url: Mapped[str] = mapped_column(String(1024))
+    webhook_secret_sha256: Mapped[str] = mapped_column(String(64))
+    git_username: Mapped[str | None] = mapped_column(String(255))
+    git_password_ciphertext: Mapped[str | None] = mapped_column(Text)
+    #: Comma-separated ref patterns (fnmatch): builds of these refs get the secret variables.
+    protected_refs: Mapped[str] = mapped_column(String(1024), default="main")
+    #: Comma-separated ref patterns whose publish waits for a person's approval.
+    approval_refs: Mapped[str] = mapped_column(String(1024), default="")
+    created_at: Mapped[dt.datetime] = mapped_column(Timestamp, default=utcnow)
+    updated_at: Mapped[dt.datetime] = mapped_column(Timestamp, default=utcnow, onupdate=utcnow)
+
+
 class ProjectSecret(Base):
     """A secret variable of one project, encrypted with ``CICD_SECRETS_KEY`` (Fernet)."""
 

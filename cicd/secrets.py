@@ -21,7 +21,10 @@ from cicd import db
 from cicd.errors import ConfigError, OpsCDError
 from cicd.models import ProjectSecret, utcnow
 
-__all__ = ["SecretError", "NAME", "set_secret", "list_secrets", "delete_secret", "secret_values"]
+__all__ = [
+    "SecretError", "NAME", "set_secret", "list_secrets", "delete_secret", "secret_values",
+    "encrypt", "decrypt",
+]  # fmt: skip
 
 #: Secret names are environment variable names.
 NAME = re.compile(r"\A[A-Za-z_][A-Za-z0-9_]{0,127}\Z")
@@ -108,4 +111,19 @@ def secret_values(project: str, names: list[str], key: SecretStr | None) -> dict
         raise SecretError(
             "cannot decrypt the project's secrets: CICD_SECRETS_KEY differs from the key "
             "they were stored with"
+        ) from None
+
+
+def encrypt(value: str, key: SecretStr | None) -> str:
+    """``value`` encrypted like a secret variable (e.g. a project's own git password)."""
+    return _fernet(key).encrypt(value.encode()).decode()
+
+
+def decrypt(ciphertext: str, key: SecretStr | None) -> str:
+    try:
+        return _fernet(key).decrypt(ciphertext.encode()).decode()
+    except InvalidToken:
+        raise SecretError(
+            "cannot decrypt a stored credential: CICD_SECRETS_KEY differs from the key it was "
+            "stored with"
         ) from None

@@ -122,3 +122,24 @@ ALTER TABLE agent_states ADD COLUMN broker_lost_at DATETIME(6);
 
 UPDATE alembic_version SET version_num='0002' WHERE alembic_version.version_num = '0001';
 
+-- Running upgrade 0002 -> 0003
+
+CREATE TABLE projects (
+    id BIGINT NOT NULL AUTO_INCREMENT,
+    path VARCHAR(255) NOT NULL,
+    forge VARCHAR(32) NOT NULL,
+    forge_project_id BIGINT,
+    clone_url VARCHAR(1024) NOT NULL,
+    webhook_secret_sha256 VARCHAR(64) NOT NULL,
+    git_username VARCHAR(255),
+    git_password_ciphertext TEXT,
+    protected_refs VARCHAR(1024) NOT NULL,
+    approval_refs VARCHAR(1024) NOT NULL,
+    created_at DATETIME(6) NOT NULL,
+    updated_at DATETIME(6) NOT NULL,
+    PRIMARY KEY (id),
+    UNIQUE (path)
+)ENGINE=InnoDB CHARSET=utf8mb4 COLLATE utf8mb4_bin;
+
+UPDATE alembic_version SET version_num='0003' WHERE alembic_version.version_num = '0002';
+

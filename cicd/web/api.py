@@ -13,13 +13,14 @@ from flask import Blueprint, Response, current_app, g, jsonify, request, url_for
 from sqlalchemy import select
 from sqlalchemy.orm import contains_eager
 
-from cicd import db, lifecycle, secrets
+from cicd import db, lifecycle, projects, secrets
 from cicd.broker import BrokerUnavailable, revoke_build, send_publish, send_task
 from cicd.errors import ConfigError
 from cicd.models import (
     STAGES,
     AgentState,
     ApprovalDecision,
+    Project,
     TaskApproval,
     TaskDetail,
     TaskLog,
@@ -383,6 +384,108 @@ def _undo_approval(task_id: int) -> None:
         approval.decision = approval.decided_by = approval.decided_at = None
         lifecycle.unapprove(session, task_id)
         session.commit()
+
+
+# --- registered projects: the webhook secret is shown once, at registration or rotation ---------
+
+
+def project_to_dict(project: Project) -> dict[str, Any]:
+    """A registration: never its webhook secret or its git password."""
+    return {
+        "project": project.path,
+        "namespace": project.path.endswith("/*"),
+        "forge": project.forge,
+        "forge_project_id": project.forge_project_id,
+        "clone_url": project.clone_url,
+        "protected": projects.patterns(project.protected_refs),
+        "approval": projects.patterns(project.approval_refs),
+        "git_username": project.git_username,
+        "own_git_password": project.git_password_ciphertext is not None,
+        "created_at": _iso(project.created_at),
+        "updated_at": _iso(project.updated_at),
+    }
+
+
+def _registered(registered: projects.Registered, status: int) -> Response:
+    response = jsonify(
+        project=project_to_dict(registered.project),
+        webhook_url=external_url("webhook.gitlab_webhook"),
+        webhook_secret=registered.webhook_secret,
+    )
+    response.status_code = status
+    return response
+
+
+def _project_error(error: projects.ProjectError) -> Response:
+    return _error(error.status, str(error))
+
+
+@bp.get("/projects")
+def list_registered_projects() -> Response:
+    return jsonify(projects=[project_to_dict(p) for p in projects.list_projects()])
+
+
+@bp.post("/projects")
+def register_project() -> Response:
+    """Register ``{"project", "clone_url", "protected"?, "approval"?, "git_username"?,
+    "git_password"?}``; the answer holds the webhook URL and secret, shown this once."""
+    body = request.get_json(silent=True)
+    if (
+        not isinstance(body, dict)
+        or not isinstance(body.get("project"), str)
+        or not isinstance(body.get("clone_url"), str)
+    ):
+        return _error(400, 'send a JSON object {"project": "group/app", "clone_url": "https://…"}')
+    try:
+        registered = projects.register(
+            body["project"], body["clone_url"], protected=body.get("protected", "main"),
+            approval=body.get("approval", ""), git_username=body.get("git_username"),
+            git_password=body.get("git_password"), key=current_app.config["SETTINGS"].secrets_key,
+        )  # fmt: skip
+    except projects.ProjectError as error:
+        return _project_error(error)
+    except ConfigError as error:
+        return _error(503, str(error))
+    return _registered(registered, 201)
+
+
+@bp.get("/projects/<path:path>")
+def get_registered_project(path: str) -> Response:
+    try:
+        return jsonify(project_to_dict(projects.get(path)))
+    except projects.ProjectError as error:
+        return _project_error(error)
+
+
+@bp.patch("/projects/<path:path>")
+def update_registered_project(path: str) -> Response:
+    body = request.get_json(silent=True)
+    if not isinstance(body, dict):
+        return _error(400, "send a JSON object of the fields to change")
+    try:
+        changed = projects.update(path, body, key=current_app.config["SETTINGS"].secrets_key)
+    except projects.ProjectError as error:
+        return _project_error(error)
+    except ConfigError as error:
+        return _error(503, str(error))
+    return jsonify(project_to_dict(changed))
+
+
+@bp.delete("/projects/<path:path>")
+def remove_registered_project(path: str) -> Response:
+    try:
+        projects.remove(path)
+    except projects.ProjectError as error:
+        return _project_error(error)
+    return Response(status=204)
+
+
+@bp.post("/projects/<path:path>/rotate-secret")
+def rotate_project_secret(path: str) -> Response:
+    try:
+        return _registered(projects.rotate_secret(path), 200)
+    except projects.ProjectError as error:
+        return _project_error(error)
 
 
 # --- project secrets: names and dates out, values only in ------------------------------------
