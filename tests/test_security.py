@@ -6,8 +6,10 @@ in-process with hypothesis, seeded with GitLab's recorded payloads.
 
 from __future__ import annotations
 
+import http.server
 import json
 import os
+import threading
 import uuid
 from pathlib import Path
 
@@ -293,3 +295,56 @@ def test_ui_and_api_need_the_login_when_one_is_set(start_web):
     # The webhook keeps its own secret, not the UI login.
     assert post_gitlab(web, b"{}", token="wrong").status_code == 401
     assert "ignored" in post_gitlab(web, b"{}").json()  # reached the parser, no login asked
+
+
+# --- credentials go only where the project lives ----------------------------------------------
+
+
+class _Recorder(http.server.BaseHTTPRequestHandler):
+    """Records each request's path and headers; redirects to ``location`` if set, else 404."""
+
+    seen: list[tuple[str, dict[str, str]]]
+    location: str | None = None
+
+    def do_GET(self) -> None:
+        type(self).seen.append((self.path, dict(self.headers)))
+        if self.location:
+            self.send_response(302)
+            self.send_header("Location", self.location + self.path)
+        else:
+            self.send_response(404)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    do_POST = do_GET
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def _serve(location: str | None) -> tuple[http.server.HTTPServer, type[_Recorder]]:
+    handler = type("Recorder", (_Recorder,), {"seen": [], "location": location})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, handler
+
+
+def test_a_git_server_that_redirects_elsewhere_never_passes_the_credentials_on(web, repo):
+    """git applies a first redirect to every later request: the fleet's Authorization header
+    would follow it to another host. Builds follow no redirect, and say so."""
+    elsewhere, listener = _serve(None)
+    redirector, first = _serve(f"http://127.0.0.1:{elsewhere.server_port}")
+    try:
+        sha = repo.commit({"ci.yaml": "build:\n  script: echo never\n"})
+        repo.clone_url = f"http://127.0.0.1:{redirector.server_port}/{repo.project_path}.git"
+        answer = post_gitlab(web, gitlab_payload("push-event.json", repo, "refs/heads/main", sha))
+        done = wait_for_task(web, answer.json()["task_id"])
+        log = task_log(web, done["task_id"])
+    finally:
+        redirector.shutdown()
+        elsewhere.shutdown()
+    assert done["state"] == "failed" and "redirect" in log, log
+    assert first.seen, "the clone never reached the project's git server"
+    sent_on = [headers for _, headers in listener.seen if "Authorization" in headers]
+    assert sent_on == [], "the credentials went to the host the server redirected to"
+    assert GIT_PASSWORD not in log

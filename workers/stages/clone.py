@@ -1,7 +1,8 @@
 """Stage 1, clone: fetch the exact pushed commit over HTTP into a fresh workspace.
 
-Credentials go to git as an ``http.extraHeader`` through the environment
-(``GIT_CONFIG_*``), never in the URL, the arguments, the log or an error.
+Credentials go to git as an ``http.<origin>.extraHeader`` through the environment
+(``GIT_CONFIG_*``), never in the URL, the arguments, the log or an error, and
+only to the clone URL's own origin; redirects are not followed.
 Only http(s) transports are allowed (``GIT_ALLOW_PROTOCOL``): the URL comes
 from a webhook, and git's ``ext::`` transport would run a command.
 """
@@ -9,10 +10,12 @@ from a webhook, and git's ``ext::`` transport would run a command.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from celery.exceptions import Ignore
 from celery.utils.nodenames import worker_direct
@@ -30,6 +33,9 @@ from workers.stages import StageTask, masker
 from workers.workspace import checkout_dir, create_workspace, remove_workspace
 
 __all__ = ["clone", "build_variables", "fetch_commit"]
+
+#: How git reports an HTTP redirect it did not follow (``http.followRedirects=false``).
+REDIRECTED = re.compile(r"returned error: 30[12378]\b")
 
 
 #: What git says when a server (protocol v0/v1, or a strict v2) will not serve a bare commit id.
@@ -120,7 +126,7 @@ def build_variables(task: TaskDetail) -> dict[str, str]:
 
 def fetch_commit(checkout: Path, url: str, ref: str, sha: str, log: LogWriter) -> None:
     """Fetch exactly ``sha``; if the server refuses a fetch by id, fetch ``ref`` and find it."""
-    env = _git_environment(checkout.parent / "home")
+    env = _git_environment(checkout.parent / "home", url)
     # No template (no sample hooks to copy) and no remote: fetch straight from the URL.
     _git(["init", "-q", "--template="], checkout, env, log)
     try:
@@ -141,7 +147,20 @@ def fetch_commit(checkout: Path, url: str, ref: str, sha: str, log: LogWriter) -
     _git(["-c", "advice.detachedHead=false", "checkout", "-q", "--detach", sha], checkout, env, log)
 
 
-def _git_environment(home: Path) -> dict[str, str]:
+def origin(url: str) -> str:
+    """``scheme://host[:port]/`` of ``url``: git's ``http.<url>.*`` settings match by it."""
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}/"
+
+
+def _git_environment(home: Path, url: str) -> dict[str, str]:
+    """git's environment: no user or system config, HTTP(S) only, no redirects followed, and
+    the credentials (``http.<origin>.extraHeader``) sent only to the clone URL's origin.
+
+    git applies a redirect of its first request to every later one, so a server
+    (or a man in the middle of plain HTTP) could send the credentials elsewhere:
+    a clone that is redirected fails instead, saying so.
+    """
     settings = load_settings()
     home.mkdir(exist_ok=True)
     env = {
@@ -152,16 +171,13 @@ def _git_environment(home: Path) -> dict[str, str]:
         "GIT_CONFIG_NOSYSTEM": "1",
         "GIT_CONFIG_GLOBAL": "/dev/null",
         "GIT_ALLOW_PROTOCOL": "http:https",
-        "GIT_CONFIG_COUNT": "1",
-        "GIT_CONFIG_KEY_0": "protocol.version",
-        "GIT_CONFIG_VALUE_0": "2",
     }
+    config = {"protocol.version": "2", "http.followRedirects": "false"}
     if authorization := settings.git_authorization():
-        env.update(
-            GIT_CONFIG_COUNT="2",
-            GIT_CONFIG_KEY_1="http.extraHeader",
-            GIT_CONFIG_VALUE_1="Authorization: " + authorization,
-        )
+        config[f"http.{origin(url)}.extraHeader"] = "Authorization: " + authorization
+    env["GIT_CONFIG_COUNT"] = str(len(config))
+    for index, (key, value) in enumerate(config.items()):
+        env[f"GIT_CONFIG_KEY_{index}"], env[f"GIT_CONFIG_VALUE_{index}"] = key, value
     return env
 
 
@@ -194,4 +210,7 @@ def _git(args: list[str], cwd: Path, env: dict[str, str], log: LogWriter) -> Non
         hint = None
         if "Authentication failed" in text or "could not read Username" in text:
             hint = "check CICD_GIT_USERNAME and CICD_GIT_PASSWORD"
+        elif REDIRECTED.search(text):
+            hint = "the git server redirects; OpsCD follows no redirect (its credentials would "
+            hint += "go along): use the URL it redirects to"
         raise StageError(operation, last, hint)
