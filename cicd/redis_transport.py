@@ -42,6 +42,9 @@ __all__ = ["Transport", "Channel", "message_ids"]
 
 log = logging.getLogger(__name__)
 
+#: Seconds between redis-py's own PINGs of an idle connection (kombu's default interval).
+REDIS_PY_HEALTH_CHECK = 25
+
 #: Delivery tags a closing channel could not put back (Redis down); the next channel does.
 _left_to_restore: set[str] = set()
 
@@ -91,7 +94,14 @@ class Channel(redis.Channel):
             # Collected after a lost connection, or closed: such a channel only
             # restores and acks, through a plain (synchronous) pool.
             return dict(self._made_with)
-        return super()._connparams(asynchronous=asynchronous)
+        params = super()._connparams(asynchronous=asynchronous)
+        if "health_check_interval" in params:
+            # kombu's own checks of the consuming connection keep the transport's short
+            # interval; redis-py's would PING before every command on a connection idle
+            # that long (a fifth of a trivial build's cost), and socket_timeout already
+            # bounds those commands.
+            params["health_check_interval"] = REDIS_PY_HEALTH_CHECK
+        return params
 
     def _restore_left_behind(self) -> None:
         while _left_to_restore:
