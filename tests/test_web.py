@@ -509,6 +509,38 @@ def test_projects_page_and_badges(web, repo, pages):
     assert 'fill="#9f9f9f"' in response.text
 
 
+def test_projects_page_registers_a_project_and_shows_its_secret_once(web, pages):
+    project = f"web-{uuid.uuid4().hex[:6]}/app"
+    page = pages.open(f"{web}/projects")
+    form = page.locator("#register-project")
+    form.locator("input[name=project]").fill(project)
+    form.locator("input[name=clone_url]").fill(f"https://git.example.com/{project}.git")
+    form.locator("input[name=protected]").fill("main,release/*")
+    form.locator("button").click()
+    shown = page.locator("#registered")
+    expect(shown).to_be_visible()
+    expect(shown.locator("[data-field=project]")).to_have_text(project)
+    secret = shown.locator("[data-field=webhook_secret]").input_value()
+    assert len(secret) >= 40
+    assert shown.locator("[data-field=webhook_url]").input_value() == f"{web}/webhooks/gitlab"
+    row = page.locator(f'tr[data-registered="{project}"]')
+    expect(row).to_contain_text("main, release/*")
+    answer = requests.get(f"{web}/api/projects/{project}", timeout=5).json()
+    assert answer["protected"] == ["main", "release/*"]
+    page.reload()  # the secret was in that one answer: gone now
+    expect(page.locator(f'tr[data-registered="{project}"]')).to_be_visible()
+    assert secret not in page.content()
+    form = page.locator("#register-project")  # a bad one is refused, saying why
+    form.locator("input[name=project]").fill(project)
+    form.locator("input[name=clone_url]").fill("https://git.example.com/other.git")
+    form.locator("button").click()
+    expect(page.locator("#toast")).to_contain_text("registered already")
+    expect(page.locator("#registered")).to_be_hidden()
+    expected = [e for e in pages.errors if "status of 409 (CONFLICT)" in e]  # that refusal
+    assert len(expected) == 1, pages.errors
+    pages.errors.remove(expected[0])
+
+
 # --- login ----------------------------------------------------------------------------------
 
 

@@ -30,7 +30,10 @@ from cicd.models import (
     utcnow,
 )
 
-__all__ = ["bp", "task_to_dict", "agent_to_dict", "external_url", "fleet", "task_details"]
+__all__ = [
+    "bp", "task_to_dict", "agent_to_dict", "project_to_dict", "external_url", "fleet",
+    "task_details",
+]  # fmt: skip
 
 bp = Blueprint("api", __name__, url_prefix="/api")
 

@@ -25,6 +25,7 @@ from sqlalchemy import Select, func, select
 from sqlalchemy.orm import contains_eager
 
 from cicd import __version__, db
+from cicd import projects as registry
 from cicd.models import (
     RefType,
     TaskDetail,
@@ -32,7 +33,7 @@ from cicd.models import (
     TaskStatus,
     utcnow,
 )
-from cicd.web.api import fleet, task_details, task_to_dict
+from cicd.web.api import fleet, project_to_dict, task_details, task_to_dict
 
 __all__ = ["bp"]
 
@@ -121,14 +122,18 @@ def agents() -> str:
 
 @bp.get("/projects")
 def projects() -> str:
-    """The last build of every branch of every project, with its badge."""
+    """The registered projects (and a form to register one), then the last build of every
+    branch of every project, with its badge."""
+    registered = [project_to_dict(project) for project in registry.list_projects()]
+    if request.args.get("partial") == "registrations":
+        return render_template("_registrations.html", registered=registered)
     with db.session() as session:
         tasks = [task_to_dict(task) for task in session.scalars(_last_builds_query()).unique()]
     grouped: dict[str, list[dict[str, Any]]] = {}
     for task in tasks:
         grouped.setdefault(task["project"], []).append(task)
     template = "_projects.html" if request.args.get("partial") else "projects.html"
-    return render_template(template, projects=grouped)
+    return render_template(template, projects=grouped, registered=registered)
 
 
 @bp.get("/badge.svg")

@@ -19,12 +19,15 @@ export function toast(message, kind = "info") {
   toast.timer = setTimeout(() => (box.hidden = true), 6000);
 }
 
-/** POST to the API; resolves to [response, parsed JSON body or {}]. */
-export async function post(url) {
+/** POST to the API (with a JSON body if given); resolves to [response, parsed JSON or {}]. */
+export async function post(url, json = undefined) {
+  const headers = { Accept: "application/json", "X-Requested-With": "OpsCD" };
+  if (json !== undefined) headers["Content-Type"] = "application/json";
   const response = await fetch(url, {
     method: "POST",
-    headers: { Accept: "application/json", "X-Requested-With": "OpsCD" },
+    headers,
     credentials: "same-origin",
+    body: json === undefined ? undefined : JSON.stringify(json),
   });
   let body = {};
   try {
