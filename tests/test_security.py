@@ -9,6 +9,8 @@ from __future__ import annotations
 import http.server
 import json
 import os
+import subprocess
+import sys
 import threading
 import uuid
 from pathlib import Path
@@ -348,3 +350,51 @@ def test_a_git_server_that_redirects_elsewhere_never_passes_the_credentials_on(w
     sent_on = [headers for _, headers in listener.seen if "Authorization" in headers]
     assert sent_on == [], "the credentials went to the host the server redirected to"
     assert GIT_PASSWORD not in log
+
+
+# --- a broker message decides no path and no project -------------------------------------------
+
+STAGE_INPUTS = """
+import json
+from cicd import db
+from cicd.config import load_settings
+from cicd.errors import StageError
+from cicd.models import RefType, TaskDetail
+from workers.stages import task_variables, task_workspace
+from workers.workspace import create_workspace
+
+db.configure(load_settings())
+with db.session() as session:
+    ours, other = (TaskDetail(forge="gitlab", project=name, clone_url="http://127.0.0.1:9/x.git",
+                              ref_type=RefType.BRANCH, ref_name="main", commit_sha="0" * 40)
+                   for name in ("trusted/app", "victim/app"))
+    session.add_all([ours, other])
+    session.commit()
+mine, theirs = create_workspace(ours.id), create_workspace(other.id)
+refused = []
+for named in ("/etc", str(theirs), str(mine) + "/..", str(mine.parent / f"task-{ours.id}x")):
+    try:
+        task_workspace({"task_id": ours.id, "workspace": named})
+    except StageError as error:
+        refused.append(str(error))
+print(json.dumps({
+    "refused": refused,
+    "own": str(task_workspace({"task_id": ours.id, "workspace": str(mine)})[1]),
+    "mine": str(mine),
+    "project": task_variables(ours.id)["CI_PROJECT_PATH"],
+}))
+"""
+
+
+def test_stages_take_paths_and_the_project_from_their_own_records_not_the_message(opscd_env):
+    """A forged stage message (``workspace``, ``variables``) could point the build at another
+    build's checkout or select another project's secrets: the stages check the path against
+    the agent's own workspaces of that build and read the project from the database."""
+    result = subprocess.run([sys.executable, "-c", STAGE_INPUTS], env=opscd_env,
+                            capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    found = json.loads(result.stdout)
+    assert len(found["refused"]) == 4, found
+    assert all("is not a workspace of build" in message for message in found["refused"])
+    assert found["own"] == found["mine"] + "/src"
+    assert found["project"] == "trusted/app"

@@ -16,9 +16,13 @@ from sqlalchemy import select
 
 from cicd import db
 from cicd.config import load_settings
+from cicd.errors import StageError
 from cicd.models import TaskStatus
 
-__all__ = ["create_workspace", "remove_workspace", "checkout_dir", "remove_finished_workspaces"]
+__all__ = [
+    "create_workspace", "workspace_of", "remove_workspace", "checkout_dir",
+    "remove_finished_workspaces",
+]  # fmt: skip
 
 
 def create_workspace(task_id: int) -> Path:
@@ -28,6 +32,20 @@ def create_workspace(task_id: int) -> Path:
     workspace = Path(tempfile.mkdtemp(prefix=f"task-{int(task_id)}-", dir=root))
     checkout_dir(workspace).mkdir()
     return workspace
+
+
+def workspace_of(task_id: int, workspace: str | Path | None) -> Path:
+    """``workspace`` if it is a workspace of ``task_id`` under ``CICD_WORKSPACE_DIR`` here."""
+    root = load_settings().workspace_dir.resolve()
+    path = Path(workspace or "").resolve()
+    if (
+        path.parent != root
+        or not path.name.startswith(f"task-{int(task_id)}-")
+        or not (path.is_dir())
+    ):
+        raise StageError("workspace", f"{workspace!r} is not a workspace of build {task_id} "
+                         "on this agent")  # fmt: skip
+    return path
 
 
 def checkout_dir(workspace: Path) -> Path:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import logging
+from pathlib import Path
 from typing import Any
 
 from celery import Task
@@ -19,14 +20,15 @@ from sqlalchemy import select
 
 from cicd import db
 from cicd.config import load_settings
-from cicd.errors import BuildCanceled, LeaseLost, OpsCDError
-from cicd.models import Stage, StageState, TaskStage, TaskState, TaskStatus
+from cicd.errors import BuildCanceled, LeaseLost, OpsCDError, StageError
+from cicd.models import Stage, StageState, TaskDetail, TaskStage, TaskState, TaskStatus
 from workers import capacity, lease, reaper
 from workers.logs import LogWriter, Masker, record_superseded, stored_log_bytes, task_log_store
-from workers.workspace import remove_workspace
+from workers.workspace import checkout_dir, remove_workspace, workspace_of
 
 __all__ = [
     "StageTask", "masker", "describe_error", "current_run", "is_canceled", "is_stale",
+    "build_variables", "task_variables", "task_workspace",
 ]  # fmt: skip
 
 log = logging.getLogger(__name__)
@@ -36,6 +38,42 @@ log = logging.getLogger(__name__)
 def masker() -> Masker:
     """Masks every credential this worker knows."""
     return Masker(load_settings().secrets())
+
+
+def build_variables(task: TaskDetail) -> dict[str, str]:
+    """The ``CI_*`` variables every build sees, named as GitLab CI names them."""
+    variables = {
+        "CI": "true",
+        "OPSCD": "true",
+        "CI_TASK_ID": str(task.id),
+        "CI_PROJECT_PATH": task.project,
+        "CI_COMMIT_SHA": task.commit_sha,
+        "CI_COMMIT_SHORT_SHA": task.commit_sha[:8],
+        "CI_COMMIT_REF_NAME": task.ref_name,
+    }
+    variables["CI_COMMIT_TAG" if task.ref_type == "tag" else "CI_COMMIT_BRANCH"] = task.ref_name
+    return variables
+
+
+def task_variables(task_id: int) -> dict[str, str]:
+    """The build's ``CI_*`` variables from its row: a broker message never decides the project
+    (and with it the secrets a build gets), the ref or the commit."""
+
+    def read() -> dict[str, str]:
+        with db.session() as session:
+            task = session.get(TaskDetail, task_id)
+            if task is None:
+                raise StageError("build", f"task {task_id} is not in the database")
+            return build_variables(task)
+
+    return db.retrying(read, f"task {task_id}: reading the build")
+
+
+def task_workspace(ctx: dict[str, Any]) -> tuple[Path, Path]:
+    """The workspace and checkout a message names, once checked to be this build's own on
+    this agent (a message never decides a path)."""
+    workspace = workspace_of(int(ctx["task_id"]), ctx.get("workspace"))
+    return workspace, checkout_dir(workspace)
 
 
 def current_run(task_id: int) -> tuple[TaskState, int] | None:

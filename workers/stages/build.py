@@ -22,7 +22,7 @@ from cicd.models import Stage, TaskApproval
 from cicd.secrets import secret_values
 from workers.executors import Executor, Step, get_executor
 from workers.logs import LogWriter
-from workers.stages import StageTask, is_canceled
+from workers.stages import StageTask, is_canceled, task_variables, task_workspace
 
 __all__ = ["build", "build_image", "run_build"]
 
@@ -90,10 +90,11 @@ def run_build(
 def build(self: StageTask, ctx: dict[str, Any]) -> dict[str, Any]:
     """Run the build script on this node; pass the parsed pipeline on to publish."""
     node, run = self.request.hostname, int(ctx.get("attempt", 1))
-    variables = ctx.get("variables", {})
+    variables = task_variables(int(ctx["task_id"]))  # the database's, not the message's
+    _, checkout = task_workspace(ctx)
     with self.log_writer(ctx) as log:
         pipeline = run_build(
-            Path(ctx["checkout"]),
+            checkout,
             variables,
             get_executor(load_settings(), node),
             log,

@@ -29,10 +29,10 @@ from cicd.errors import PipelineError, StageError
 from cicd.languages import LANGUAGES
 from cicd.models import Stage, TaskDetail, TaskStage
 from workers.logs import LogWriter
-from workers.stages import StageTask, masker
+from workers.stages import StageTask, build_variables, masker
 from workers.workspace import checkout_dir, create_workspace, remove_workspace
 
-__all__ = ["clone", "build_variables", "fetch_commit"]
+__all__ = ["clone", "fetch_commit"]
 
 #: How git reports an HTTP redirect it did not follow (``http.followRedirects=false``).
 REDIRECTED = re.compile(r"returned error: 30[12378]\b")
@@ -107,21 +107,6 @@ def _back_to_queued(task_id: int, attempt: int) -> None:
         if lifecycle.hand_back(session, task_id, attempt):
             session.execute(delete(TaskStage).where(TaskStage.task_id == task_id))
         session.commit()
-
-
-def build_variables(task: TaskDetail) -> dict[str, str]:
-    """The ``CI_*`` variables every build sees, named as GitLab CI names them."""
-    variables = {
-        "CI": "true",
-        "OPSCD": "true",
-        "CI_TASK_ID": str(task.id),
-        "CI_PROJECT_PATH": task.project,
-        "CI_COMMIT_SHA": task.commit_sha,
-        "CI_COMMIT_SHORT_SHA": task.commit_sha[:8],
-        "CI_COMMIT_REF_NAME": task.ref_name,
-    }
-    variables["CI_COMMIT_TAG" if task.ref_type == "tag" else "CI_COMMIT_BRANCH"] = task.ref_name
-    return variables
 
 
 def fetch_commit(checkout: Path, url: str, ref: str, sha: str, log: LogWriter) -> None:

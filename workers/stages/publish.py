@@ -23,7 +23,7 @@ from workers import lease
 from workers.engine import docker_client
 from workers.logs import LogWriter
 from workers.registry import build_image, image_reference, push_image, remove_image
-from workers.stages import StageTask, is_canceled
+from workers.stages import StageTask, is_canceled, task_variables, task_workspace
 from workers.workspace import remove_workspace
 
 __all__ = ["publish", "run_publish"]
@@ -85,7 +85,8 @@ def publish(self: StageTask, ctx: dict[str, Any]) -> dict[str, Any]:
             return {**ctx, "skipped": Stage.PUBLISH.value}
         spec = PublishSpec.model_validate(published)  # the build stage's, through the broker
         canceled = functools.partial(is_canceled, int(ctx["task_id"]), int(ctx.get("attempt", 1)))
-        checkout = Path(ctx["checkout"])
-        reference, digest = run_publish(spec, checkout, ctx["variables"], log, canceled)
+        _, checkout = task_workspace(ctx)
+        variables = task_variables(int(ctx["task_id"]))  # the database's, not the message's
+        reference, digest = run_publish(spec, checkout, variables, log, canceled)
     remove_workspace(ctx.get("workspace"))
     return {**ctx, "image": reference, "image_digest": digest}
