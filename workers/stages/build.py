@@ -18,7 +18,7 @@ from cicd.ciyaml import BuildSpec, Pipeline, load_pipeline
 from cicd.config import Settings, load_settings
 from cicd.errors import BuildCanceled, BuildFailed, LeaseLost
 from cicd.languages import LANGUAGES
-from cicd.models import Stage, TaskApproval
+from cicd.models import Stage, StageState, TaskApproval, TaskStage, utcnow
 from cicd.secrets import secret_values
 from workers.executors import Executor, Step, get_executor
 from workers.logs import LogWriter
@@ -113,8 +113,12 @@ def build(self: StageTask, ctx: dict[str, Any]) -> dict[str, Any]:
 
 
 def request_approval(task_id: int, node: str, ctx: dict[str, Any]) -> None:
-    """Record what publish resumes with, and put the task in ``waiting``."""
+    """Record what publish resumes with, and put the task in ``waiting`` with its build stage
+    ended, in one transaction: nobody sees a waiting build whose build stage still runs."""
     with db.session() as session:
         session.merge(TaskApproval(task_id=task_id, node=node, context=json.dumps(ctx)))
-        lifecycle.wait(session, task_id)
+        if lifecycle.wait(session, task_id):
+            stage = session.get(TaskStage, (task_id, Stage.BUILD))
+            if stage is not None:
+                stage.state, stage.finished_at = StageState.SUCCESS, utcnow()
         session.commit()
