@@ -44,6 +44,7 @@ import shutil
 import subprocess
 import tarfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 from typing import Self
@@ -114,10 +115,55 @@ def _toml_string(value: str) -> str:
     return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
+class _Service:
+    """A service process the tests start in ``root``: launched, waited for until it answers
+    (or failing with its log if it exits first), stopped by :meth:`stop`."""
+
+    root: Path
+    log_path: Path
+    _process: Process | None
+
+    def _launch(self, name: str, args: list[str], env: dict[str, str],
+                answers: Callable[[], bool], timeout: float, what: str) -> None:  # fmt: skip
+        self._process = Process(name, args, env, self.root)  # logs to root / f"{name}.log"
+
+        def ready() -> bool:
+            assert self._process is not None
+            if self._process.popen.poll() is not None:
+                raise RuntimeError(f"{name} exited:\n{self.log()}")
+            return answers()
+
+        try:
+            wait_until(ready, timeout, what)
+        except BaseException:
+            self.stop()
+            raise
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def start(self) -> Self:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
 # --- registry -------------------------------------------------------------------------------
 
 
-class Registry:
+class Registry(_Service):
     """The distribution registry (``docker-registry serve``): 127.0.0.1, plain HTTP, htpasswd.
 
     Storage, configuration and log live under ``root``; ``address`` is ``127.0.0.1:PORT``.
@@ -168,42 +214,21 @@ class Registry:
             f"auth:\n  htpasswd:\n    realm: opscd-test\n    path: {self.root / 'htpasswd'}\n"
         )
         args = ["docker-registry", "serve", str(config)]
-        self._process = Process("registry", args, dict(os.environ), self.root)
-        try:
-            wait_until(self._answers_401, 20, f"the registry on {self.address}")
-        except BaseException:
-            self.stop()
-            raise
+        self._launch("registry", args, dict(os.environ), self._answers_401, 20,
+                     f"the registry on {self.address}")  # fmt: skip
         return self
 
     def _answers_401(self) -> bool:
-        assert self._process is not None
-        if self._process.popen.poll() is not None:
-            raise RuntimeError(f"docker-registry exited:\n{self.log()}")
         try:
             return requests.get(f"{self.url}/v2/", timeout=1).status_code == 401
         except requests.ConnectionError:
             return False
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
     def stop(self) -> None:
         if self._process is not None:
             self._process.stop()
             self._process = None
         self._session.close()
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     def _get(self, path: str) -> requests.Response:
         return self._session.get(f"{self.url}{path}", timeout=10)
@@ -235,7 +260,7 @@ class Registry:
 # --- podman ---------------------------------------------------------------------------------
 
 
-class PodmanService:
+class PodmanService(_Service):
     """``podman system service`` on ``unix://<root>/podman.sock`` with private config and storage.
 
     ``docker_host`` is the socket URL for ``DOCKER_HOST``; ``env`` holds the ``CONTAINERS_*``
@@ -355,18 +380,11 @@ class PodmanService:
         self.storage_driver = self._choose_storage_driver()
         self.socket_path.unlink(missing_ok=True)
         args = ["podman", "system", "service", "--time=0", self.docker_host]
-        self._process = Process("podman-service", args, self._cli_env(), self.root)
-        try:
-            wait_until(self._pings, 30, f"podman to answer on {self.docker_host}")
-        except BaseException:
-            self.stop()
-            raise
+        self._launch("podman-service", args, self._cli_env(), self._pings, 30,
+                     f"podman to answer on {self.docker_host}")  # fmt: skip
         return self
 
     def _pings(self) -> bool:
-        assert self._process is not None
-        if self._process.popen.poll() is not None:
-            raise RuntimeError(f"podman system service exited:\n{self.log()}")
         if not self.socket_path.exists():
             return False
         client = docker.DockerClient(base_url=self.docker_host, timeout=2)
@@ -380,9 +398,6 @@ class PodmanService:
     def client(self, timeout: int = 300) -> docker.DockerClient:
         """A new docker SDK client of this service; close it when done."""
         return docker.DockerClient(base_url=self.docker_host, timeout=timeout)
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
     def mounts(self) -> list[str]:
         """Mount points under ``root`` (layer, shm and bind mounts podman left behind)."""
@@ -412,17 +427,6 @@ class PodmanService:
         for path in (self.graphroot, self.runroot, self.tmpdir):
             shutil.rmtree(path, ignore_errors=True)
         self.tmpdir.mkdir(parents=True, exist_ok=True)
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
 
 # --- base images ----------------------------------------------------------------------------

@@ -199,15 +199,14 @@ class StageTask(Task):
     def on_failure(self, exc, task_id, args, kwargs, einfo) -> None:
         ctx = args[0] if args and isinstance(args[0], dict) else {}
         attempt = int(ctx.get("attempt", 1))
-        if isinstance(exc, LeaseLost) and "task_id" in ctx:
+        if "task_id" not in ctx:
+            pass
+        elif isinstance(exc, LeaseLost):  # no result: the build runs again
             self._hand_back(int(ctx["task_id"]), attempt)
-            found = None
-        else:
-            found = current_run(int(ctx["task_id"])) if "task_id" in ctx else None
-        if found is not None and found[1] != attempt:
+        elif (found := current_run(int(ctx["task_id"]))) is not None and found[1] != attempt:
             # Another run replaced this one: it says so in its own log, and nothing else.
             record_superseded(int(ctx["task_id"]), attempt, found[1])
-        elif "task_id" in ctx and not isinstance(exc, LeaseLost):
+        else:
             with self.log_writer(ctx) as writer:
                 if isinstance(exc, BuildCanceled):
                     writer.line(f"Canceled during {self.stage}", always=True)
