@@ -94,7 +94,7 @@ class Stack:
         self.tmp = Path(tempfile.mkdtemp(prefix="opscd-bench-"))
         self.log_dir = self.tmp / "logs"
         self.log_dir.mkdir()
-        self.secret = "bench-secret-" + uuid.uuid4().hex
+        self.secret = ""  # the bench project's webhook secret, once registered
         self.git_password = "bench-git-" + uuid.uuid4().hex[:12]
         self.database: str | None = None
         self.processes: dict[str, Process] = {}
@@ -119,7 +119,6 @@ class Stack:
         self.env.update(
             CICD_DATABASE_URL=self.mysql.url(self.database),
             CICD_BROKER_URL=self.redis_url,
-            CICD_WEBHOOK_SECRET=self.secret,
             CICD_GIT_USERNAME=GIT_USER,
             CICD_GIT_PASSWORD=self.git_password,
             CICD_WORKSPACE_DIR=str(self.tmp / "workspaces"),
@@ -145,6 +144,9 @@ class Stack:
         self._git_server = GitHttpServer(self.tmp / "git", GIT_USER, self.git_password).start()
         self.repo = make_repo(self._git_server.root)
         self.clone_url = self._git_server.repo_url(self.repo.path)
+        from cicd import projects
+
+        self.secret = projects.register(self.repo.path, self.clone_url).webhook_secret
 
     def close(self) -> None:
         for name in list(self.processes):

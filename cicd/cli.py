@@ -74,7 +74,6 @@ def web(bind: str, workers: int) -> None:
     settings = _settings()
     try:
         settings.require("database_url", "broker_url")
-        settings.require_webhook_secret()
     except ConfigError as error:
         raise click.ClickException(str(error)) from None
     os.execv(sys.executable, processes.with_python(processes.web(bind, workers)))
@@ -250,26 +249,20 @@ def _follow_log(endpoint: str) -> str | None:
 @main.command()
 @api_url_option
 @click.argument("path", default=".", type=click.Path(file_okay=False, path_type=Path))
-@click.option(
-    "--secret",
-    help="The webhook secret (default: CICD_WEBHOOK_SECRET, else the one `cicd up` made).",
-)
 @click.option("--wait/--no-wait", default=True, show_default=True,
               help="Follow the build's log to its end and exit with its result.")  # fmt: skip
-def trigger(url: str, path: Path, secret: str | None, wait: bool) -> None:
-    """Send a GitLab push webhook for a local repository (or folder) to a running OpsCD."""
-    from cicd.errors import OpsCDError
-    from cicd.trigger import push_payload, send_push, served
-    from cicd.up import stored_secret
+def trigger(url: str, path: Path, wait: bool) -> None:
+    """Send a GitLab push webhook for a local repository (or folder) to a running OpsCD.
 
-    settings = _settings()
-    configured = settings.webhook_secret.get_secret_value() if settings.webhook_secret else None
-    secret = secret or configured or stored_secret(settings.state_dir.resolve())
-    if not secret:
-        raise click.ClickException("no webhook secret: pass --secret or set CICD_WEBHOOK_SECRET")
+    The folder is built as project local/<folder name>, registered on first use.
+    """
+    from cicd.errors import OpsCDError
+    from cicd.trigger import project_path, push_payload, send_push, served
+
     try:
         with served(path) as (local, clone_url):
             click.echo(f"Serving {local.name} at {clone_url} ({local.branch} {local.sha[:8]})")
+            secret = _register_local(url, project_path(local.name), clone_url)
             answer = send_push(url, secret, push_payload(local, clone_url))
             task_id = answer.get("task_id")
             if "ignored" in answer or task_id is None:
@@ -283,6 +276,27 @@ def trigger(url: str, path: Path, secret: str | None, wait: bool) -> None:
             _wait_for_clone(endpoint)  # the worker must fetch before the server goes
     except OpsCDError as error:
         raise click.ClickException(str(error)) from None
+
+
+def _register_local(url: str, project: str, clone_url: str) -> str:
+    """A webhook secret for the local project: registered on first use; later its clone URL
+    (served on a new port each time) is updated and a new secret made for this push."""
+    import requests
+
+    body = {"project": project, "clone_url": clone_url}
+    try:
+        response = _http().post(url.rstrip("/") + "/api/projects", json=body, timeout=10)
+    except requests.RequestException as error:
+        raise click.ClickException(f"cannot reach OpsCD at {url}: {error}") from None
+    if response.status_code == 201:
+        click.echo(f"Registered {project} on first use (see: cicd projects show {project})")
+        return response.json()["webhook_secret"]
+    if response.status_code != 409:
+        is_json = response.headers.get("Content-Type", "").startswith("application/json")
+        message = response.json().get("error") if is_json else response.text
+        raise click.ClickException(f"registering {project}: {response.status_code}: {message}")
+    _send("patch", url, f"/api/projects/{project}", json={"clone_url": clone_url})
+    return _send("post", url, f"/api/projects/{project}/rotate-secret")["webhook_secret"]
 
 
 def _wait_for_clone(endpoint: str, timeout: float = 600) -> None:

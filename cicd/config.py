@@ -23,7 +23,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from cicd.errors import ConfigError
 
-__all__ = ["Settings", "load_settings", "settings_from"]
+__all__ = ["Settings", "load_settings", "settings_from", "basic_authorization"]
 
 
 class Settings(BaseSettings):
@@ -42,10 +42,6 @@ class Settings(BaseSettings):
         default="",
         description="Prefix of every key OpsCD uses in Redis, so several installations "
         "(or test runs) can share one Redis server",
-    )
-    webhook_secret: SecretStr | None = Field(
-        default=None,
-        description="Shared secret GitLab sends as X-Gitlab-Token; required by the web process",
     )
     git_username: str | None = Field(default=None, description="User for cloning over HTTP")
     git_password: SecretStr | None = Field(
@@ -95,6 +91,11 @@ class Settings(BaseSettings):
     registry: str | None = Field(
         default=None,
         description="Registry and namespace images are pushed to, e.g. registry.example.com/team",
+    )
+    registry_insecure: bool = Field(
+        default=False,
+        description="The registry speaks plain HTTP (loopback registries always may), "
+        "as the engine's insecure-registries setting says",
     )
     registry_username: str | None = Field(default=None, description="User for pushing images")
     registry_password: SecretStr | None = Field(
@@ -256,17 +257,16 @@ class Settings(BaseSettings):
         return getattr(self, f"image_{language}", None) if language else None
 
     def git_authorization(self) -> str | None:
-        """The HTTP ``Authorization`` value git sends when cloning, if credentials are set."""
+        """The HTTP ``Authorization`` value git sends when cloning a project that has no git
+        credentials of its own, if the instance's are set."""
         if not (self.git_username and self.git_password):
             return None
-        pair = f"{self.git_username}:{self.git_password.get_secret_value()}"
-        return "Basic " + base64.b64encode(pair.encode()).decode()
+        return basic_authorization(self.git_username, self.git_password.get_secret_value())
 
     def secrets(self) -> list[str]:
         """Every credential value (and what is derived from one), so logs can mask them."""
         values = [
             self.git_password,
-            self.webhook_secret,
             self.registry_password,
             self.flower_password,
             self.ui_password,
@@ -286,16 +286,6 @@ class Settings(BaseSettings):
         ]
         if missing:
             raise ConfigError("invalid configuration:\n  " + "\n  ".join(missing))
-
-    def require_webhook_secret(self) -> str:
-        """The webhook secret, or a start-up error saying how to set one."""
-        if not _value(self.webhook_secret):
-            raise ConfigError(
-                "CICD_WEBHOOK_SECRET is not set: the web process refuses unsigned webhooks. "
-                "Set it to a long random string and enter the same value as the GitLab "
-                "webhook's secret token."
-            )
-        return self.webhook_secret.get_secret_value()
 
 
 def _value(setting: object) -> object:
@@ -318,6 +308,11 @@ def _describe(error: ValidationError) -> str:
 
 
 @functools.cache
+def basic_authorization(username: str, password: str) -> str:
+    """An HTTP Basic ``Authorization`` value."""
+    return "Basic " + base64.b64encode(f"{username}:{password}".encode()).decode()
+
+
 def load_settings() -> Settings:
     """The process's settings, read from its environment once, by its entry point.
 

@@ -16,6 +16,7 @@ constant time). Its own git credentials, if given, are encrypted with
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import hmac
 import re
@@ -25,23 +26,27 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from pydantic import SecretStr
-from sqlalchemy import delete, select
+from sqlalchemy import delete, func, select
+from sqlalchemy import update as sql_update
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
 
 from cicd import db
 from cicd.errors import OpsCDError
+from cicd.forges import PROJECT_PATH, SEGMENT
 from cicd.models import Project, utcnow
-from cicd.secrets import encrypt
+from cicd.secrets import decrypt, encrypt
 
 __all__ = [
     "ProjectError", "Registered", "PATH", "register", "update", "rotate_secret", "remove",
-    "get", "list_projects", "secret_matches", "parse_patterns", "patterns",
+    "get", "list_projects", "secret_matches", "parse_patterns", "patterns", "PROJECT_PATH",
+    "governing", "clone_url_of", "same_url", "matches", "is_protected", "needs_approval",
+    "git_credentials", "record_forge_id", "any_secret_matches",
 ]  # fmt: skip
 
-#: A GitLab project or namespace path: segments of letters, digits, ``_.-``, not starting
-#: with ``-`` or ``.``; a namespace registration ends in ``/*``.
-SEGMENT = r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,99}"
-PATH = re.compile(rf"\A{SEGMENT}(?:/{SEGMENT}){{0,19}}(?:/\*)?\Z")
+#: A registration's path: a project's (:data:`~cicd.forges.PROJECT_PATH`), or a namespace's
+#: ending in ``/*``.
+PATH = re.compile(rf"\A(?:{SEGMENT}/){{0,19}}{SEGMENT}(?:/\*)?\Z")
 #: One ref pattern (fnmatch): what a branch or tag name may hold, plus ``*?[]``.
 PATTERN = re.compile(r"\A[A-Za-z0-9_./*?\[\]+-]{1,255}\Z")
 
@@ -63,10 +68,10 @@ class Registered:
 
 
 def _check_path(path: str) -> str:
-    if not PATH.match(path) or ".." in path:
+    if len(path) > 255 or not PATH.match(path):
         raise ProjectError(
             f"project path {path!r} must look like group/app (or group/* for a namespace): "
-            "letters, digits, '_', '.', '-' in each part"
+            "each part letters and digits, joined by single '.', '_' or '-'"
         )
     return path
 
@@ -131,6 +136,9 @@ def register(
         git_password_ciphertext=encrypt(git_password, key) if git_password else None,
     )  # fmt: skip
     with db.session() as session:
+        same = session.scalar(select(Project.path).where(func.lower(Project.path) == path.lower()))
+        if same is not None:
+            raise ProjectError(f"project {path} is registered already (as {same})", status=409)
         session.add(project)
         try:
             session.commit()
@@ -203,3 +211,92 @@ def remove(path: str) -> None:
 def patterns(stored: str) -> list[str]:
     """A stored ``a,b`` of ref patterns as a list."""
     return [pattern for pattern in stored.split(",") if pattern]
+
+
+# --- what the webhook and the stages ask of a registration -----------------------------------
+
+
+def governing(session: Session, path: str) -> Project | None:
+    """The registration that covers project ``path``: its own, else the nearest namespace's
+    (``group/sub/*``, then ``group/*``)."""
+    if not PROJECT_PATH.match(path):
+        return None
+    parts = path.split("/")
+    candidates = [path] + ["/".join(parts[:n]) + "/*" for n in range(len(parts) - 1, 0, -1)]
+    rows = session.scalars(select(Project).where(Project.path.in_(candidates)))
+    found = {row.path: row for row in rows}
+    return next((found[c] for c in candidates if c in found), None)
+
+
+def clone_url_of(registration: Project, path: str) -> str:
+    """Where project ``path`` is cloned from: its registered URL, or the namespace's prefix
+    plus the project's path and ``.git``."""
+    if registration.path.endswith("/*"):
+        return f"{registration.clone_url}{path}.git"
+    return registration.clone_url
+
+
+def _normalised(url: str) -> tuple[str, str, int | None, str]:
+    parts = urlsplit(url)
+    try:
+        port = parts.port or {"http": 80, "https": 443}.get(parts.scheme.lower())
+    except ValueError:  # a port that is not a number
+        port = -1
+    path = parts.path.rstrip("/").removesuffix(".git").rstrip("/")
+    return parts.scheme.lower(), (parts.hostname or "").lower(), port, path
+
+
+def same_url(url: str, registered: str) -> bool:
+    """Whether two clone URLs name one repository: scheme, host and port compared without
+    case or default ports, paths with or without a trailing ``/`` or ``.git``."""
+    return _normalised(url) == _normalised(registered)
+
+
+def matches(stored: str, ref_type: str, ref_name: str) -> bool:
+    """Whether a ref is one of the stored patterns. A pattern names branches (``main``,
+    ``release/*``); one that starts with ``refs/`` is matched against the full ref, so
+    ``refs/tags/v*`` names tags. A tag never matches a branch pattern."""
+    full = ("refs/heads/" if ref_type == "branch" else "refs/tags/") + ref_name
+    for pattern in patterns(stored):
+        if pattern.startswith("refs/"):
+            if fnmatch.fnmatchcase(full, pattern):
+                return True
+        elif ref_type == "branch" and fnmatch.fnmatchcase(ref_name, pattern):
+            return True
+    return False
+
+
+def is_protected(registration: Project, ref_type: str, ref_name: str) -> bool:
+    """Builds of protected refs get the project's secret variables and may overwrite images."""
+    return matches(registration.protected_refs, ref_type, ref_name)
+
+
+def needs_approval(registration: Project, ref_type: str, ref_name: str) -> bool:
+    """The server's approval rule; a pushed ci.yaml may add one, never remove it."""
+    return matches(registration.approval_refs, ref_type, ref_name)
+
+
+def git_credentials(registration: Project, key: SecretStr | None) -> tuple[str, str] | None:
+    """The registration's own git user and password, if it has them."""
+    if registration.git_username is None or registration.git_password_ciphertext is None:
+        return None
+    return registration.git_username, decrypt(registration.git_password_ciphertext, key)
+
+
+def record_forge_id(session: Session, registration: Project, forge_project_id: int) -> None:
+    """Remember the forge's id of a project from its first authenticated webhook."""
+    session.execute(
+        sql_update(Project)
+        .where(Project.id == registration.id, Project.forge_project_id.is_(None))
+        .values(forge_project_id=forge_project_id)
+    )
+
+
+def any_secret_matches(session: Session, token: str | None) -> bool:
+    """Whether ``token`` is some registration's webhook secret (looked up by its SHA-256:
+    the secrets are random, so the digest reveals nothing and needs no constant time)."""
+    if not token:
+        return False
+    digest = hashlib.sha256(token.encode()).hexdigest()
+    match = select(Project.id).where(Project.webhook_secret_sha256 == digest)
+    return session.scalar(match) is not None

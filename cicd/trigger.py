@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime as dt
 import getpass
+import re
 import subprocess
 import tempfile
 import uuid
@@ -25,7 +26,7 @@ from cicd.errors import OpsCDError
 from cicd.gitserve import GitHttpServer
 from cicd.worktree import copy_tree  # the same rule as ``cicd run``
 
-__all__ = ["LocalRepository", "served", "push_payload", "send_push"]
+__all__ = ["LocalRepository", "served", "push_payload", "send_push", "project_path"]
 
 ZERO_SHA = "0" * 40
 SNAPSHOT_AUTHOR = ("OpsCD trigger", "trigger@opscd.invalid")
@@ -54,6 +55,11 @@ def _git(path: Path, *args: str, check: bool = True) -> str:
     if check and result.returncode != 0:
         raise OpsCDError(f"git {args[0]} in {path}: {result.stderr.strip()}")
     return result.stdout.strip()
+
+
+def project_path(name: str) -> str:
+    """The project a local folder is built as: ``local/<folder name>``, made a valid path."""
+    return "local/" + (re.sub(r"[^A-Za-z0-9]+", "-", name).strip("-") or "project")
 
 
 def _is_work_tree_top(path: Path) -> bool:
@@ -117,7 +123,7 @@ def push_payload(local: LocalRepository, clone_url: str) -> dict:
         "git_http_url": clone_url,
         "namespace": "local",
         "visibility_level": 0,
-        "path_with_namespace": f"local/{local.name}",
+        "path_with_namespace": project_path(local.name),
         "default_branch": local.branch,
         "homepage": web_url,
         "url": clone_url,
@@ -135,7 +141,7 @@ def push_payload(local: LocalRepository, clone_url: str) -> dict:
         "user_name": user,
         "user_username": user,
         "user_email": local.author_email,
-        "project_id": 0,
+        "project_id": None,
         "project": project,
         "repository": {
             "name": local.name,

@@ -27,7 +27,7 @@ import click
 from cicd import db, processes
 from cicd.config import settings_from
 
-__all__ = ["stored_secret", "up"]
+__all__ = ["up"]
 
 COLORS = itertools.cycle(["cyan", "magenta", "green", "yellow", "blue"])
 STOP_GRACE_SECONDS = 20
@@ -37,14 +37,14 @@ def _secret_file(state: Path, name: str) -> Path:
     return state / name
 
 
-def stored_secret(state: Path, name: str = "webhook-secret") -> str | None:
+def _stored_secret(state: Path, name: str) -> str | None:
     path = _secret_file(state, name)
     return path.read_text().strip() if path.is_file() else None
 
 
 def _secret(state: Path, name: str) -> str:
     """A secret made once, kept readable by this user only, and reused."""
-    existing = stored_secret(state, name)
+    existing = _stored_secret(state, name)
     if existing:
         return existing
     value = secrets.token_urlsafe(24)
@@ -114,7 +114,6 @@ def up(host: str, port: int, flower_port: int) -> int:
     state = settings_from(os.environ).state_dir.resolve()
     state.mkdir(parents=True, exist_ok=True, mode=0o700)
     env = dict(os.environ)
-    env.setdefault("CICD_WEBHOOK_SECRET", _secret(state, "webhook-secret"))
     env.setdefault("CICD_FLOWER_USER", "opscd")
     env.setdefault("CICD_FLOWER_PASSWORD", _secret(state, "flower-password"))
     env.setdefault("CICD_DATABASE_URL", f"sqlite:///{state / 'opscd.db'}")
@@ -220,7 +219,7 @@ def _banner(lock, host, port, flower_port, settings, state) -> None:
         click.style("OpsCD is up.", bold=True),
         f"  builds (API)  {base}/api/tasks",
         f"  webhook       {base}/webhooks/gitlab",
-        f"  secret token  {settings.webhook_secret.get_secret_value()}",
+        "  projects      register one: cicd projects add group/app --clone-url URL",
         f"  flower        http://{host}:{flower_port}  "
         f"(login {settings.flower_user} / {settings.flower_password.get_secret_value()})",
         f"  executor      {settings.executor}",

@@ -33,7 +33,7 @@ from support.containers import (
     make_host_tools_image,
 )
 from support.git import GitHttpServer, GitRepo
-from support.gitlab import gitlab_headers
+from support.gitlab import gitlab_headers, project_of, register_project
 from support.processes import ROOT, Process, free_port, procfile_command, wait_until
 
 from cicd import processes
@@ -43,7 +43,11 @@ MYSQL_PORT = int(os.environ.get("OPSCD_TEST_MYSQL_PORT", "3306"))
 MYSQL_USER = os.environ.get("OPSCD_TEST_MYSQL_USER", "root")
 MYSQL_PASSWORD = os.environ.get("OPSCD_TEST_MYSQL_PASSWORD", "")
 REDIS_URL = os.environ.get("OPSCD_TEST_REDIS_URL", "redis://127.0.0.1:6379/13")
-WEBHOOK_SECRET = "test-webhook-secret-" + uuid.uuid4().hex
+#: ``post_gitlab``'s default token: the secret of the project the payload names, which it
+#: registers first if it must.
+REGISTERED = "registered"
+#: The project whose secret ``post_gitlab`` sends with a body that names no project.
+ANY_PROJECT = f"opscd-tests/any-{uuid.uuid4().hex[:8]}"
 #: This test session's mark on the shared Redis and on its worker names, so two
 #: sessions on one machine never take each other's builds.
 SESSION = uuid.uuid4().hex[:6]
@@ -129,7 +133,6 @@ def opscd_env(database_url: str, broker_url: str, tmp_path_factory) -> dict[str,
     env.update(
         CICD_DATABASE_URL=database_url,
         CICD_BROKER_URL=broker_url,
-        CICD_WEBHOOK_SECRET=WEBHOOK_SECRET,
         CICD_GIT_USERNAME=GIT_USER,
         CICD_GIT_PASSWORD=GIT_PASSWORD,
         CICD_WORKSPACE_DIR=str(tmp_path_factory.mktemp("workspaces")),
@@ -146,6 +149,10 @@ def opscd_env(database_url: str, broker_url: str, tmp_path_factory) -> dict[str,
     return env
 
 
+#: The login of each web process started with one, for the tests' API calls.
+WEB_LOGINS: dict[str, tuple[str, str]] = {}
+
+
 @pytest.fixture(scope="session")
 def start_web(opscd_env: dict[str, str], tmp_path_factory) -> Iterator:
     """Factory: a gunicorn serving ``cicd.web:create_app()``; returns its base URL."""
@@ -153,6 +160,7 @@ def start_web(opscd_env: dict[str, str], tmp_path_factory) -> Iterator:
     log_dir = tmp_path_factory.mktemp("web-logs")
 
     def start(**overrides: str) -> str:
+        """A web process; its login (if ``CICD_UI_PASSWORD`` is set) is kept in WEB_LOGINS."""
         port = free_port()
         args = processes.with_python(processes.web(f"127.0.0.1:{port}"))
         process = Process(f"web-{port}", args, {**opscd_env, **overrides}, log_dir)
@@ -168,6 +176,8 @@ def start_web(opscd_env: dict[str, str], tmp_path_factory) -> Iterator:
                 return False
 
         wait_until(up, 30, "gunicorn to answer")
+        if overrides.get("CICD_UI_PASSWORD"):
+            WEB_LOGINS[base] = ("admin", overrides["CICD_UI_PASSWORD"])
         return base
 
     yield start
@@ -356,13 +366,29 @@ def post_gitlab(
     base: str,
     payload: dict | bytes,
     event: str = "Push Hook",
-    token: str | None = WEBHOOK_SECRET,
+    token: str | None = REGISTERED,
     delivery: str | None = None,
     **headers: str,
 ) -> requests.Response:
-    all_headers = {**gitlab_headers(token, event, delivery), **headers}
+    """Deliver a webhook. With the default ``token`` the project the payload names is
+    registered first (with the payload's clone URL), as a user does before adding the
+    webhook; a body that names no project carries a registered project's secret."""
     body = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
-    return requests.post(base + "/webhooks/gitlab", data=body, headers=all_headers, timeout=10)
+    registered = token == REGISTERED
+    if registered:
+        named = project_of(payload) if isinstance(payload, dict) else None
+        project, clone_url = named or (ANY_PROJECT, "http://127.0.0.1:9/opscd-tests/any.git")
+        token = register_project(base, project, clone_url, WEB_LOGINS.get(base))
+    all_headers = {**gitlab_headers(token, event, delivery), **headers}
+    answer = requests.post(base + "/webhooks/gitlab", data=body, headers=all_headers, timeout=10)
+    stale = answer.status_code in (401, 404) or "registered with clone URL" in answer.text
+    if registered and stale:
+        # Another web on this database rotated the secret, or the clone URL changed.
+        token = register_project(base, project, clone_url, WEB_LOGINS.get(base), fresh=True)
+        all_headers["X-Gitlab-Token"] = token
+        answer = requests.post(base + "/webhooks/gitlab", data=body, headers=all_headers,
+                               timeout=10)  # fmt: skip
+    return answer
 
 
 def wait_for_task(base: str, task_id: int, timeout: float = 60) -> dict:

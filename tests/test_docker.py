@@ -90,9 +90,9 @@ def test_maven_project_is_built_in_a_container_and_its_image_pushed(
     assert "with the docker executor in localhost/opscd-hosttools:latest" in log
     assert "BUILD SUCCESS" in log and "Tests run: 3, Failures: 0" in log
 
-    # Pushed as <registry>/<project>:<branch>-<short sha>, tag-safe and lower case.
+    # Pushed as <registry>/<project>:<branch>..<short sha>, the project in lower case.
     repository = f"opscd/{project.project_path.lower()}"
-    tag = f"feature-login-{task['commit_sha'][:8]}"
+    tag = f"feature__login..{task['commit_sha'][:8]}"
     assert task["image"] == f"{registry.address}/{repository}:{tag}"
     assert tag in registry.tags(repository)
     assert task["image_digest"] == registry.manifest_digest(repository, tag)
@@ -127,6 +127,56 @@ def test_tag_push_is_published_under_the_tag(agent, project, registry):
     repository = f"opscd/{project.project_path.lower()}"
     assert task["image"].endswith(f"{repository}:v1.2.0")
     assert "v1.2.0" in registry.tags(repository)
+
+
+def small_image(busybox_image: str, marker: str) -> dict[str, str]:
+    """A ci.yaml that publishes a one-file image of ``marker``: quick to build and push."""
+    return {
+        "ci.yaml": f"build:\n  image: {busybox_image}\n  script: [echo built]\npublish: true\n",
+        "Dockerfile": f"FROM {busybox_image}\nCOPY marker.txt /marker.txt\n",
+        "marker.txt": marker,
+    }
+
+
+def test_image_tags_never_collide_and_an_unprotected_tag_overwrites_nothing(
+    agent, project, registry, busybox_image
+):
+    """In the real registry: a git tag named as 0.1 named branch images, and tags that 0.1
+    made equal, get images of their own; a tag moved to another commit does not replace
+    its image until the project protects it."""
+    repository = f"opscd/{project.project_path.lower()}"
+    main = push(agent.web, project, small_image(busybox_image, "main"))
+    assert main["state"] == "success", task_log(agent.web, main["task_id"])
+    branch_tag = f"main..{main['commit_sha'][:8]}"
+    assert main["image"].endswith(f"{repository}:{branch_tag}")
+    branch_digest = registry.manifest_digest(repository, branch_tag)
+
+    # 0.1 tagged branch main's build of commit C as main-C, and v1/x as v1-x.
+    lookalike = f"main-{main['commit_sha'][:8]}"
+    for name in (lookalike, "v1/x", "v1-x"):
+        task = push(agent.web, project, small_image(busybox_image, name), f"refs/tags/{name}")
+        assert task["state"] == "success", task_log(agent.web, task["task_id"])
+    assert {branch_tag, lookalike, "v1__x", "v1-x"} <= set(registry.tags(repository))
+    assert registry.manifest_digest(repository, branch_tag) == branch_digest
+    assert registry.manifest_digest(repository, "v1__x") != registry.manifest_digest(
+        repository, "v1-x"
+    )
+
+    # Moving unprotected tag v1-x to another commit fails its publish; the image stays.
+    first = registry.manifest_digest(repository, "v1-x")
+    moved = push(agent.web, project, small_image(busybox_image, "moved"), "refs/tags/v1-x")
+    assert moved["state"] == "failed" and moved["stage"] == "publish"
+    assert "exists already as another image" in moved["error"]
+    assert "protected" in moved["error"]
+    assert registry.manifest_digest(repository, "v1-x") == first
+
+    # Once the project protects its tags, a tag build may replace the image.
+    changed = requests.patch(f"{agent.web}/api/projects/{project.project_path}", timeout=10,
+                             json={"protected": "main,refs/tags/v*"})  # fmt: skip
+    assert changed.status_code == 200, changed.text
+    again = push(agent.web, project, small_image(busybox_image, "again"), "refs/tags/v1-x")
+    assert again["state"] == "success", task_log(agent.web, again["task_id"])
+    assert registry.manifest_digest(repository, "v1-x") == again["image_digest"] != first
 
 
 def test_failing_build_in_a_container(agent, project, busybox_image, docker_client):

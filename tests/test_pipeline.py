@@ -17,12 +17,13 @@ import requests
 from conftest import (
     GIT_PASSWORD,
     GIT_USER,
-    WEBHOOK_SECRET,
     GitHttpServer,
     GitRepo,
     free_port,
     gitlab_payload,
     post_gitlab,
+    project_of,
+    register_project,
     task_log,
     wait_for_task,
     wait_until,
@@ -280,11 +281,14 @@ def count_tasks(web: str) -> int:
     return len(requests.get(f"{web}/api/tasks", params={"limit": 500}).json()["tasks"])
 
 
-def test_wrong_or_missing_token_is_refused_and_nothing_recorded(web, repo):
+def test_wrong_or_missing_token_is_refused_and_nothing_recorded(web, repo, git_server):
     sha = repo.commit({"ci.yaml": CI_OK})
     payload = gitlab_payload("push-event.json", repo, "refs/heads/main", sha)
+    secret = register_project(web, *project_of(payload))
+    other = GitRepo.create(git_server.root, f"group/other-{uuid.uuid4().hex[:8]}")
+    others = register_project(web, other.project_path, git_server.repo_url(other.project_path))
     before = count_tasks(web)
-    for token in ("wrong", WEBHOOK_SECRET[:-1], "", None):
+    for token in ("wrong", secret[:-1], "", None, others):
         response = post_gitlab(web, payload, token=token)
         assert response.status_code == 401, token
         assert "X-Gitlab-Token" in response.json()["error"]

@@ -168,6 +168,13 @@ def insert_task(database_url: str, repo: GitRepo, sha: str, created: str, **stat
     quoted names ``state``, ``stage`` and ``worker``.
     """
     database = database_url.rsplit("/", 1)[1].split("?")[0]
+    mysql_admin(  # the project is registered, as any project with builds is
+        "INSERT IGNORE INTO projects (path, forge, clone_url, webhook_secret_sha256,"
+        " protected_refs, approval_refs, created_at, updated_at) VALUES"
+        f" ('{repo.project_path}', 'gitlab', '{repo.clone_url}', '{'0' * 64}', 'main', '',"
+        " NOW(6), NOW(6))",
+        database=database,
+    )
     mysql_admin(
         "INSERT INTO task_details (forge, project, clone_url, ref_type, ref_name, commit_sha,"
         f" created_at) VALUES ('gitlab', '{repo.project_path}', '{repo.clone_url}', 'branch',"

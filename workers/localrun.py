@@ -55,7 +55,7 @@ def run_local(path: Path, publish: bool = False) -> int:
                 _skipped("publish", "run with --publish to build and push the image")
             else:
                 with _stage("publish"), _terminal_log() as log:
-                    run_publish(pipeline.publish, checkout, variables, log)
+                    run_publish(pipeline.publish, checkout, variables, log, protected=True)
         except BuildFailed as error:
             code = error.exit_code
             return code if isinstance(code, int) and 0 < code < 256 else 1

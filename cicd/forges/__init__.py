@@ -12,7 +12,19 @@ from dataclasses import asdict, dataclass
 
 from cicd.errors import PayloadError
 
-__all__ = ["PushEvent", "Ignored", "validate_ref_name", "validate_sha", "validate_clone_url"]
+__all__ = [
+    "PushEvent", "Ignored", "PROJECT_PATH", "validate_ref_name", "validate_sha",
+    "validate_clone_url", "validate_project_path", "validate_project_id",
+]  # fmt: skip
+
+#: One part of a GitLab path, as GitLab allows it today: letters and digits, parts of them
+#: joined by one ``.`` or ``_``, ``__``, or dashes; it starts and ends with a letter or digit.
+#: Lower-cased, that is an image repository component as it is, so project → image
+#: repository is one-to-one (registrations that differ only in case are refused, as GitLab
+#: refuses such projects).
+SEGMENT = r"[A-Za-z0-9]+(?:(?:[._]|__|-+)[A-Za-z0-9]+)*"
+#: A project's path, ``group/sub/app``.
+PROJECT_PATH = re.compile(rf"\A(?:{SEGMENT}/){{0,19}}{SEGMENT}\Z")
 
 
 @dataclass(frozen=True)
@@ -22,6 +34,8 @@ class PushEvent:
     forge: str
     delivery_id: str | None
     project: str
+    #: The forge's own id of the project (stable across renames), if the payload has one.
+    forge_project_id: int | None
     clone_url: str
     web_url: str | None
     ref_type: str  # "branch" or "tag"
@@ -64,6 +78,24 @@ def validate_ref_name(name: str) -> str:
 def validate_sha(value: object, field: str) -> str:
     if not isinstance(value, str) or not _SHA.match(value):
         raise PayloadError(f"{field} must be a 40 or 64 character lowercase hex commit id")
+    return value
+
+
+def validate_project_path(value: object, field: str) -> str:
+    if not isinstance(value, str) or len(value) > 255 or not PROJECT_PATH.match(value):
+        raise PayloadError(
+            f"{field} must be a project path such as group/app (at most 255 characters; "
+            "each part letters and digits joined by single '.', '_' or '-')"
+        )
+    return value
+
+
+def validate_project_id(value: object, field: str) -> int | None:
+    """A forge's numeric project id; absent is allowed (some events lack it)."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 < value < 2**63:
+        raise PayloadError(f"{field} must be a positive integer")
     return value
 
 

@@ -1,4 +1,4 @@
-"""GitLab webhooks: verify ``X-Gitlab-Token`` and parse push and tag push events.
+"""GitLab webhooks: the delivery's ``X-Gitlab-Token``, and push and tag push events parsed.
 
 Payload format: https://docs.gitlab.com/user/project/integrations/webhook_events/
 (push events, tag events, and system hooks carrying the same push payload).
@@ -6,7 +6,6 @@ Payload format: https://docs.gitlab.com/user/project/integrations/webhook_events
 
 from __future__ import annotations
 
-import hmac
 import json
 from collections.abc import Mapping
 from typing import Any
@@ -16,11 +15,13 @@ from cicd.forges import (
     Ignored,
     PushEvent,
     validate_clone_url,
+    validate_project_id,
+    validate_project_path,
     validate_ref_name,
     validate_sha,
 )
 
-__all__ = ["FORGE", "verify", "delivery_id", "parse"]
+__all__ = ["FORGE", "token", "delivery_id", "parse"]
 
 FORGE = "gitlab"
 ZERO_SHA = "0" * 40
@@ -28,12 +29,10 @@ _BUILD_EVENTS = {"Push Hook": "push", "Tag Push Hook": "tag_push", "System Hook"
 _PREFIXES = {"push": ("refs/heads/", "branch"), "tag_push": ("refs/tags/", "tag")}
 
 
-def verify(headers: Mapping[str, str], secret: str) -> bool:
-    """True when ``X-Gitlab-Token`` equals the secret, compared in constant time."""
-    token = headers.get("X-Gitlab-Token")
-    if token is None:
-        return False
-    return hmac.compare_digest(token.encode(), secret.encode())
+def token(headers: Mapping[str, str]) -> str | None:
+    """The secret token the delivery carries (``X-Gitlab-Token``), to be checked against the
+    registered project's (:func:`cicd.projects.secret_matches`)."""
+    return headers.get("X-Gitlab-Token")
 
 
 def delivery_id(headers: Mapping[str, str]) -> str | None:
@@ -62,6 +61,8 @@ def parse(headers: Mapping[str, str], body: bytes) -> PushEvent | Ignored:
         raise PayloadError(f"body is not valid JSON: {error}") from None
     except RecursionError:
         raise PayloadError("body is nested too deeply to be a GitLab event") from None
+    except ValueError as error:  # e.g. an integer of more digits than Python converts
+        raise PayloadError(f"body is not a GitLab event: {error}") from None
     if not isinstance(payload, dict):
         raise PayloadError("body must be a JSON object")
 
@@ -81,9 +82,8 @@ def parse(headers: Mapping[str, str], body: bytes) -> PushEvent | Ignored:
     before = payload.get("before")
 
     project = _object(payload, "project")
-    path = _string(project, "path_with_namespace", "project.path_with_namespace")
-    if len(path) > 255 or not path.isprintable():
-        raise PayloadError("project.path_with_namespace must be at most 255 printable characters")
+    path = validate_project_path(project.get("path_with_namespace"), "project.path_with_namespace")
+    project_id = validate_project_id(payload.get("project_id", project.get("id")), "project_id")
     repository = payload.get("repository") if isinstance(payload.get("repository"), dict) else {}
     clone_url = project.get("git_http_url") or repository.get("git_http_url")
     clone_url = validate_clone_url(clone_url, "project.git_http_url")
@@ -94,6 +94,7 @@ def parse(headers: Mapping[str, str], body: bytes) -> PushEvent | Ignored:
         forge=FORGE,
         delivery_id=delivery_id(headers),
         project=path,
+        forge_project_id=project_id,
         clone_url=clone_url,
         web_url=_optional(project.get("web_url"), 1024),
         ref_type=ref_type,

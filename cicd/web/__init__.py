@@ -22,8 +22,8 @@ from cicd.web import api, metrics, pages, webhook
 
 __all__ = ["create_app"]
 
-#: Reachable without the UI login: the webhook checks its own secret; probes, scrapes, and
-#: the build badges project READMEs embed (they show a branch's last state, nothing else).
+#: Reachable without the UI login: the webhook checks each project's own secret; probes,
+#: scrapes, and the build badges project READMEs embed (they show a branch's last state).
 OPEN_ENDPOINTS = {"webhook.gitlab_webhook", "healthz", "metrics.metrics", "web.badge"}
 #: Methods that change something: with a Basic login they also need X-Requested-With,
 #: which a page of another site cannot send, so it cannot act with the user's login.
@@ -72,7 +72,6 @@ def create_app(settings: Settings | None = None) -> Flask:
     app = Flask("cicd")
     app.config.update(
         SETTINGS=settings,
-        WEBHOOK_SECRET=settings.require_webhook_secret(),
         PUBLIC_URL=settings.public_url,
         AGENT_OFFLINE_AFTER=settings.agent_offline_after,
         AUTO_CANCEL=settings.auto_cancel,

@@ -1,4 +1,10 @@
-"""``POST /webhooks/<forge>``: verify → parse → record → commit → enqueue, and answer fast.
+"""``POST /webhooks/<forge>``: parse → find the registration → verify → record → commit →
+enqueue, and answer fast.
+
+A webhook only says that a *registered* project changed: the project's
+registration (:mod:`cicd.projects`) decides whether it is built at all, which
+secret its deliveries carry and where it is cloned from; the payload's clone
+URL must be that one, and a refused delivery records nothing.
 
 GitLab waits a few seconds and redelivers what it thinks failed, keeping the
 ``X-Gitlab-Event-UUID``; a delivery id seen before returns the first task.
@@ -16,11 +22,11 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session
 
-from cicd import db, lifecycle
+from cicd import db, lifecycle, projects
 from cicd.broker import BrokerUnavailable, revoke_build, send_task
 from cicd.errors import PayloadError
 from cicd.forges import Ignored, PushEvent, gitlab
-from cicd.models import RefType, TaskDetail, TaskStatus
+from cicd.models import Project, RefType, TaskDetail, TaskStatus
 from cicd.web.api import external_url
 
 __all__ = ["bp"]
@@ -36,28 +42,61 @@ def _answer(status: int, **body: object) -> tuple[Response, int]:
 @bp.post("/webhooks/gitlab")
 def gitlab_webhook() -> tuple[Response, int]:
     """Receive one GitLab delivery."""
-    if not gitlab.verify(request.headers, current_app.config["WEBHOOK_SECRET"]):
-        return _answer(401, error="invalid or missing X-Gitlab-Token")
+    token = gitlab.token(request.headers)
     try:
         event = gitlab.parse(request.headers, request.get_data())
     except PayloadError as error:
         return _answer(400, error=str(error))
-    if isinstance(event, Ignored):
-        return _answer(200, ignored=event.reason)
     try:
-        return _record_and_enqueue(event)
+        if isinstance(event, Ignored):  # only a registered project's sender learns even that
+            with db.session() as session:
+                if not projects.any_secret_matches(session, token):
+                    return _answer(401, error="invalid or missing X-Gitlab-Token")
+            return _answer(200, ignored=event.reason)
+        with db.session() as session:
+            registration = projects.governing(session, event.project)
+            refused = _refusal(registration, event, token)
+            if refused is not None:
+                return refused
+            if event.forge_project_id is not None and registration.forge_project_id is None:
+                if not registration.path.endswith("/*"):
+                    projects.record_forge_id(session, registration, event.forge_project_id)
+                    session.commit()
+            clone_url = projects.clone_url_of(registration, event.project)
+        return _record_and_enqueue(event, clone_url)
     except OperationalError as error:
         log.error("webhook: database unavailable: %s", error.orig)
         return _answer(503, error="database unavailable; retry later")
 
 
-def _record_and_enqueue(event: PushEvent) -> tuple[Response, int]:
+def _refusal(
+    registration: Project | None, event: PushEvent, token: str | None
+) -> tuple[Response, int] | None:
+    """Why this delivery is not built (404, 401 or 400), or None when it is."""
+    if registration is None:
+        hint = f"cicd projects add {event.project} --clone-url {event.clone_url}"
+        return _answer(404, error=f"project {event.project} is not registered; add it with: {hint}")
+    if not projects.secret_matches(registration, token):
+        return _answer(401, error=f"invalid or missing X-Gitlab-Token for project {event.project}")
+    expected = projects.clone_url_of(registration, event.project)
+    if not projects.same_url(event.clone_url, expected):
+        return _answer(400, error=f"project {event.project} is registered with clone URL "
+                       f"{expected}, but the payload names {event.clone_url}")  # fmt: skip
+    recorded = registration.forge_project_id
+    if recorded is not None and event.forge_project_id not in (None, recorded):
+        return _answer(400, error=f"project {event.project} is GitLab project {recorded} here, "
+                       f"but the payload is project {event.forge_project_id}; if it was "
+                       "recreated, register it again")  # fmt: skip
+    return None
+
+
+def _record_and_enqueue(event: PushEvent, clone_url: str) -> tuple[Response, int]:
+    fields = {**event.to_dict(), "clone_url": clone_url, "ref_type": RefType(event.ref_type)}
+    del fields["forge_project_id"]
     with db.session() as session:
 
         def record() -> int:
-            task = lifecycle.accept(
-                TaskDetail(**{**event.to_dict(), "ref_type": RefType(event.ref_type)})
-            )
+            task = lifecycle.accept(TaskDetail(**fields))
             session.add(task)
             try:
                 session.commit()

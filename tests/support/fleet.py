@@ -24,7 +24,7 @@ import pymysql
 import requests
 
 from .git import GitHttpServer, GitRepo
-from .gitlab import gitlab_headers, gitlab_payload
+from .gitlab import gitlab_headers, gitlab_payload, register_project
 from .hosts import Host, Network
 from .processes import Process, procfile_command, wait_until
 from .services import PrivateMariaDB, PrivateRedis
@@ -66,10 +66,11 @@ class Fleet:
     web: str
     git: GitHttpServer
     agents: dict[str, Host]
-    webhook_secret: str
     log_dir: Path
     nodes: dict[str, Process] = field(default_factory=dict)
     env: dict[str, dict[str, str]] = field(default_factory=dict)
+    #: The webhook secret of each project registered by :meth:`new_repo`.
+    secrets: dict[str, str] = field(default_factory=dict)
 
     @property
     def control(self) -> Host:
@@ -95,6 +96,10 @@ class Fleet:
     def new_repo(self) -> GitRepo:
         repo = GitRepo.create(self.git.root, f"fleet/app-{uuid.uuid4().hex[:6]}")
         repo.clone_url = self.git.repo_url(repo.project_path)
+        with self.control.entered():
+            self.secrets[repo.project_path] = register_project(
+                self.web, repo.project_path, repo.clone_url
+            )
         return repo
 
     def push(self, repo: GitRepo, ticks: int, branch: str = "main") -> int:
@@ -112,7 +117,7 @@ class Fleet:
         with self.control.entered():
             response = requests.post(
                 self.web + "/webhooks/gitlab", json=payload, timeout=10,
-                headers=gitlab_headers(self.webhook_secret),
+                headers=gitlab_headers(self.secrets[repo.project_path]),
             )  # fmt: skip
         assert response.status_code == 202, response.text
         return response.json()["task_id"]
@@ -191,11 +196,10 @@ def start_fleet(base: Path, offline_after: float = 10, agents: int = 2) -> Itera
             "CICD_RECONCILE_AFTER": "4",
             "CICD_SECRETS_KEY": "fleet-secrets-" + uuid.uuid4().hex,
         }
-        secret = "fleet-webhook-" + uuid.uuid4().hex
-        web_env = {**_base_env(), **settings, "CICD_WEBHOOK_SECRET": secret, "PORT": "8000"}
+        web_env = {**_base_env(), **settings, "PORT": "8000"}
         control.run([sys.executable, "-m", "cicd.cli", "init-db"], env=web_env)
         processes.append(Process("fleet-web", control.command(_procfile("web")), web_env, base))
-        fleet = Fleet(network, f"http://{control.address}:8000", git, hosts, secret, base)
+        fleet = Fleet(network, f"http://{control.address}:8000", git, hosts, base)
         wait_until(lambda: control.port_open(8000), 30, "the web on the control host")
         for name, host in hosts.items():
             (host.root / "marks").mkdir()

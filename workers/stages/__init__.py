@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ from celery import Task
 from celery.exceptions import Ignore, Reject
 from sqlalchemy import select
 
-from cicd import db
+from cicd import db, projects
 from cicd.config import load_settings
 from cicd.errors import BuildCanceled, LeaseLost, OpsCDError, StageError
 from cicd.models import Stage, StageState, TaskDetail, TaskStage, TaskState, TaskStatus
@@ -28,7 +29,7 @@ from workers.workspace import checkout_dir, remove_workspace, workspace_of
 
 __all__ = [
     "StageTask", "masker", "describe_error", "current_run", "is_canceled", "is_stale",
-    "build_variables", "task_variables", "task_workspace",
+    "build_variables", "TaskRecord", "task_record", "task_workspace",
 ]  # fmt: skip
 
 log = logging.getLogger(__name__)
@@ -55,16 +56,39 @@ def build_variables(task: TaskDetail) -> dict[str, str]:
     return variables
 
 
-def task_variables(task_id: int) -> dict[str, str]:
-    """The build's ``CI_*`` variables from its row: a broker message never decides the project
-    (and with it the secrets a build gets), the ref or the commit."""
+@dataclass(frozen=True)
+class TaskRecord:
+    """What a stage knows of its build, all from the database: its ``CI_*`` variables and
+    what the project's registration decides for its ref."""
 
-    def read() -> dict[str, str]:
+    variables: dict[str, str]
+    #: The ref is one of the registration's protected refs: secrets, image overwrites.
+    protected: bool
+    #: The registration's approval patterns cover the ref: publish waits for a person.
+    approval_required: bool
+    #: The registration's protected ref patterns, for messages.
+    protected_refs: str
+
+
+def task_record(task_id: int) -> TaskRecord:
+    """The build as its rows say: a broker message never decides the project (and with it
+    the secrets a build gets), the ref, the commit, or the policy that applies."""
+
+    def read() -> TaskRecord:
         with db.session() as session:
             task = session.get(TaskDetail, task_id)
             if task is None:
                 raise StageError("build", f"task {task_id} is not in the database")
-            return build_variables(task)
+            registration = projects.governing(session, task.project)
+            if registration is None:
+                raise StageError("build", f"project {task.project} is not registered any more")
+            ref_type = task.ref_type.value
+            return TaskRecord(
+                variables=build_variables(task),
+                protected=projects.is_protected(registration, ref_type, task.ref_name),
+                approval_required=projects.needs_approval(registration, ref_type, task.ref_name),
+                protected_refs=registration.protected_refs,
+            )
 
     return db.retrying(read, f"task {task_id}: reading the build")
 

@@ -22,7 +22,7 @@ from cicd.models import Stage, StageState, TaskApproval, TaskStage, utcnow
 from cicd.secrets import secret_values
 from workers.executors import Executor, Step, get_executor
 from workers.logs import LogWriter
-from workers.stages import StageTask, is_canceled, task_variables, task_workspace
+from workers.stages import StageTask, is_canceled, task_record, task_workspace
 
 __all__ = ["build", "build_image", "run_build"]
 
@@ -43,11 +43,13 @@ def run_build(
     canceled: Callable[[], bool] = lambda: False,
     node: str | None = None,
     secrets: Callable[[list[str]], dict[str, str]] | None = None,
+    withheld: str | None = None,
 ) -> Pipeline:
     """Read ci.yaml, run its script, raise unless it succeeded; return the pipeline.
 
     ``secrets`` looks up the secret variables ci.yaml names; by default the
-    project's, stored encrypted on the server.
+    project's, stored encrypted on the server. ``withheld`` is why this build
+    gets none (its ref is not protected), which the log then says.
     """
     settings = load_settings()
     pipeline = load_pipeline(checkout)
@@ -55,7 +57,11 @@ def run_build(
     timeout = min(spec.timeout or settings.build_timeout, settings.max_build_timeout)
     project = variables.get("CI_PROJECT_PATH", "")
     lookup = secrets or (lambda names: secret_values(project, names, settings.secrets_key))
-    secret_env = lookup(spec.secrets) if spec.secrets else {}
+    secret_env = {}
+    if spec.secrets and withheld:
+        log.line(f"Secret variables withheld: {', '.join(spec.secrets)} ({withheld})")
+    elif spec.secrets:
+        secret_env = lookup(spec.secrets)
     log.mask = log.mask.with_secrets(secret_env.values())
     step = Step(
         name=f"{variables.get('CI_TASK_ID', 'local')}-build",
@@ -90,7 +96,12 @@ def run_build(
 def build(self: StageTask, ctx: dict[str, Any]) -> dict[str, Any]:
     """Run the build script on this node; pass the parsed pipeline on to publish."""
     node, run = self.request.hostname, int(ctx.get("attempt", 1))
-    variables = task_variables(int(ctx["task_id"]))  # the database's, not the message's
+    record = task_record(int(ctx["task_id"]))  # the database's, not the message's
+    variables = record.variables
+    withheld = None
+    if not record.protected:
+        withheld = (f"{variables['CI_COMMIT_REF_NAME']} is not a protected ref of this project; "
+                    f"protected: {record.protected_refs or 'none'}")  # fmt: skip
     _, checkout = task_workspace(ctx)
     with self.log_writer(ctx) as log:
         pipeline = run_build(
@@ -100,10 +111,13 @@ def build(self: StageTask, ctx: dict[str, Any]) -> dict[str, Any]:
             log,
             canceled=functools.partial(is_canceled, int(ctx["task_id"]), run),
             node=node,
+            withheld=withheld,
         )
         ctx = {**ctx, "pipeline": pipeline.to_dict()}
         publish = pipeline.publish
-        if publish is not None and publish.needs_approval(variables.get("CI_COMMIT_REF_NAME", "")):
+        # The server's approval rule always applies; ci.yaml may only add one.
+        ref_name = variables["CI_COMMIT_REF_NAME"]
+        if publish is not None and (record.approval_required or publish.needs_approval(ref_name)):
             # Stop the chain here: the build holds no slot while a person decides.
             # The workspace stays on this node; approving sends publish back here.
             self.request.chain = None

@@ -1,10 +1,13 @@
 """Stage 1, clone: fetch the exact pushed commit over HTTP into a fresh workspace.
 
-Credentials go to git as an ``http.<origin>.extraHeader`` through the environment
-(``GIT_CONFIG_*``), never in the URL, the arguments, the log or an error, and
-only to the clone URL's own origin; redirects are not followed.
-Only http(s) transports are allowed (``GIT_ALLOW_PROTOCOL``): the URL comes
-from a webhook, and git's ``ext::`` transport would run a command.
+The clone URL and the credentials are the project's registration's (the
+registered URL was recorded with the build; its own git user, else the
+instance's ``CICD_GIT_*``). Credentials go to git as an
+``http.<origin>.extraHeader`` through the environment (``GIT_CONFIG_*``), never
+in the URL, the arguments, the log or an error, and only to the clone URL's own
+origin; redirects are not followed.
+Only http(s) transports are allowed (``GIT_ALLOW_PROTOCOL``): git's ``ext::``
+transport would run a command.
 """
 
 from __future__ import annotations
@@ -21,15 +24,15 @@ from celery.exceptions import Ignore
 from celery.utils.nodenames import worker_direct
 from sqlalchemy import delete
 
-from cicd import db, lifecycle
+from cicd import db, lifecycle, projects
 from cicd.broker import STAGE_TASKS, app, language_queue
 from cicd.ciyaml import load_pipeline
-from cicd.config import load_settings
+from cicd.config import basic_authorization, load_settings
 from cicd.errors import PipelineError, StageError
 from cicd.languages import LANGUAGES
 from cicd.models import Stage, TaskDetail, TaskStage
 from workers.logs import LogWriter
-from workers.stages import StageTask, build_variables, masker
+from workers.stages import StageTask, build_variables
 from workers.workspace import checkout_dir, create_workspace, remove_workspace
 
 __all__ = ["clone", "fetch_commit"]
@@ -52,6 +55,13 @@ def clone(self: StageTask, ctx: dict[str, Any]) -> dict[str, Any]:
             raise StageError("clone", f"task {task_id} is not in the database")
         url, sha, ref = task.clone_url, task.commit_sha, task.ref
         variables = build_variables(task)
+        registration = projects.governing(session, task.project)
+        if registration is None:
+            raise StageError("clone", f"project {task.project} is not registered any more",
+                             f"register it again: cicd projects add {task.project}")  # fmt: skip
+        settings = load_settings()
+        own = projects.git_credentials(registration, settings.secrets_key)
+        authorization = basic_authorization(*own) if own else settings.git_authorization()
 
     workspace = create_workspace(task_id)
     received = ctx
@@ -62,8 +72,10 @@ def clone(self: StageTask, ctx: dict[str, Any]) -> dict[str, Any]:
         "variables": variables,
     }
     with self.log_writer(ctx) as log:
+        if own:
+            log.mask = log.mask.with_secrets([own[1], authorization.removeprefix("Basic ")])
         log.line(f"Cloning {url} at {sha[:12]} ({ref}) on {self.request.hostname}")
-        fetch_commit(Path(ctx["checkout"]), url, ref, sha, log)
+        fetch_commit(Path(ctx["checkout"]), url, ref, sha, log, authorization)
         log.line(f"Checked out {sha}")
         language = _language_to_hand_on(Path(ctx["checkout"]))
         if language and not received.get("handed_on"):
@@ -109,9 +121,14 @@ def _back_to_queued(task_id: int, attempt: int) -> None:
         session.commit()
 
 
-def fetch_commit(checkout: Path, url: str, ref: str, sha: str, log: LogWriter) -> None:
-    """Fetch exactly ``sha``; if the server refuses a fetch by id, fetch ``ref`` and find it."""
-    env = _git_environment(checkout.parent / "home", url)
+def fetch_commit(
+    checkout: Path, url: str, ref: str, sha: str, log: LogWriter, authorization: str | None
+) -> None:
+    """Fetch exactly ``sha``; if the server refuses a fetch by id, fetch ``ref`` and find it.
+
+    ``authorization`` (an HTTP ``Authorization`` value) goes only to ``url``'s origin.
+    """
+    env = _git_environment(checkout.parent / "home", url, authorization)
     # No template (no sample hooks to copy) and no remote: fetch straight from the URL.
     _git(["init", "-q", "--template="], checkout, env, log)
     try:
@@ -138,7 +155,7 @@ def origin(url: str) -> str:
     return f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}/"
 
 
-def _git_environment(home: Path, url: str) -> dict[str, str]:
+def _git_environment(home: Path, url: str, authorization: str | None) -> dict[str, str]:
     """git's environment: no user or system config, HTTP(S) only, no redirects followed, and
     the credentials (``http.<origin>.extraHeader``) sent only to the clone URL's origin.
 
@@ -146,7 +163,6 @@ def _git_environment(home: Path, url: str) -> dict[str, str]:
     (or a man in the middle of plain HTTP) could send the credentials elsewhere:
     a clone that is redirected fails instead, saying so.
     """
-    settings = load_settings()
     home.mkdir(exist_ok=True)
     env = {
         "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
@@ -158,7 +174,7 @@ def _git_environment(home: Path, url: str) -> dict[str, str]:
         "GIT_ALLOW_PROTOCOL": "http:https",
     }
     config = {"protocol.version": "2", "http.followRedirects": "false"}
-    if authorization := settings.git_authorization():
+    if authorization:
         config[f"http.{origin(url)}.extraHeader"] = "Authorization: " + authorization
     env["GIT_CONFIG_COUNT"] = str(len(config))
     for index, (key, value) in enumerate(config.items()):
@@ -187,14 +203,15 @@ def _git(args: list[str], cwd: Path, env: dict[str, str], log: LogWriter) -> Non
         raise StageError(
             operation, f"timed out after {timeout}s", "raise CICD_CLONE_TIMEOUT"
         ) from None
-    text = masker()(output.decode("utf-8", "replace"))
+    text = log.mask(output.decode("utf-8", "replace"))
     if text:
         log.write(text)
     if process.returncode != 0:
         last = text.strip().splitlines()[-1] if text.strip() else f"exit code {process.returncode}"
         hint = None
         if "Authentication failed" in text or "could not read Username" in text:
-            hint = "check CICD_GIT_USERNAME and CICD_GIT_PASSWORD"
+            hint = "check the project's git credentials (cicd projects show), else "
+            hint += "CICD_GIT_USERNAME and CICD_GIT_PASSWORD"
         elif REDIRECTED.search(text):
             hint = "the git server redirects; OpsCD follows no redirect (its credentials would "
             hint += "go along): use the URL it redirects to"

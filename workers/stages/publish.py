@@ -3,8 +3,9 @@
 A ``ci.yaml`` without a ``publish`` section builds no image: the stage is
 recorded as skipped. Otherwise the image is built from the repository's
 Dockerfile (the build stage's outputs, such as ``target/*.jar``, are in the
-context), tagged ``<CICD_REGISTRY>/<project>:<branch>-<short sha>`` (tag
-pushes: ``:<tag>``), pushed, and its local copy removed.
+context), tagged ``<CICD_REGISTRY>/<project>:<branch>..<short sha>`` (tag
+pushes: ``:<tag>``; see :func:`~workers.registry.image_reference`), pushed,
+and its local copy removed.
 """
 
 from __future__ import annotations
@@ -22,8 +23,14 @@ from cicd.models import Stage
 from workers import lease
 from workers.engine import docker_client
 from workers.logs import LogWriter
-from workers.registry import build_image, image_reference, push_image, remove_image
-from workers.stages import StageTask, is_canceled, task_variables, task_workspace
+from workers.registry import (
+    build_image,
+    existing_image,
+    image_reference,
+    push_image,
+    remove_image,
+)
+from workers.stages import StageTask, is_canceled, task_record, task_workspace
 from workers.workspace import remove_workspace
 
 __all__ = ["publish", "run_publish"]
@@ -31,12 +38,14 @@ __all__ = ["publish", "run_publish"]
 
 def run_publish(
     spec: PublishSpec, checkout: Path, variables: dict[str, str], log: LogWriter,
-    canceled: Callable[[], bool] = lambda: False,
+    canceled: Callable[[], bool] = lambda: False, protected: bool = False,
 ) -> tuple[str, str | None]:  # fmt: skip
     """Build the image from the Dockerfile, push it; return its name and digest.
 
     ``canceled`` is asked between the image build and the push: a canceled
-    build, or a run another run replaced, pushes nothing.
+    build, or a run another run replaced, pushes nothing. An image tag the
+    registry has already, as another image, is replaced only by a build of a
+    protected ref, or of the commit a branch image's tag names (its rebuild).
     """
     settings = load_settings()
     if not settings.registry:
@@ -62,6 +71,8 @@ def run_publish(
     client = docker_client(settings)
     try:
         build_image(client, checkout, spec, reference, labels, settings, log.write)
+        if not protected and ref_type == "tag":
+            _refuse_overwrite(client, repository, tag, reference, settings)
         if lease.expired():
             raise LeaseLost("this agent could not reach the database; it pushed no image")
         if canceled():
@@ -72,6 +83,20 @@ def run_publish(
         client.close()
     log.line(f"Pushed {reference}" + (f" ({digest})" if digest else ""))
     return reference, digest
+
+
+def _refuse_overwrite(client, repository: str, tag: str, reference: str, settings) -> None:
+    """A build of an unprotected tag does not replace an image people may deploy."""
+    there = existing_image(repository, tag, settings)
+    if there is None or there == client.images.get(reference).id:
+        return
+    raise StageError(
+        "image push",
+        f"{repository}:{tag} exists already as another image ({there[:19]}); only a build of a "
+        "protected ref may replace it",
+        "protect the tag (cicd projects set PROJECT --protected 'main,refs/tags/v*') or push "
+        "a new tag",
+    )
 
 
 @app.task(name=STAGE_TASKS["publish"], base=StageTask, bind=True, stage=Stage.PUBLISH)
@@ -86,7 +111,9 @@ def publish(self: StageTask, ctx: dict[str, Any]) -> dict[str, Any]:
         spec = PublishSpec.model_validate(published)  # the build stage's, through the broker
         canceled = functools.partial(is_canceled, int(ctx["task_id"]), int(ctx.get("attempt", 1)))
         _, checkout = task_workspace(ctx)
-        variables = task_variables(int(ctx["task_id"]))  # the database's, not the message's
-        reference, digest = run_publish(spec, checkout, variables, log, canceled)
+        record = task_record(int(ctx["task_id"]))  # the database's, not the message's
+        reference, digest = run_publish(
+            spec, checkout, record.variables, log, canceled, protected=record.protected
+        )
     remove_workspace(ctx.get("workspace"))
     return {**ctx, "image": reference, "image_digest": digest}
