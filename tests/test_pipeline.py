@@ -198,7 +198,7 @@ def test_exact_commit_from_a_server_that_refuses_fetch_by_id(web, tmp_path):
         task = wait_for_task(web, post_gitlab(web, payload).json()["task_id"])
     assert task["state"] == "success", task
     log = task_log(web, task["task_id"])
-    assert "fetching refs/heads/main instead" in log
+    assert "refs/heads/main has moved on" in log
     assert "version one" in log and "version two" not in log
 
 

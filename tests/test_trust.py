@@ -247,6 +247,32 @@ def test_secrets_go_only_to_builds_of_protected_refs(web, git_server):
         assert token not in log  # masked
 
 
+def test_a_commit_the_ref_does_not_hold_is_not_built_under_its_name(web, git_server):
+    """A secret holder claims that a commit of an unprotected branch is main's, to run it
+    with main's secrets: the registered repository is asked, and says no."""
+    repo = new_repo(git_server)
+    token = "deploy-" + uuid.uuid4().hex
+    secret = register_project(web, repo.project_path, repo.clone_url)
+    url = f"{web}/api/projects/{repo.project_path}/secrets/DEPLOY_TOKEN"
+    assert requests.put(url, json={"value": token}, timeout=10).status_code == 201
+    repo.commit({"ci.yaml": ECHO})  # main
+    sha = repo.commit({"ci.yaml": SECRET_CI}, branch="feature/steal")
+    claimed = gitlab_payload("push-event.json", repo, "refs/heads/main", sha)
+    answer = deliver(web, claimed, token=secret)
+    assert answer.status_code == 202, answer.text
+    task = wait_for_task(web, answer.json()["task_id"])
+    log = task_log(web, task["task_id"])
+    assert task["state"] == "failed" and task["stage"] == "clone", log
+    assert f"commit {sha} is not on refs/heads/main" in task["error"]
+    assert "token length" not in log and token not in log
+    # A tag's claim is checked the same way.
+    repo.tag("v9", repo.commit({"ci.yaml": ECHO}))
+    tagged = gitlab_payload("tag-event.json", repo, "refs/tags/v9", sha)
+    answer = post_gitlab(web, tagged, event="Tag Push Hook", token=secret)
+    task = wait_for_task(web, answer.json()["task_id"])
+    assert task["state"] == "failed" and "refs/tags/v9 points at" in task["error"]
+
+
 def test_the_servers_approval_rule_cannot_be_pushed_away(web, git_server):
     """The registration says main's publish waits for a person; a ci.yaml that says
     ``approval: false`` changes nothing."""

@@ -41,10 +41,6 @@ __all__ = ["clone", "fetch_commit"]
 REDIRECTED = re.compile(r"returned error: 30[12378]\b")
 
 
-#: What git says when a server (protocol v0/v1, or a strict v2) will not serve a bare commit id.
-_FETCH_BY_ID_REFUSED = ("not our ref", "unadvertised object", "couldn't find remote ref")
-
-
 @app.task(name=STAGE_TASKS["clone"], base=StageTask, bind=True, stage=Stage.CLONE)
 def clone(self: StageTask, ctx: dict[str, Any]) -> dict[str, Any]:
     """Check out the task's commit; the rest of the chain then runs on this node."""
@@ -124,27 +120,35 @@ def _back_to_queued(task_id: int, attempt: int) -> None:
 def fetch_commit(
     checkout: Path, url: str, ref: str, sha: str, log: LogWriter, authorization: str | None
 ) -> None:
-    """Fetch exactly ``sha``; if the server refuses a fetch by id, fetch ``ref`` and find it.
+    """Fetch ``ref`` from the registered repository and check out ``sha``, which the
+    repository must confirm: a tag's commit, or a branch's head or one of its ancestors (the
+    branch moved on since the push). A webhook only claims that ``sha`` is on ``ref``; a
+    build of another commit under a protected ref's name would get its secrets.
 
     ``authorization`` (an HTTP ``Authorization`` value) goes only to ``url``'s origin.
     """
     env = _git_environment(checkout.parent / "home", url, authorization)
     # No template (no sample hooks to copy) and no remote: fetch straight from the URL.
     _git(["init", "-q", "--template="], checkout, env, log)
-    try:
-        _git(["fetch", "-q", "--no-tags", "--depth=1", url, sha], checkout, env, log)
-    except StageError as by_id:
-        if not any(refusal in by_id.message for refusal in _FETCH_BY_ID_REFUSED):
-            raise
-        log.line(f"Server refused a fetch by commit id; fetching {ref} instead")
-        _git(["fetch", "-q", "--no-tags", url, f"+{ref}:refs/opscd/build"], checkout, env, log)
+    fetched = "refs/opscd/ref"
+    _git(["fetch", "-q", "--no-tags", "--depth=1", url, f"+{ref}:{fetched}"], checkout, env, log)
+    head = _git(["rev-parse", "--verify", f"{fetched}^{{commit}}"], checkout, env, log, quiet=True)
+    head = head.strip()
+    if head != sha:
+        if ref.startswith("refs/tags/"):
+            raise StageError("git fetch", f"{ref} points at {head[:12]}, not at the pushed "
+                             f"{sha[:12]}", "the tag was moved since; push it again")  # fmt: skip
+        log.line(f"{ref} has moved on to {head[:12]}; fetching its history to find {sha[:12]}")
+        _git(["fetch", "-q", "--no-tags", "--unshallow", url, f"+{ref}:{fetched}"],
+             checkout, env, log)  # fmt: skip
         try:
-            _git(["cat-file", "-e", f"{sha}^{{commit}}"], checkout, env, log)
+            _git(["merge-base", "--is-ancestor", sha, fetched], checkout, env, log, quiet=True)
         except StageError:
             raise StageError(
                 "git fetch",
-                f"commit {sha} is not reachable from {ref} any more",
-                "the branch was force-pushed; push again to build its new head",
+                f"commit {sha} is not on {ref} in the registered repository",
+                "the branch was force-pushed (push again to build its new head), or the "
+                "webhook named a commit its ref does not hold",
             ) from None
     _git(["-c", "advice.detachedHead=false", "checkout", "-q", "--detach", sha], checkout, env, log)
 
@@ -182,8 +186,11 @@ def _git_environment(home: Path, url: str, authorization: str | None) -> dict[st
     return env
 
 
-def _git(args: list[str], cwd: Path, env: dict[str, str], log: LogWriter) -> None:
-    """Run one git command; its output goes to the log, a failure is a masked StageError."""
+def _git(
+    args: list[str], cwd: Path, env: dict[str, str], log: LogWriter, quiet: bool = False
+) -> str:
+    """Run one git command; its output goes to the log (``quiet``: only if it fails) and is
+    returned; a failure is a masked StageError."""
     timeout = load_settings().clone_timeout
     operation = f"git {args[0] if args[0] != '-c' else args[2]}"
     process = subprocess.Popen(
@@ -204,7 +211,7 @@ def _git(args: list[str], cwd: Path, env: dict[str, str], log: LogWriter) -> Non
             operation, f"timed out after {timeout}s", "raise CICD_CLONE_TIMEOUT"
         ) from None
     text = log.mask(output.decode("utf-8", "replace"))
-    if text:
+    if text and (not quiet or process.returncode != 0):
         log.write(text)
     if process.returncode != 0:
         last = text.strip().splitlines()[-1] if text.strip() else f"exit code {process.returncode}"
@@ -215,4 +222,7 @@ def _git(args: list[str], cwd: Path, env: dict[str, str], log: LogWriter) -> Non
         elif REDIRECTED.search(text):
             hint = "the git server redirects; OpsCD follows no redirect (its credentials would "
             hint += "go along): use the URL it redirects to"
+        elif "couldn't find remote ref" in text:
+            hint = "the branch or tag was deleted since the push"
         raise StageError(operation, last, hint)
+    return text

@@ -5,7 +5,8 @@ recorded as skipped. Otherwise the image is built from the repository's
 Dockerfile (the build stage's outputs, such as ``target/*.jar``, are in the
 context), tagged ``<CICD_REGISTRY>/<project>:<branch>..<short sha>`` (tag
 pushes: ``:<tag>``; see :func:`~workers.registry.image_reference`), pushed,
-and its local copy removed.
+and its local copy removed. The publish section is read from the checkout's
+``ci.yaml`` again: a broker message decides nothing here.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from cicd.broker import STAGE_TASKS, app
-from cicd.ciyaml import PublishSpec
+from cicd.ciyaml import PublishSpec, load_pipeline
 from cicd.config import load_settings
 from cicd.errors import BuildCanceled, LeaseLost, StageError
 from cicd.models import Stage
@@ -102,18 +103,17 @@ def _refuse_overwrite(client, repository: str, tag: str, reference: str, setting
 @app.task(name=STAGE_TASKS["publish"], base=StageTask, bind=True, stage=Stage.PUBLISH)
 def publish(self: StageTask, ctx: dict[str, Any]) -> dict[str, Any]:
     """Publish the image, or record that none was asked for; the build ends here."""
-    published = ctx.get("pipeline", {}).get("publish")
+    workspace, checkout = task_workspace(ctx)
     with self.log_writer(ctx) as log:
-        if not published:
+        spec = load_pipeline(checkout).publish  # the checkout's ci.yaml, not the message's
+        if spec is None:
             log.line("Publish skipped: ci.yaml has no publish section")
-            remove_workspace(ctx.get("workspace"))
+            remove_workspace(workspace)
             return {**ctx, "skipped": Stage.PUBLISH.value}
-        spec = PublishSpec.model_validate(published)  # the build stage's, through the broker
         canceled = functools.partial(is_canceled, int(ctx["task_id"]), int(ctx.get("attempt", 1)))
-        _, checkout = task_workspace(ctx)
         record = task_record(int(ctx["task_id"]))  # the database's, not the message's
         reference, digest = run_publish(
             spec, checkout, record.variables, log, canceled, protected=record.protected
         )
-    remove_workspace(ctx.get("workspace"))
+    remove_workspace(workspace)
     return {**ctx, "image": reference, "image_digest": digest}
