@@ -246,7 +246,10 @@ def get_log(task_id: int) -> Response:
             response = Response(earlier + "".join(chunks), mimetype="text/plain")
             response.headers["X-OpsCD-Attempt"] = str(attempt)
             return response
-    after = int(request.headers.get("Last-Event-ID", "0") or 0)
+    last_event = request.headers.get("Last-Event-ID", "").strip() or "0"
+    if not last_event.isdecimal() or len(last_event) > 18:
+        return _error(400, "Last-Event-ID must be the id of an event this stream sent (a number)")
+    after = int(last_event)
     response = Response(_follow(task_id, after), mimetype="text/event-stream")
     response.headers["Cache-Control"] = "no-cache"
     response.headers["X-Accel-Buffering"] = "no"  # tell proxies not to hold events back
