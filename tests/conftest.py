@@ -391,6 +391,16 @@ def post_gitlab(
     return answer
 
 
+#: What OpsCD's pages and its CLI send with every change: a cross-site form cannot.
+CHANGE = {"X-Requested-With": "tests"}
+
+
+def change(method: str, url: str, **kwargs: Any) -> requests.Response:
+    """A state-changing API request (POST, PUT, PATCH, DELETE) as the pages send it."""
+    return requests.request(method, url, headers={**CHANGE, **kwargs.pop("headers", {})},
+                            **kwargs)  # fmt: skip
+
+
 def wait_for_task(base: str, task_id: int, timeout: float = 60) -> dict:
     """Poll the API until the task is finished; return it."""
 

@@ -16,9 +16,11 @@ import docker
 import pytest
 import requests
 from conftest import (
+    CHANGE,
     REGISTRY_PASSWORD,
     GitRepo,
     Process,
+    change,
     gitlab_payload,
     post_gitlab,
     task_log,
@@ -171,7 +173,7 @@ def test_image_tags_never_collide_and_an_unprotected_tag_overwrites_nothing(
     assert registry.manifest_digest(repository, "v1-x") == first
 
     # Once the project protects its tags, a tag build may replace the image.
-    changed = requests.patch(f"{agent.web}/api/projects/{project.project_path}", timeout=10,
+    changed = change("patch", f"{agent.web}/api/projects/{project.project_path}", timeout=10,
                              json={"protected": "main,refs/tags/v*"})  # fmt: skip
     assert changed.status_code == 200, changed.text
     again = push(agent.web, project, small_image(busybox_image, "again"), "refs/tags/v1-x")
@@ -269,7 +271,7 @@ def test_cancel_kills_the_build_container(agent, project, busybox_image, docker_
     task_id = post_gitlab(agent.web, payload).json()["task_id"]
     wait_until(lambda: "started" in task_log(agent.web, task_id), 60, "the container to start")
     assert len(build_containers(docker_client)) == 1
-    response = requests.post(f"{agent.web}/api/tasks/{task_id}/cancel", timeout=5)
+    response = change("post", f"{agent.web}/api/tasks/{task_id}/cancel", timeout=5)
     assert response.status_code == 200
     wait_until(lambda: build_containers(docker_client) == [], 15, "the container to go")
     task = wait_for_task(agent.web, task_id)
@@ -327,7 +329,7 @@ def test_approval_holds_publish_until_a_person_approves(
     assert task["approval"]["decision"] == "approved"
     assert task["approval"]["decided_by"] == "admin" and task["approval"]["decided_at"]
     assert task["image"] and registry.tags(f"opscd/{project.project_path.lower()}")
-    again = api(agent.web, f"/tasks/{task_id}/approve", "post")
+    again = api(agent.web, f"/tasks/{task_id}/approve", "post", headers=CHANGE)
     assert again.status_code == 409 and "not waiting" in again.json()["error"]
 
 
@@ -338,7 +340,7 @@ def test_reject_ends_a_waiting_build_and_cleans_up(agent, project, opscd_env):
     )
     workspaces = Path(opscd_env["CICD_WORKSPACE_DIR"])
     assert [w for w in workspaces.iterdir() if w.name.startswith(f"task-{task_id}-")]
-    response = api(agent.web, f"/tasks/{task_id}/reject", "post")
+    response = api(agent.web, f"/tasks/{task_id}/reject", "post", headers=CHANGE)
     assert response.status_code == 200
     task = response.json()
     assert task["state"] == "canceled" and task["approval"]["decision"] == "rejected"
@@ -369,7 +371,7 @@ def test_build_containers_are_locked_down(agent, project, busybox_image, docker_
     assert host["NetworkMode"] == "none"
     sources = [m["Source"] for m in container.attrs["Mounts"]]
     assert not [s for s in sources if s.endswith(".sock")]
-    requests.post(f"{agent.web}/api/tasks/{task_id}/cancel", timeout=5)
+    change("post", f"{agent.web}/api/tasks/{task_id}/cancel", timeout=5)
     assert wait_for_task(agent.web, task_id)["state"] == "canceled"
 
 

@@ -20,6 +20,7 @@ import requests
 from conftest import (
     GitRepo,
     Process,
+    change,
     free_port,
     gitlab_payload,
     post_gitlab,
@@ -170,7 +171,7 @@ def test_cancel_stops_a_running_build(web, repo, opscd_env):
         lambda: "shell=" in (text := task_log(web, task_id)) and text, 30, "the build to start"
     )
     shell_pid = int(re.search(r"shell=(\d+)", log).group(1))
-    response = requests.post(f"{web}/api/tasks/{task_id}/cancel", timeout=5)
+    response = change("post", f"{web}/api/tasks/{task_id}/cancel", timeout=5)
     assert response.status_code == 200
     assert response.json()["state"] == "canceled"
     wait_until(lambda: not Path(f"/proc/{shell_pid}").exists(), 10, "the script to be killed")
@@ -184,13 +185,13 @@ def test_cancel_stops_a_running_build(web, repo, opscd_env):
     assert "Canceled during build" in task_log(web, task_id)
     workspaces = Path(opscd_env["CICD_WORKSPACE_DIR"]).iterdir()
     assert not [w for w in workspaces if w.name.startswith(f"task-{task_id}-")]
-    again = requests.post(f"{web}/api/tasks/{task_id}/cancel", timeout=5)
+    again = change("post", f"{web}/api/tasks/{task_id}/cancel", timeout=5)
     assert again.status_code == 409 and "already canceled" in again.json()["error"]
 
 
 def test_retry_runs_the_same_commit_as_a_new_task(web, repo):
     first = wait_for_task(web, start_build(web, repo, "build:\n  script: echo run $CI_TASK_ID\n"))
-    response = requests.post(f"{web}/api/tasks/{first['task_id']}/retry", timeout=5)
+    response = change("post", f"{web}/api/tasks/{first['task_id']}/retry", timeout=5)
     assert response.status_code == 202
     retry = response.json()
     assert retry["task_id"] != first["task_id"] and retry["retry_of"] == first["task_id"]
@@ -198,7 +199,7 @@ def test_retry_runs_the_same_commit_as_a_new_task(web, repo):
     retry = wait_for_task(web, retry["task_id"])
     assert retry["state"] == "success"
     assert f"run {retry['task_id']}" in task_log(web, retry["task_id"])
-    assert requests.post(f"{web}/api/tasks/999999999/retry", timeout=5).status_code == 404
+    assert change("post", f"{web}/api/tasks/999999999/retry", timeout=5).status_code == 404
 
 
 # --- the command line -----------------------------------------------------------------------

@@ -16,7 +16,7 @@ import uuid
 
 import pytest
 import requests
-from conftest import mysql_admin
+from conftest import change, mysql_admin
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +38,7 @@ def path() -> str:
 def test_a_registration_shows_its_secret_once_and_stores_only_its_hash(installation):
     web, env = installation
     project = path()
-    answer = requests.post(f"{web}/api/projects", timeout=10, json={
+    answer = change("post", f"{web}/api/projects", timeout=10, json={
         "project": project, "clone_url": "https://git.example.com/team/app.git",
         "protected": "main,release/*", "approval": "main",
         "git_username": "deploy-bot", "git_password": "per-project-token-123",
@@ -62,7 +62,7 @@ def test_a_registration_shows_its_secret_once_and_stores_only_its_hash(installat
     assert digest == hashlib.sha256(secret.encode()).hexdigest()
     assert "per-project-token-123" not in ciphertext  # encrypted at rest
 
-    rotated = requests.post(f"{web}/api/projects/{project}/rotate-secret", timeout=10)
+    rotated = change("post", f"{web}/api/projects/{project}/rotate-secret", timeout=10)
     assert rotated.status_code == 200 and rotated.json()["webhook_secret"] != secret
     ((digest,),) = mysql_admin(f"SELECT webhook_secret_sha256 FROM projects WHERE path ="
                                f" '{project}'", database=database_of(env))  # fmt: skip
@@ -85,7 +85,7 @@ def test_a_registration_shows_its_secret_once_and_stores_only_its_hash(installat
 )  # fmt: skip
 def test_bad_registrations_are_refused_saying_why(installation, body, status, says):
     web, _ = installation
-    answer = requests.post(f"{web}/api/projects", json=body, timeout=10)
+    answer = change("post", f"{web}/api/projects", json=body, timeout=10)
     assert answer.status_code == status and says in answer.json()["error"], answer.text
 
 
@@ -93,15 +93,15 @@ def test_a_path_registers_once_and_changes_and_goes_through_the_api(installation
     web, _ = installation
     project = path()
     first = {"project": project, "clone_url": "https://git.example.com/t/app.git"}
-    assert requests.post(f"{web}/api/projects", json=first, timeout=10).status_code == 201
-    again = requests.post(f"{web}/api/projects", json=first, timeout=10)
+    assert change("post", f"{web}/api/projects", json=first, timeout=10).status_code == 201
+    again = change("post", f"{web}/api/projects", json=first, timeout=10)
     assert again.status_code == 409 and "registered already" in again.json()["error"]
-    changed = requests.patch(f"{web}/api/projects/{project}", timeout=10,
+    changed = change("patch", f"{web}/api/projects/{project}", timeout=10,
                              json={"protected": ["main", "v*"], "approval": "v*"})  # fmt: skip
     assert changed.status_code == 200 and changed.json()["protected"] == ["main", "v*"]
-    unknown = requests.patch(f"{web}/api/projects/{project}", json={"path": "x/y"}, timeout=10)
+    unknown = change("patch", f"{web}/api/projects/{project}", json={"path": "x/y"}, timeout=10)
     assert unknown.status_code == 400 and "cannot change path" in unknown.json()["error"]
-    assert requests.delete(f"{web}/api/projects/{project}", timeout=10).status_code == 204
+    assert change("delete", f"{web}/api/projects/{project}", timeout=10).status_code == 204
     gone = requests.get(f"{web}/api/projects/{project}", timeout=10)
     assert gone.status_code == 404 and "is not registered" in gone.json()["error"]
     # The project's secret variables keep their own routes beside the registration's.
@@ -112,7 +112,7 @@ def test_namespace_registrations_cover_a_group(installation):
     web, _ = installation
     group = f"group-{uuid.uuid4().hex[:6]}/*"
     body = {"project": group, "clone_url": "https://git.example.com/g/"}
-    answer = requests.post(f"{web}/api/projects", json=body, timeout=10)
+    answer = change("post", f"{web}/api/projects", json=body, timeout=10)
     assert answer.status_code == 201, answer.text
     assert answer.json()["project"]["namespace"] is True
 

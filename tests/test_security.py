@@ -18,6 +18,7 @@ import requests
 from conftest import (
     GIT_PASSWORD,
     GitRepo,
+    change,
     gitlab_payload,
     mysql_admin,
     post_gitlab,
@@ -186,7 +187,7 @@ def test_the_webhook_never_answers_500(web, payload, raw):
 def test_project_secrets_reach_the_build_masked_and_never_leave_the_server(web, repo, database_url):
     token = "s3cr3t-" + uuid.uuid4().hex
     url = f"{web}/api/projects/{repo.project_path}/secrets/DEPLOY_TOKEN"
-    assert requests.put(url, json={"value": token}, timeout=5).status_code == 201
+    assert change("put", url, json={"value": token}, timeout=5).status_code == 201
     listed = requests.get(f"{web}/api/projects/{repo.project_path}/secrets", timeout=5)
     assert [s["name"] for s in listed.json()["secrets"]] == ["DEPLOY_TOKEN"]
     assert token not in listed.text
@@ -226,8 +227,8 @@ def test_project_secrets_reach_the_build_masked_and_never_leave_the_server(web, 
         ],
     )
     assert task["state"] == "failed" and "NOT_SET" in task["error"]
-    assert requests.delete(url, timeout=5).status_code == 204
-    assert requests.delete(url, timeout=5).status_code == 404
+    assert change("delete", url, timeout=5).status_code == 204
+    assert change("delete", url, timeout=5).status_code == 404
 
 
 def test_cli_manages_secrets_without_showing_values(web):
@@ -287,6 +288,54 @@ def test_broker_with_a_password(start_stack, git_server, tmp_path):
         assert password not in stack.worker.output()
     finally:
         broker.stop()
+
+
+@pytest.mark.usefixtures("workers")
+def test_a_cross_site_form_cannot_change_anything_even_with_no_login(web, repo):
+    """With no login set (a local install), a page of any site could POST a form to the API
+    on loopback: changes need X-Requested-With (or a Bearer token), which forms cannot send."""
+    sha = repo.commit({"ci.yaml": "build:\n  script: sleep 20\n"})
+    task_id = post_gitlab(web, gitlab_payload("push-event.json", repo, "refs/heads/main", sha)
+                          ).json()["task_id"]  # fmt: skip
+    form = {"Content-Type": "application/x-www-form-urlencoded", "Origin": "http://evil.example"}
+    for method in ("post", "put", "patch", "delete"):
+        forged = requests.request(method, f"{web}/api/tasks/{task_id}/cancel", data="x=1",
+                                  headers=form, timeout=10)  # fmt: skip
+        assert forged.status_code in (403, 405), method
+    forged = requests.post(f"{web}/api/tasks/{task_id}/cancel", headers=form, timeout=10)
+    assert forged.status_code == 403 and "X-Requested-With" in forged.json()["error"]
+    assert requests.get(f"{web}/api/tasks/{task_id}", timeout=10).json()["state"] != "canceled"
+    assert change("post", f"{web}/api/tasks/{task_id}/cancel", timeout=10).status_code == 200
+
+
+def test_a_foreign_host_name_is_not_served(start_web, web):
+    """DNS rebinding: a name of the attacker's, pointed at 127.0.0.1, makes the browser treat
+    this server as the attacker's site. Only IP addresses, loopback names and the host of
+    CICD_PUBLIC_URL are served; the webhook and /healthz answer any name."""
+    port = web.rsplit(":", 1)[1]
+    for host, served in [("evil.example", False), (f"evil.example:{port}", False),
+                         (f"localhost:{port}", True), (f"127.0.0.1:{port}", True),
+                         (f"[::1]:{port}", True), ("ci.example.com", False)]:  # fmt: skip
+        answer = requests.get(f"{web}/api/tasks", headers={"Host": host}, timeout=10)
+        assert (answer.status_code == 200) is served, (host, answer.status_code)
+        if not served:
+            assert answer.status_code == 421 and "CICD_PUBLIC_URL" in answer.json()["error"]
+        page = requests.get(f"{web}/", headers={"Host": host}, timeout=10)
+        assert (page.status_code == 200) is served, host
+    assert requests.get(f"{web}/healthz", headers={"Host": "evil.example"}, timeout=10).ok
+    hook = post_gitlab(web, b"{}", Host="evil.example")
+    assert hook.status_code == 200 and "ignored" in hook.json()
+    named = start_web(CICD_PUBLIC_URL="https://ci.example.com")
+    answer = requests.get(f"{named}/api/tasks", headers={"Host": "ci.example.com"}, timeout=10)
+    assert answer.status_code == 200
+
+
+def test_a_bearer_token_needs_no_extra_header(start_web):
+    token = "api-" + uuid.uuid4().hex
+    web = start_web(CICD_API_TOKEN=token)
+    bearer = {"Authorization": f"Bearer {token}"}
+    answer = requests.post(f"{web}/api/tasks/999999999/retry", headers=bearer, timeout=10)
+    assert answer.status_code == 404  # reached the route: no X-Requested-With needed
 
 
 def test_ui_and_api_need_the_login_when_one_is_set(start_web):

@@ -18,6 +18,7 @@ from conftest import (
     GIT_PASSWORD,
     GIT_USER,
     GitRepo,
+    change,
     gitlab_payload,
     post_gitlab,
     register_project,
@@ -219,7 +220,7 @@ def test_secrets_go_only_to_builds_of_protected_refs(web, git_server):
     token = "deploy-" + uuid.uuid4().hex
     secret = register_project(web, repo.project_path, repo.clone_url, protected="main,release/*")
     url = f"{web}/api/projects/{repo.project_path}/secrets/DEPLOY_TOKEN"
-    assert requests.put(url, json={"value": token}, timeout=10).status_code == 201
+    assert change("put", url, json={"value": token}, timeout=10).status_code == 201
     encoded = base64.b64encode(token.encode()).decode()
 
     pushed = deliver(web, push_payload(repo, {"ci.yaml": SECRET_CI}, "feature/x"), token=secret)
@@ -254,7 +255,7 @@ def test_a_commit_the_ref_does_not_hold_is_not_built_under_its_name(web, git_ser
     token = "deploy-" + uuid.uuid4().hex
     secret = register_project(web, repo.project_path, repo.clone_url)
     url = f"{web}/api/projects/{repo.project_path}/secrets/DEPLOY_TOKEN"
-    assert requests.put(url, json={"value": token}, timeout=10).status_code == 201
+    assert change("put", url, json={"value": token}, timeout=10).status_code == 201
     repo.commit({"ci.yaml": ECHO})  # main
     sha = repo.commit({"ci.yaml": SECRET_CI}, branch="feature/steal")
     claimed = gitlab_payload("push-event.json", repo, "refs/heads/main", sha)
@@ -289,5 +290,5 @@ def test_the_servers_approval_rule_cannot_be_pushed_away(web, git_server):
 
     task = wait_until(waiting, 60, "the build to wait for approval")
     assert task["approval"]["required"]
-    rejected = requests.post(f"{web}/api/tasks/{task_id}/reject", timeout=10)
+    rejected = change("post", f"{web}/api/tasks/{task_id}/reject", timeout=10)
     assert rejected.status_code == 200 and rejected.json()["state"] == "canceled"

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import requests
-from conftest import ROOT, GitRepo, gitlab_payload, post_gitlab, wait_for_task, wait_until
+from conftest import ROOT, GitRepo, change, gitlab_payload, post_gitlab, wait_for_task, wait_until
 
 playwright_api = pytest.importorskip("playwright.sync_api")
 Browser, Page, expect = playwright_api.Browser, playwright_api.Page, playwright_api.expect
@@ -132,7 +132,7 @@ def wait_state(web: str, task_id: int, state: str, timeout: float = 60) -> dict:
 
 
 def cancel(web: str, task_id: int) -> None:
-    requests.post(f"{web}/api/tasks/{task_id}/cancel", timeout=5)
+    change("post", f"{web}/api/tasks/{task_id}/cancel", timeout=5)
 
 
 def log_lines(page: Page) -> list[str]:
@@ -250,7 +250,7 @@ def test_every_page_with_builds_of_every_kind(web, git_server, pages, tmp_path):
         save(page, "projects")
     finally:
         cancel(web, running)
-        requests.post(f"{web}/api/tasks/{waiting}/reject", timeout=5)
+        change("post", f"{web}/api/tasks/{waiting}/reject", timeout=5)
 
 
 # --- the builds page ------------------------------------------------------------------------

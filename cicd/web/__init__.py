@@ -11,8 +11,10 @@ worker's code.
 from __future__ import annotations
 
 import hmac
+import ipaddress
 import logging
 from collections.abc import Callable
+from urllib.parse import urlsplit
 
 from flask import Flask, Response, g, jsonify, request
 
@@ -25,9 +27,56 @@ __all__ = ["create_app"]
 #: Reachable without the UI login: the webhook checks each project's own secret; probes,
 #: scrapes, and the build badges project READMEs embed (they show a branch's last state).
 OPEN_ENDPOINTS = {"webhook.gitlab_webhook", "healthz", "metrics.metrics", "web.badge"}
-#: Methods that change something: with a Basic login they also need X-Requested-With,
-#: which a page of another site cannot send, so it cannot act with the user's login.
+#: Methods that change something: they need an X-Requested-With header, which a page of
+#: another site cannot send (a form cannot, and a script must ask CORS, which is not
+#: granted), so it cannot act with the user's login, or with no login on loopback.
 UNSAFE_METHODS = {"POST", "PUT", "PATCH", "DELETE"}
+#: Answered whatever the Host: the forge's deliveries and load balancers' probes.
+ANY_HOST_ENDPOINTS = {"webhook.gitlab_webhook", "healthz"}
+LOOPBACK_NAMES = {"localhost", "localhost.localdomain"}
+
+
+def _host_allowed(host: str, public_host: str | None) -> bool:
+    """A Host header is served if it is an IP address, a loopback name or the public URL's
+    host: a DNS name of an attacker's (rebound to this server) is none of these."""
+    name = (urlsplit(f"//{host}").hostname or "").rstrip(".").lower()
+    if name in LOOPBACK_NAMES or name.endswith(".localhost") or name == public_host:
+        return True
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
+
+
+def _guard(settings: Settings) -> Callable[[], Response | None]:
+    """Refuse requests for another site's name (DNS rebinding), and changes without
+    X-Requested-With (cross-site forms), whatever the login."""
+    public_host = urlsplit(settings.public_url).hostname if settings.public_url else None
+
+    def check() -> Response | None:
+        if request.endpoint in ANY_HOST_ENDPOINTS:
+            return None
+        if not _host_allowed(request.host, public_host):
+            response = jsonify(error=f"this server is not {request.host!r}: reach it by the "
+                               "host of CICD_PUBLIC_URL, an IP address or localhost")  # fmt: skip
+            response.status_code = 421
+            return response
+        return None
+
+    return check
+
+
+def _require_change_header() -> Response | None:
+    """Changes need X-Requested-With, or a Bearer token: neither can a cross-site form send
+    (a browser adds a remembered Basic login to one, so Basic alone is not enough)."""
+    if request.method in UNSAFE_METHODS and request.endpoint not in ANY_HOST_ENDPOINTS:
+        bearer = request.headers.get("Authorization", "").startswith("Bearer ")
+        if not bearer and not request.headers.get("X-Requested-With"):
+            response = jsonify(error="send an X-Requested-With header with changes")
+            response.status_code = 403
+            return response
+    return None
 
 
 def _require_login(settings: Settings) -> Callable[[], Response | None]:
@@ -48,10 +97,6 @@ def _require_login(settings: Settings) -> Callable[[], Response | None]:
             user_ok = hmac.compare_digest((auth.username or "").encode(), settings.ui_user.encode())
             password_ok = hmac.compare_digest((auth.password or "").encode(), password.encode())
             if user_ok and password_ok:
-                if request.method in UNSAFE_METHODS and not request.headers.get("X-Requested-With"):
-                    response = jsonify(error="send an X-Requested-With header with changes")
-                    response.status_code = 403
-                    return response
                 g.user = auth.username
                 return None
         response = jsonify(error="login required")
@@ -84,8 +129,10 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.register_blueprint(metrics.bp)
     app.register_blueprint(pages.bp)
 
+    app.before_request(_guard(settings))
     if settings.ui_password or settings.api_token:
         app.before_request(_require_login(settings))
+    app.before_request(_require_change_header)  # after the login: without it, 401 first
 
     @app.errorhandler(413)
     def too_large(_error: Exception) -> tuple[Response, int]:
