@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import functools
 import os
+import stat
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -142,7 +143,7 @@ class Settings(BaseSettings):
     )
     state_dir: Path = Field(
         default=Path(".opscd"),
-        description="Where cicd up keeps its SQLite database, Redis socket and generated secrets",
+        description="Where cicd up keeps its SQLite database, Redis socket and Flower password",
     )
     flower_user: str | None = Field(default=None, description="Login for Flower (cicd flower)")
     flower_password: SecretStr | None = Field(
@@ -224,11 +225,12 @@ class Settings(BaseSettings):
                 raise ValueError(f"{volume!r} is not HOST:CONTAINER[:ro|rw] with absolute paths")
             if len(parts) == 3 and parts[2] not in ("ro", "rw"):
                 raise ValueError(f"{volume!r}: the mode must be ro or rw")
-            host = parts[0].rstrip("/") or "/"
-            if host in ("/", "/run", "/var/run") or host.endswith((".sock", "/docker", "/podman")):
+            refused = refused_host_path(parts[0], parts[2] if len(parts) == 3 else "rw")
+            if refused:
                 raise ValueError(
-                    f"{volume!r} would give builds the host or its container engine "
-                    "(a build with the engine's socket owns the host); mount something narrower"
+                    f"{volume!r} would give builds {refused} (a build with the host's "
+                    "system folders or the engine's socket owns the host); mount something "
+                    "narrower"
                 )
         return value
 
@@ -307,12 +309,46 @@ def _describe(error: ValidationError) -> str:
     return "invalid configuration:\n  " + "\n  ".join(lines)
 
 
-@functools.cache
+#: Host folders no build container may see: the host itself, its kernel interfaces, its
+#: configuration, its users' runtime folders (sockets of their engines) and engine state.
+SYSTEM_FOLDERS = ("/proc", "/sys", "/dev", "/boot", "/root", "/run", "/var/run",
+                  "/var/lib/docker", "/var/lib/containers", "/var/lib/kubelet")  # fmt: skip
+#: Under /etc only read-only mounts, and none of these.
+ETC_SECRETS = ("/etc/shadow", "/etc/gshadow", "/etc/sudoers", "/etc/ssh", "/etc/opscd")
+ENGINE_NAMES = {"docker", "podman", "containerd", "containers", "crio"}
+
+
+def refused_host_path(path: str, mode: str = "rw") -> str | None:
+    """What mounting host ``path`` would give a build, if that must not be; else None.
+
+    The path is normalised (``/.``, ``/usr/..``, ``//``) and resolved through
+    symbolic links first, and both spellings are checked.
+    """
+    spellings = {os.path.normpath("/" + path.lstrip("/")), os.path.realpath(path)}
+    for spelling in spellings:
+        if spelling in ("/", "/etc"):
+            return f"the host's {spelling}"
+        under = [f for f in SYSTEM_FOLDERS if spelling == f or spelling.startswith(f + "/")]
+        if under:
+            return f"the host's {under[0]}"
+        if spelling.startswith("/etc/") and (mode != "ro" or spelling.startswith(ETC_SECRETS)):
+            return "the host's configuration (only read-only parts of /etc may be mounted)"
+        if spelling.endswith(".sock") or ENGINE_NAMES & set(spelling.split("/")):
+            return "the container engine"
+        try:
+            if stat.S_ISSOCK(os.stat(spelling).st_mode):
+                return "a socket of the host"
+        except OSError:
+            pass
+    return None
+
+
 def basic_authorization(username: str, password: str) -> str:
     """An HTTP Basic ``Authorization`` value."""
     return "Basic " + base64.b64encode(f"{username}:{password}".encode()).decode()
 
 
+@functools.cache
 def load_settings() -> Settings:
     """The process's settings, read from its environment once, by its entry point.
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
 from conftest import ROOT
 
 
@@ -63,3 +64,38 @@ def test_readme_table_lists_every_setting():
         if f"CICD_{name.upper()}" not in table
     ]  # fmt: skip
     assert missing == []
+
+
+@pytest.mark.parametrize("volume", [
+    "/.:/host", "/usr/..:/host", "//:/host", "/var/run/docker.sock/.:/s", "/run/user/1000:/x",
+    "/run/podman/podman.sock:/s", "/proc:/p", "/sys/fs:/s", "/dev:/d", "/etc:/e:rw", "/etc:/e:ro",
+    "/etc/shadow:/s:ro", "/etc/ssl:/ssl", "/var/lib/containers/storage:/s", "/root/.ssh:/k:ro",
+    "/srv/../var/run/docker.sock:/s", "/home/ci/.local/share/containers:/c",
+])  # fmt: skip
+def test_docker_volumes_that_give_builds_the_host_are_refused(volume):
+    from cicd.config import settings_from
+    from cicd.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="would give builds"):
+        settings_from({"CICD_DOCKER_VOLUMES": volume})
+
+
+def test_a_path_that_resolves_to_a_socket_or_system_folder_is_refused(tmp_path):
+    import socket
+
+    from cicd.config import settings_from
+    from cicd.errors import ConfigError
+
+    listening = socket.socket(socket.AF_UNIX)
+    listening.bind(str(tmp_path / "engine"))  # a socket by any name
+    (tmp_path / "innocent").symlink_to("/proc/self")
+    try:
+        for host in (tmp_path / "engine", tmp_path / "innocent"):
+            with pytest.raises(ConfigError, match="would give builds"):
+                settings_from({"CICD_DOCKER_VOLUMES": f"{host}:/x:ro"})
+    finally:
+        listening.close()
+    cache = tmp_path / "m2"
+    cache.mkdir()
+    allowed = f"{cache}:/cache:rw,/usr/share:/usr/share:ro,/etc/ssl/certs/java:/j:ro"
+    assert settings_from({"CICD_DOCKER_VOLUMES": allowed}).volumes == allowed.split(",")
