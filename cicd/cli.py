@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -206,6 +207,21 @@ def agents(url: str) -> None:
     click.echo(_table(rows, columns))
 
 
+_COLOUR = re.compile(r"(\x1b\[[0-9;]{0,32}m)")
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def terminal_safe(text: str) -> str:
+    """Build output as it may reach a terminal: colours (SGR) kept, every other control
+    character shown as ``\\xNN`` (a build must not retitle, clear or reprogram the terminal
+    of whoever reads its log)."""
+    parts = _COLOUR.split(text)  # odd items are the colour sequences
+    return "".join(
+        part if index % 2 else _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", part)
+        for index, part in enumerate(parts)
+    )
+
+
 @main.command()
 @api_url_option
 @click.argument("task_id", type=int)
@@ -218,7 +234,7 @@ def logs(url: str, task_id: int, follow: bool) -> None:
         response = _http().get(endpoint, timeout=30)
         if response.status_code == 404:
             raise click.ClickException(f"no task {task_id}")
-        click.echo(response.text, nl=False)
+        click.echo(terminal_safe(response.text), nl=False)
         return
     state = _follow_log(endpoint)
     click.echo(f"\n[build {task_id} ended: {state}]", err=True)
@@ -241,7 +257,7 @@ def _follow_log(endpoint: str) -> str | None:
                 if event == "end":
                     return data[0] if data else None
                 if data:
-                    click.echo("\n".join(data), nl=False)
+                    click.echo(terminal_safe("\n".join(data)), nl=False)
                 event, data = None, []
     return None
 

@@ -18,6 +18,7 @@ import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal
+from urllib.parse import unquote, urlsplit
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -276,6 +277,10 @@ class Settings(BaseSettings):
             self.secrets_key,
         ]
         found = [v.get_secret_value() for v in values if v is not None and v.get_secret_value()]
+        for url in (self.database_url, self.broker_url):  # their passwords, if any
+            password = urlsplit(url).password if url else None
+            if password:
+                found += [password, unquote(password)]
         authorization = self.git_authorization()
         return [*found, authorization.removeprefix("Basic ")] if authorization else found
 

@@ -233,6 +233,22 @@ def test_cli_shows_tasks_agents_and_logs(web, repo):
     assert missing.returncode != 0 and "no task 999999999" in missing.stderr
 
 
+def test_cli_logs_keep_colours_but_no_other_terminal_control(web, repo):
+    """A build's output could retitle, clear or reprogram the terminal of whoever reads it:
+    ``cicd logs`` shows colours (on a terminal; click drops them in a pipe) and escapes every
+    other control sequence."""
+    from cicd.cli import terminal_safe
+
+    assert terminal_safe("\x1b[1;31mred\x1b[0m\x1b[2J") == "\x1b[1;31mred\x1b[0m\\x1b[2J"
+    script = r"printf '\033]0;pwned\007\033[2J\033[31mred\033[0m plain\n'"
+    task = wait_for_task(web, start_build(web, repo, f"build:\n  script: |\n    {script}\n"))
+    for args in ([], ["--follow"]):
+        shown = cicd(web, "logs", str(task["task_id"]), *args).stdout
+        assert "red plain" in shown, repr(shown)
+        assert "\x1b" not in shown and "\x07" not in shown
+        assert "\\x1b]0;pwned\\x07" in shown  # shown, harmless
+
+
 # --- Prometheus and Flower ------------------------------------------------------------------
 
 

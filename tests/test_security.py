@@ -22,8 +22,10 @@ from conftest import (
     gitlab_payload,
     mysql_admin,
     post_gitlab,
+    register_project,
     task_log,
     wait_for_task,
+    wait_until,
 )
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -32,6 +34,7 @@ from support.services import PrivateRedis
 
 from cicd.errors import PayloadError
 from cicd.forges import Ignored, PushEvent, gitlab
+from workers.logs import MAX_PENDING_CHARS, LogWriter, Masker
 
 pytestmark = pytest.mark.usefixtures("workers")
 
@@ -400,3 +403,58 @@ def test_stages_take_paths_and_the_project_from_their_own_records_not_the_messag
     assert all("is not a workspace of build" in message for message in found["refused"])
     assert found["own"] == found["mine"] + "/src"
     assert found["project"].startswith("trusted/app")
+
+
+def test_database_and_broker_passwords_are_masked_too():
+    from cicd.config import settings_from
+
+    settings = settings_from({
+        "CICD_DATABASE_URL": "mysql+pymysql://opscd:db%40pass@db.example/opscd",
+        "CICD_BROKER_URL": "redis://:broker-pass@redis.example:6379/0",
+    })  # fmt: skip
+    masked = Masker(settings.secrets())
+    text = masked("db%40pass db@pass broker-pass")
+    assert "pass" not in text.replace("[MASKED]", ""), text
+
+
+def test_a_secret_cut_by_a_forced_flush_is_still_masked():
+    """An unfinished line of 64 KB is flushed without waiting for its end: a secret that
+    straddles that cut must not be stored in two unmasked halves."""
+    secret = "s3cret-" + uuid.uuid4().hex
+    stored: list[str] = []
+    writer = LogWriter(stored.append, Masker([secret]))
+    writer.write("a" * MAX_PENDING_CHARS + secret[:9])
+    writer.tick()  # over the limit: forced out
+    assert stored, "nothing was flushed"
+    writer.write(secret[9:] + " end\n")
+    writer.close()
+    assert "".join(stored) == "a" * MAX_PENDING_CHARS + "[MASKED] end\n"
+
+
+def test_each_line_of_a_secret_of_several_lines_is_masked():
+    key = "-----BEGIN KEY-----\nAAAAB3NzaC1yc2E" + uuid.uuid4().hex + "\n-----END KEY-----"
+    stored: list[str] = []
+    writer = LogWriter(stored.append, Masker([key]))
+    writer.write(key.split("\n")[1] + "\n")  # a script printed one line of it
+    writer.close()
+    assert "AAAAB3" not in "".join(stored)
+
+
+@pytest.mark.usefixtures("workers")
+def test_ci_yaml_values_never_travel_in_broker_messages_or_approvals(web, repo, database_url):
+    """Stage messages (shown by Flower) and the approval record carry ids, not ci.yaml's
+    environment: stages read the rest from the database and the checkout."""
+    marker = "env-value-" + uuid.uuid4().hex
+    secret = register_project(web, repo.project_path, repo.clone_url, approval="main")
+    ci = f"build:\n  env:\n    TOKENISH: {marker}\n  script: [echo built]\npublish: true\n"
+    sha = repo.commit({"ci.yaml": ci, "Dockerfile": "FROM scratch\n"})
+    payload = gitlab_payload("push-event.json", repo, "refs/heads/main", sha)
+    task_id = post_gitlab(web, payload, token=secret).json()["task_id"]
+    wait_until(lambda: requests.get(f"{web}/api/tasks/{task_id}", timeout=10).json()["state"]
+               == "waiting", 60, "the build to wait for approval")  # fmt: skip
+    database = database_url.rsplit("/", 1)[1].split("?")[0]
+    ((context,),) = mysql_admin(f"SELECT context FROM task_approvals WHERE task_id = {task_id}",
+                                database=database)  # fmt: skip
+    assert marker not in context
+    assert set(json.loads(context)) <= {"task_id", "attempt", "workspace", "checkout", "handed_on"}
+    assert change("post", f"{web}/api/tasks/{task_id}/reject", timeout=10).status_code == 200

@@ -37,7 +37,11 @@ class Masker:
     """Replaces each known secret value with ``[MASKED]``, longest first."""
 
     def __init__(self, secrets: Iterable[str]) -> None:
-        self.secrets = sorted({s for s in secrets if s and len(s) >= 3}, key=len, reverse=True)
+        whole = {s for s in secrets if s and len(s) >= 3}
+        # Each line of a secret of several lines (a key) too: logs are stored line by line,
+        # so such a secret can reach the masker in pieces.
+        lines = {line.strip("\r") for s in whole if "\n" in s for line in s.split("\n")}
+        self.secrets = sorted(whole | {s for s in lines if len(s) >= 3}, key=len, reverse=True)
 
     def with_secrets(self, secrets: Iterable[str]) -> Masker:
         """A masker that also hides ``secrets`` (e.g. one build's secret variables)."""
@@ -106,18 +110,23 @@ class LogWriter:
                 self._partial_since is not None
                 and now - self._partial_since >= PARTIAL_LINE_SECONDS
             ) or len(self._pending) > MAX_PENDING_CHARS
-            self._flush(partial=force)
+            self._flush(partial=force, hold=True)
 
     def flush(self, partial: bool = True) -> None:
         """Store what is pending: everything, or only complete lines."""
         with self._lock:
             self._flush(partial)
 
-    def _flush(self, partial: bool) -> None:
+    def _flush(self, partial: bool, hold: bool = False) -> None:
+        """``hold``: an unfinished line forced out keeps back its last characters (fewer than
+        the longest secret), already masked, so a secret cut there is masked once whole."""
         self._last_flush = time.monotonic()
         if partial:
-            text, self._pending = self._pending, ""
+            text, self._pending = self.mask(self._pending), ""
             self._partial_since = None
+            keep = max((len(s) for s in self.mask.secrets), default=1) - 1
+            if hold and keep > 0:
+                text, self._pending = text[:-keep], text[-keep:]
         else:
             cut = self._pending.rfind("\n") + 1
             text, self._pending = self._pending[:cut], self._pending[cut:]

@@ -113,7 +113,8 @@ def build(self: StageTask, ctx: dict[str, Any]) -> dict[str, Any]:
             node=node,
             withheld=withheld,
         )
-        ctx = {**ctx, "pipeline": pipeline.to_dict()}
+        # The message carries ids only: ci.yaml's env values (and the rest) stay out of the
+        # broker, Flower and task_approvals.context; publish reads ci.yaml again.
         publish = pipeline.publish
         # The server's approval rule always applies; ci.yaml may only add one.
         ref_name = variables["CI_COMMIT_REF_NAME"]

@@ -32,7 +32,7 @@ from cicd.errors import PipelineError, StageError
 from cicd.languages import LANGUAGES
 from cicd.models import Stage, TaskDetail, TaskStage
 from workers.logs import LogWriter
-from workers.stages import StageTask, build_variables
+from workers.stages import StageTask
 from workers.workspace import checkout_dir, create_workspace, remove_workspace
 
 __all__ = ["clone", "fetch_commit"]
@@ -50,7 +50,6 @@ def clone(self: StageTask, ctx: dict[str, Any]) -> dict[str, Any]:
         if task is None:
             raise StageError("clone", f"task {task_id} is not in the database")
         url, sha, ref = task.clone_url, task.commit_sha, task.ref
-        variables = build_variables(task)
         registration = projects.governing(session, task.project)
         if registration is None:
             raise StageError("clone", f"project {task.project} is not registered any more",
@@ -65,7 +64,6 @@ def clone(self: StageTask, ctx: dict[str, Any]) -> dict[str, Any]:
         **ctx,
         "workspace": str(workspace),
         "checkout": str(checkout_dir(workspace)),
-        "variables": variables,
     }
     with self.log_writer(ctx) as log:
         if own:
