@@ -12,6 +12,7 @@ from __future__ import annotations
 import datetime as dt
 import getpass
 import re
+import secrets
 import subprocess
 import tempfile
 import uuid
@@ -36,8 +37,7 @@ SNAPSHOT_AUTHOR = ("OpsCD trigger", "trigger@opscd.invalid")
 class LocalRepository:
     """A git directory to serve and the commit to build."""
 
-    root: Path  # served as GIT_PROJECT_ROOT
-    url_path: str  # path of the git directory under root, e.g. "hello/.git"
+    git_dir: Path
     name: str
     branch: str
     sha: str
@@ -84,8 +84,7 @@ def _describe(repo: Path, name: str) -> LocalRepository:
     fields = _git(repo, "log", "-1", "--format=%an%x00%ae%x00%aI%x00%B", "HEAD").split("\0", 3)
     author_name, author_email, timestamp, message = fields
     return LocalRepository(
-        root=repo.parent,
-        url_path=f"{repo.name}/.git",
+        git_dir=Path(_git(repo, "rev-parse", "--absolute-git-dir")),
         name=name,
         branch=_git(repo, "symbolic-ref", "--quiet", "--short", "HEAD", check=False) or "main",
         sha=sha,
@@ -99,20 +98,29 @@ def _describe(repo: Path, name: str) -> LocalRepository:
 
 @contextmanager
 def served(path: Path) -> Iterator[tuple[LocalRepository, str]]:
-    """The repository at ``path`` (or a snapshot of the folder) and its clone URL, while served."""
+    """The repository at ``path`` (or a snapshot of the folder) and its clone URL, while served.
+
+    Only that repository is served, on loopback, under a random path (its folder's
+    neighbours are not, and another local user cannot guess the URL): the server's
+    root is a private folder holding one link to the git directory.
+    """
     path = path.resolve()
     if not path.is_dir():
         raise OpsCDError(f"{path} is not a folder")
     with tempfile.TemporaryDirectory(prefix="opscd-trigger-") as scratch:
         repo = path if _is_work_tree_top(path) else _snapshot(path, Path(scratch))
         local = _describe(repo, path.name)
-        with GitHttpServer(local.root) as server:
-            yield local, f"{server.base_url}/{local.url_path}"
+        root = Path(scratch) / "served"
+        root.mkdir(mode=0o700)
+        served_as = f"{secrets.token_urlsafe(18)}.git"
+        (root / served_as).symlink_to(local.git_dir, target_is_directory=True)
+        with GitHttpServer(root) as server:
+            yield local, f"{server.base_url}/{served_as}"
 
 
 def push_payload(local: LocalRepository, clone_url: str) -> dict:
     """A push event body as GitLab sends it (``object_kind: push``)."""
-    web_url = clone_url.removesuffix("/.git")
+    web_url = clone_url.removesuffix(".git")
     user = getpass.getuser()
     project = {
         "name": local.name,

@@ -15,6 +15,7 @@ import itertools
 import os
 import secrets
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -109,8 +110,30 @@ def _wait(predicate, timeout: float) -> bool:
     return False
 
 
+def _port_taken(host: str, port: int) -> bool:
+    """Whether another program listens on ``host:port`` (so ours could not)."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError:
+            return True
+    return False
+
+
+def _check_ports(host: str, port: int, flower_port: int) -> None:
+    for what, number, option in (("the web", port, "--port"),
+                                 ("Flower", flower_port, "--flower-port")):  # fmt: skip
+        if _port_taken(host, number):
+            raise click.ClickException(
+                f"port {number} on {host} ({what}) is taken by another program: stop it, or "
+                f"pick another port with {option} {number + 1}"
+            )
+
+
 def up(host: str, port: int, flower_port: int) -> int:
     """Run until Ctrl-C (or one process dies); return the exit status."""
+    _check_ports(host, port, flower_port)
     state = settings_from(os.environ).state_dir.resolve()
     state.mkdir(parents=True, exist_ok=True, mode=0o700)
     env = dict(os.environ)
@@ -119,8 +142,13 @@ def up(host: str, port: int, flower_port: int) -> int:
     env.setdefault("CICD_DATABASE_URL", f"sqlite:///{state / 'opscd.db'}")
     env.setdefault("CICD_PUBLIC_URL", f"http://{host}:{port}")
     env["PYTHONUNBUFFERED"] = "1"
-    if "CICD_EXECUTOR" not in env:
-        env["CICD_EXECUTOR"] = "docker" if _engine_reachable() else "shell"
+    if "CICD_EXECUTOR" in env:
+        why = "CICD_EXECUTOR is set"
+    elif _engine_reachable():
+        env["CICD_EXECUTOR"], why = "docker", "a Docker API answers"
+    else:
+        env["CICD_EXECUTOR"] = "shell"
+        why = "no Docker API answers: build scripts run on this machine as you"
     python = sys.executable
     lock = threading.Lock()
     children: list[Child] = []
@@ -167,9 +195,18 @@ def up(host: str, port: int, flower_port: int) -> int:
         for child in children:
             if child is not redis_child:
                 child.start(width, lock)
-        if _wait(lambda: stopping.is_set() or _answers(f"http://{host}:{port}/healthz"), 60):
-            if not stopping.is_set():
-                _banner(lock, host, port, flower_port, settings, state)
+
+        def serving() -> bool:
+            return _answers(f"http://{host}:{port}/healthz") and _port_taken(host, flower_port)
+
+        if not _wait(lambda: stopping.is_set() or serving(), 60):
+            with lock:
+                click.secho(f"OpsCD did not come up: nothing answers on {host}:{port} and "
+                            f"{host}:{flower_port} after 60 s (see the output above)",
+                            fg="red", err=True)  # fmt: skip
+            return 1
+        if not stopping.is_set():
+            _banner(lock, host, port, flower_port, settings, state, why)
         while not stopping.is_set():
             dead = [c for c in children if c.popen.poll() is not None]
             if dead:
@@ -212,7 +249,7 @@ def _answers(url: str) -> bool:
         return False
 
 
-def _banner(lock, host, port, flower_port, settings, state) -> None:
+def _banner(lock, host, port, flower_port, settings, state, why: str) -> None:
     base = f"http://{host}:{port}"
     lines = [
         "",
@@ -222,7 +259,7 @@ def _banner(lock, host, port, flower_port, settings, state) -> None:
         "  projects      register one: cicd projects add group/app --clone-url URL",
         f"  flower        http://{host}:{flower_port}  "
         f"(login {settings.flower_user} / {settings.flower_password.get_secret_value()})",
-        f"  executor      {settings.executor}",
+        f"  executor      {settings.executor} ({why})",
         f"  state         {state}",
         "  Try it:       cicd trigger examples/hello",
         "  Stop:         Ctrl-C",

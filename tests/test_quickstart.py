@@ -173,3 +173,25 @@ def test_honcho_runs_the_procfile_against_mariadb_and_redis(isolated_env, git_se
     while time.monotonic() < deadline and any(port_open(base + o) for o in (0, 200)):
         time.sleep(0.2)
     assert not port_open(base) and not port_open(base + 200)
+
+
+@pytest.mark.parametrize("taken", ["--port", "--flower-port"])
+def test_cicd_up_names_a_taken_port_instead_of_claiming_to_be_up(tmp_path, taken):
+    """With its port taken, gunicorn (or Flower) cannot bind: cicd up must not say it is up."""
+    import socket
+
+    from support.processes import free_port
+
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", 0))
+        squatter.listen()
+        busy = squatter.getsockname()[1]
+        ports = {"--port": str(free_port()), "--flower-port": str(free_port()), taken: str(busy)}
+        result = subprocess.run(
+            [sys.executable, "-m", "cicd.cli", "up", *[x for kv in ports.items() for x in kv]],
+            env={"PATH": os.environ["PATH"], "CICD_STATE_DIR": str(tmp_path / "state")},
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+    assert result.returncode != 0
+    assert f"port {busy}" in result.stderr and taken in result.stderr, result.stderr
+    assert "OpsCD is up" not in result.stdout

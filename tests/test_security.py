@@ -458,3 +458,33 @@ def test_ci_yaml_values_never_travel_in_broker_messages_or_approvals(web, repo, 
     assert marker not in context
     assert set(json.loads(context)) <= {"task_id", "attempt", "workspace", "checkout", "handed_on"}
     assert change("post", f"{web}/api/tasks/{task_id}/reject", timeout=10).status_code == 200
+
+
+def test_cicd_trigger_serves_only_that_repository_under_a_random_path(tmp_path):
+    """While ``cicd trigger`` runs, any local user can reach its git server on loopback: it
+    must serve the one repository, at a path nobody can guess, not its folder's neighbours."""
+    from cicd.trigger import served
+
+    env = {"PATH": os.environ["PATH"], "GIT_TERMINAL_PROMPT": "0", "HOME": str(tmp_path),
+           "GIT_CONFIG_NOSYSTEM": "1"}  # fmt: skip
+    for name in ("hello", "private"):
+        folder = tmp_path / "projects" / name
+        folder.mkdir(parents=True)
+        (folder / "file.txt").write_text(name)
+        for args in (
+            ["init", "-q", "-b", "main"],
+            ["add", "."],
+            ["-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", name],
+        ):
+            subprocess.run(["git", *args], cwd=folder, env=env, check=True)  # fmt: skip
+
+    def ls_remote(url: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["git", "ls-remote", url], env=env, capture_output=True,
+                              text=True, timeout=30)  # fmt: skip
+
+    with served(tmp_path / "projects" / "hello") as (_, url):
+        base, served_as = url.rsplit("/", 1)
+        assert len(served_as) >= 24 and "hello" not in served_as
+        assert "refs/heads/main" in ls_remote(url).stdout
+        for guess in ("hello/.git", "private/.git", "private", "hello", "projects/private"):
+            assert ls_remote(f"{base}/{guess}").returncode != 0, guess
