@@ -181,6 +181,18 @@ def test_image_tags_never_collide_and_an_unprotected_tag_overwrites_nothing(
     assert registry.manifest_digest(repository, "v1-x") == again["image_digest"] != first
 
 
+def test_the_image_build_has_the_build_containers_memory_limit(agent, project, busybox_image):
+    """The publish stage's image build runs the Dockerfile's RUN steps: they get the memory
+    limit of a build container (CICD_DOCKER_MEMORY=1g here), not the host's."""
+    files = small_image(busybox_image, "limited")
+    files["Dockerfile"] += ("RUN echo limit=$(cat /sys/fs/cgroup/memory.max 2>/dev/null || "
+                            "cat /sys/fs/cgroup/memory/memory.limit_in_bytes)\n")  # fmt: skip
+    task = push(agent.web, project, files)
+    log = task_log(agent.web, task["task_id"])
+    assert task["state"] == "success", log
+    assert f"limit={1024**3}" in log, log
+
+
 def test_failing_build_in_a_container(agent, project, busybox_image, docker_client):
     ci = f"build:\n  image: {busybox_image}\n  workdir: /src\n  script:\n    - ls\n    - exit 7\n"
     task = push(agent.web, project, {"ci.yaml": ci, "marker.txt": "x"})

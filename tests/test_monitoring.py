@@ -23,6 +23,7 @@ from conftest import (
     change,
     free_port,
     gitlab_payload,
+    mysql_admin,
     post_gitlab,
     task_log,
     wait_for_task,
@@ -269,6 +270,24 @@ def test_metrics_count_builds_agents_and_queues(web, repo):
     assert values["opscd_build_duration_seconds_sum"] > 0
     assert values["opscd_agents_online"] >= 2
     assert values['opscd_queue_length{queue="opscd.builds"}'] >= 0
+
+
+def test_a_flood_of_scrapes_costs_the_database_almost_nothing(web):
+    """/metrics counts builds over all of task_states: each web process computes it at most
+    once per 5 s, however many scrapers ask (MariaDB's own SELECT counter says so)."""
+    import concurrent.futures
+
+    def selects() -> int:
+        return int(mysql_admin("SHOW GLOBAL STATUS LIKE 'Com_select'")[0][1])
+
+    requests.get(f"{web}/metrics", timeout=10)
+    before = selects()
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(lambda _: requests.get(f"{web}/metrics", timeout=10), range(200)))
+    spent = selects() - before
+    assert all(a.status_code == 200 and "opscd_builds" in a.text for a in answers)
+    # 200 uncached scrapes would be 600+ SELECTs; the rest is heartbeats and reapers.
+    assert spent < 150, spent
 
 
 def test_flower_shows_the_workers_and_the_builds(web, repo, opscd_env, tmp_path):

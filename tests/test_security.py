@@ -488,3 +488,19 @@ def test_cicd_trigger_serves_only_that_repository_under_a_random_path(tmp_path):
         assert "refs/heads/main" in ls_remote(url).stdout
         for guess in ("hello/.git", "private/.git", "private", "hello", "projects/private"):
             assert ls_remote(f"{base}/{guess}").returncode != 0, guess
+
+
+def test_endless_git_output_is_bounded_not_held(tmp_path):
+    """A git server can stream "remote:" lines without end; the clone keeps a bounded head
+    and tail for the log and counts the rest (50 MB here, through real git)."""
+    from workers.stages.clone import MAX_GIT_OUTPUT, _git
+
+    stored: list[str] = []
+    writer = LogWriter(stored.append, Masker([]))
+    noise = "!yes 'remote: noise' | head -c 50000000"
+    env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path), "GIT_CONFIG_NOSYSTEM": "1"}
+    _git(["-c", f"alias.noise={noise}", "noise"], tmp_path, env, writer)
+    writer.close()
+    logged = "".join(stored)
+    assert len(logged) < MAX_GIT_OUTPUT * 1.5
+    assert logged.startswith("remote: noise") and "bytes of git output not kept" in logged

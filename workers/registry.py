@@ -118,6 +118,14 @@ def _stream(items: Iterable[dict[str, Any]], operation: str, output: OutputSink)
     return seen
 
 
+def _build_limits(settings: Settings) -> dict[str, int]:
+    """The image build's RUN steps get the limits of a build container (memory, no swap)."""
+    if not settings.docker_memory:
+        return {}
+    memory = docker.utils.parse_bytes(settings.docker_memory)
+    return {"memory": memory, "memswap": memory}
+
+
 def build_image(
     client: docker.DockerClient,
     checkout: Path,
@@ -147,6 +155,7 @@ def build_image(
             buildargs=dict(spec.build_args),
             labels=labels,
             network_mode=settings.docker_network,
+            container_limits=_build_limits(settings),
             rm=True,
             forcerm=True,
             pull=False,

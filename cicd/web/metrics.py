@@ -7,6 +7,8 @@ broker are the only places that know the whole fleet.
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Iterator
 
 import redis
@@ -120,11 +122,33 @@ def _queue_lengths(broker_url: str, prefix: str = "") -> list[tuple[str, int]]:
         return []
 
 
+#: A scrape's answer is reused this long: the counts scan task_states, and any number of
+#: scrapers (or a flood of /metrics requests) then costs one scan per interval per process.
+CACHE_SECONDS = 5.0
+
+
+class _Cached:
+    """The last rendered answer of one process, made by one request at a time."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(OpsCDCollector(settings))
+        self.lock = threading.Lock()
+        self.made_at = -CACHE_SECONDS
+        self.body = b""
+
+    def render(self) -> bytes:
+        with self.lock:
+            if time.monotonic() - self.made_at >= CACHE_SECONDS:
+                self.body, self.made_at = generate_latest(self.registry), time.monotonic()
+            return self.body
+
+
 @bp.get("/metrics")
 def metrics() -> Response:
-    registry = current_app.extensions.get("opscd_metrics")
-    if registry is None:
-        registry = CollectorRegistry(auto_describe=False)
-        registry.register(OpsCDCollector(current_app.config["SETTINGS"]))
-        current_app.extensions["opscd_metrics"] = registry
-    return Response(generate_latest(registry), mimetype=CONTENT_TYPE_LATEST)
+    cached = current_app.extensions.get("opscd_metrics")
+    if cached is None:
+        cached = current_app.extensions.setdefault(
+            "opscd_metrics", _Cached(current_app.config["SETTINGS"])
+        )
+    return Response(cached.render(), mimetype=CONTENT_TYPE_LATEST)

@@ -12,10 +12,12 @@ transport would run a command.
 
 from __future__ import annotations
 
+import collections
 import os
 import re
 import signal
 import subprocess
+import threading
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -39,6 +41,11 @@ __all__ = ["clone", "fetch_commit"]
 
 #: How git reports an HTTP redirect it did not follow (``http.followRedirects=false``).
 REDIRECTED = re.compile(r"returned error: 30[12378]\b")
+#: Bytes of one git command's output kept for the log (its start; and a quarter as much of
+#: its end): the rest is counted, not held.
+MAX_GIT_OUTPUT = 256 * 1024
+#: How far back a branch that moved on since the push is searched for the pushed commit.
+MAX_HISTORY = 10_000
 
 
 @app.task(name=STAGE_TASKS["clone"], base=StageTask, bind=True, stage=Stage.CLONE)
@@ -137,14 +144,15 @@ def fetch_commit(
             raise StageError("git fetch", f"{ref} points at {head[:12]}, not at the pushed "
                              f"{sha[:12]}", "the tag was moved since; push it again")  # fmt: skip
         log.line(f"{ref} has moved on to {head[:12]}; fetching its history to find {sha[:12]}")
-        _git(["fetch", "-q", "--no-tags", "--unshallow", url, f"+{ref}:{fetched}"],
+        _git(["fetch", "-q", "--no-tags", f"--depth={MAX_HISTORY}", url, f"+{ref}:{fetched}"],
              checkout, env, log)  # fmt: skip
         try:
             _git(["merge-base", "--is-ancestor", sha, fetched], checkout, env, log, quiet=True)
         except StageError:
             raise StageError(
                 "git fetch",
-                f"commit {sha} is not on {ref} in the registered repository",
+                f"commit {sha} is not on {ref} in the registered repository (not among its "
+                f"last {MAX_HISTORY} commits)",
                 "the branch was force-pushed (push again to build its new head), or the "
                 "webhook named a commit its ref does not hold",
             ) from None
@@ -200,14 +208,38 @@ def _git(
         stderr=subprocess.STDOUT,
         start_new_session=True,
     )
+    # Read as it comes, keeping a bounded head and tail: a server can send endless
+    # "remote:" lines, and the worker must not hold them all.
+    head, tail, dropped = bytearray(), collections.deque(maxlen=64), [0]
+
+    def read() -> None:
+        for chunk in iter(lambda: process.stdout.read1(65536), b""):
+            room = MAX_GIT_OUTPUT - len(head)
+            if room > 0:
+                head.extend(chunk[:room])
+                chunk = chunk[room:]
+            if chunk:
+                tail.append(chunk)
+                dropped[0] += len(chunk)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
     try:
-        output, _ = process.communicate(timeout=timeout)
+        process.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, signal.SIGKILL)
-        process.communicate()
+        process.wait()
         raise StageError(
             operation, f"timed out after {timeout}s", "raise CICD_CLONE_TIMEOUT"
         ) from None
+    finally:
+        reader.join(5)
+        process.stdout.close()
+    kept_tail = b"".join(tail)[-MAX_GIT_OUTPUT // 4 :]
+    output = bytes(head)
+    if dropped[0] > len(kept_tail):
+        output += f"\n[opscd] {dropped[0] - len(kept_tail)} bytes of git output not kept\n".encode()
+    output += kept_tail
     text = log.mask(output.decode("utf-8", "replace"))
     if text and (not quiet or process.returncode != 0):
         log.write(text)
