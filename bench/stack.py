@@ -123,6 +123,7 @@ class Stack:
             CICD_GIT_PASSWORD=self.git_password,
             CICD_WORKSPACE_DIR=str(self.tmp / "workspaces"),
             CICD_EXECUTOR="shell",
+            CICD_SHELL_UNSAFE="1",  # the bench runs as root, with nothing worth stealing
             BENCH_REDIS_URL=self.redis_url,
             PYTHONPATH=str(ROOT),
             PYTHONUNBUFFERED="1",

@@ -58,6 +58,16 @@ class Settings(BaseSettings):
         description="How build scripts run: docker (in a container of build.image) or shell "
         "(on the worker host, for hosts without a container engine)",
     )
+    shell_user: str | None = Field(
+        default=None,
+        description="Unprivileged user the shell executor runs build scripts as (the worker "
+        "must run as root to switch to it); builds then cannot read the worker's settings",
+    )
+    shell_unsafe: bool = Field(
+        default=False,
+        description="Let a root worker run shell builds as root without CICD_SHELL_USER "
+        "(a build can then read every credential of the worker)",
+    )
     docker_host: str | None = Field(
         default=None,
         description="Docker Engine API of this agent; default: DOCKER_HOST, else the local socket",
@@ -283,6 +293,34 @@ class Settings(BaseSettings):
                 found += [password, unquote(password)]
         authorization = self.git_authorization()
         return [*found, authorization.removeprefix("Basic ")] if authorization else found
+
+    def check_shell_isolation(self) -> None:
+        """Refuse a worker whose shell builds could read its credentials: as root without
+        ``CICD_SHELL_USER`` (unless ``CICD_SHELL_UNSAFE``), a build user that is root or
+        unknown, or a configuration file other users can read."""
+        if self.executor != "shell":
+            return
+        if self.shell_user:
+            import pwd
+
+            try:
+                entry = pwd.getpwnam(self.shell_user)
+            except KeyError:
+                raise ConfigError(f"CICD_SHELL_USER={self.shell_user}: no such user") from None
+            if entry.pw_uid == 0:
+                raise ConfigError("CICD_SHELL_USER must be an unprivileged user, not root")
+            if os.geteuid() != 0:
+                raise ConfigError("CICD_SHELL_USER needs a worker running as root to switch to it")
+        elif os.geteuid() == 0 and not self.shell_unsafe:
+            raise ConfigError(
+                "the shell executor would run builds as root, where a build script reads the "
+                "worker's credentials (/proc, CICD_CONFIG_FILE): set CICD_SHELL_USER to an "
+                "unprivileged user, use CICD_EXECUTOR=docker, or set CICD_SHELL_UNSAFE=1"
+            )
+        config_file = os.environ.get("CICD_CONFIG_FILE")
+        if config_file and os.stat(config_file).st_mode & 0o077:
+            raise ConfigError(f"CICD_CONFIG_FILE={config_file} is readable by other users (and "
+                              "so by shell builds): chmod 600 it")  # fmt: skip
 
     def require(self, *names: str) -> None:
         """Stop with one :class:`ConfigError` naming every setting in ``names`` that is unset."""

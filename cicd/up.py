@@ -148,7 +148,9 @@ def up(host: str, port: int, flower_port: int) -> int:
         env["CICD_EXECUTOR"], why = "docker", "a Docker API answers"
     else:
         env["CICD_EXECUTOR"] = "shell"
-        why = "no Docker API answers: build scripts run on this machine as you"
+        env.setdefault("CICD_SHELL_UNSAFE", "1")  # a local demo of one user's own code
+        why = ("no Docker API answers: build scripts run on this machine as you, and can "
+               "read OpsCD's settings; do not build code you do not trust")  # fmt: skip
     python = sys.executable
     lock = threading.Lock()
     children: list[Child] = []

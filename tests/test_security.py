@@ -504,3 +504,80 @@ def test_endless_git_output_is_bounded_not_held(tmp_path):
     logged = "".join(stored)
     assert len(logged) < MAX_GIT_OUTPUT * 1.5
     assert logged.startswith("remote: noise") and "bytes of git output not kept" in logged
+
+
+# --- shell builds run as a user of their own --------------------------------------------------
+
+SHELL_USER = "opscd-build-test"
+
+
+@pytest.fixture(scope="module")
+def shell_user() -> str:
+    """An unprivileged system user for shell builds (the tests run as root)."""
+    import pwd
+
+    try:
+        pwd.getpwnam(SHELL_USER)
+    except KeyError:
+        subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin",
+                        SHELL_USER], check=True)  # fmt: skip
+    return SHELL_USER
+
+
+SNOOP = """\
+build:
+  script: |
+    echo "uid=$(id -u) home=$HOME"
+    cat /proc/$PPID/environ >/dev/null 2>&1 && echo "read the worker" || echo "worker unreadable"
+    echo "settings seen: $(cat /proc/[0-9]*/environ 2>/dev/null | tr '\\0' '\\n' | grep -c CICD_)"
+    ls "$(dirname "$(dirname "$PWD")")" >/dev/null 2>&1 && echo "listed" || echo "unlisted"
+    touch built.txt && echo "wrote the checkout"
+"""
+
+
+def test_shell_builds_run_as_their_own_user_and_cannot_read_the_worker(
+    start_stack, repo, shell_user, tmp_path
+):
+    """A root worker's shell build ran as root: /proc/$PPID/environ gave it the secrets key,
+    the database and registry passwords. As CICD_SHELL_USER it reads none of them."""
+    config = tmp_path / "agent.env"
+    config.write_text("CICD_REGISTRY_PASSWORD=registry-secret-in-a-file\n")
+    config.chmod(0o600)
+    stack = start_stack("shell-user", CICD_SHELL_USER=shell_user, CICD_SHELL_UNSAFE="0",
+                        CICD_CONFIG_FILE=str(config))  # fmt: skip
+    try:
+        sha = repo.commit({"ci.yaml": SNOOP})
+        answer = post_gitlab(stack.web, gitlab_payload("push-event.json", repo,
+                                                       "refs/heads/main", sha))  # fmt: skip
+        task = wait_for_task(stack.web, answer.json()["task_id"])
+        log = task_log(stack.web, task["task_id"])
+    finally:
+        stack.worker.stop()
+    assert task["state"] == "success", log
+    import pwd
+
+    ran_as = next(line for line in log.splitlines() if line.startswith("uid="))
+    assert ran_as.startswith(f"uid={pwd.getpwnam(shell_user).pw_uid} home=/")
+    assert ran_as.endswith("/home")  # the workspace's own HOME
+    assert "worker unreadable" in log and "settings seen: 0" in log, log
+    assert "unlisted" in log and "wrote the checkout" in log
+
+
+@pytest.mark.parametrize(("settings", "message"), [
+    ({}, "set CICD_SHELL_USER"),
+    ({"CICD_SHELL_USER": "root"}, "unprivileged user, not root"),
+    ({"CICD_SHELL_USER": "no-such-user-here"}, "no such user"),
+    ({"CICD_SHELL_UNSAFE": "1", "CICD_CONFIG_FILE": "{readable}"}, "readable by other users"),
+])  # fmt: skip
+def test_a_root_worker_refuses_shell_builds_that_could_read_it(tmp_path, settings, message):
+    readable = tmp_path / "agent.env"
+    readable.write_text("CICD_EXECUTOR=shell\n")
+    readable.chmod(0o644)
+    env = {"PATH": os.environ["PATH"], "CICD_DATABASE_URL": "sqlite://",
+           "CICD_BROKER_URL": "redis://127.0.0.1:9/0", "CICD_EXECUTOR": "shell",
+           **{k: v.format(readable=readable) for k, v in settings.items()}}  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "-m", "celery", "-A", "workers.celery_app", "worker"],
+        env=env, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode != 0 and message in result.stderr, result.stderr[-2000:]

@@ -27,6 +27,7 @@ RECONNECT_INTERVAL = 1.0
 #: The node's settings, read once as the worker starts (a bad value stops it here);
 #: the worker's modules get this same object from the cached ``load_settings()``.
 settings = load_settings()
+settings.check_shell_isolation()
 db.configure(settings)
 broker.configure(settings)
 

@@ -204,6 +204,7 @@ def start_fleet(base: Path, offline_after: float = 10, agents: int = 2) -> Itera
         for name, host in hosts.items():
             (host.root / "marks").mkdir()
             env = {**_base_env(), **settings, "CICD_AGENT_NAME": name, "CICD_EXECUTOR": "shell",
+                   "CICD_SHELL_UNSAFE": "1",
                    "CICD_WORKSPACE_DIR": str(network.root / "workspaces")}  # fmt: skip
             loopback = [k for k, v in env.items() if k.startswith("CICD_") and
                         re.search(r"127\.|localhost|::1", v)]  # fmt: skip

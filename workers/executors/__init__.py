@@ -14,4 +14,4 @@ def get_executor(settings: Settings, node: str | None) -> Executor:
     """The executor ``CICD_EXECUTOR`` names, for the worker node ``node``."""
     if settings.executor == "docker":
         return DockerExecutor(settings, node)
-    return ShellExecutor()
+    return ShellExecutor(settings.shell_user)

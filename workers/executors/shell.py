@@ -2,15 +2,21 @@
 
 For hosts without a container engine. The script gets a clean environment (no
 ``CICD_*`` credentials of the worker), its own process group, and the whole
-group is killed at the timeout so no grandchild outlives the build.
+group is killed at the timeout so no grandchild outlives the build. With
+``CICD_SHELL_USER`` it runs as that unprivileged user, owner of its workspace
+(checkout and HOME) and of nothing else: a root worker's ``/proc/<pid>/environ``
+and its configuration file are out of its reach. The workspace root is then
+``0711``: a build can enter its own folder but list no other.
 """
 
 from __future__ import annotations
 
 import os
+import pwd
 import selectors
 import signal
 import subprocess
+from pathlib import Path
 
 from workers.executors.base import Executor, OutputSink, Step, StepResult, Watchdog, shell_script
 
@@ -25,15 +31,26 @@ TICK_SECONDS = 0.25
 class ShellExecutor(Executor):
     name = "shell"
 
+    def __init__(self, user: str | None = None) -> None:
+        self.user = user
+
     def run(self, step: Step, output: OutputSink) -> StepResult:
         home = step.workspace.parent / "home"
         home.mkdir(exist_ok=True)
         environment = {k: os.environ[k] for k in PASSED_THROUGH if k in os.environ}
         environment.update(HOME=str(home), **step.environment)
+        as_user: dict = {}
+        if self.user:
+            entry = pwd.getpwnam(self.user)
+            _hand_over(step.workspace.parent, entry.pw_uid, entry.pw_gid)
+            environment.update(USER=entry.pw_name, LOGNAME=entry.pw_name)
+            as_user = {"user": entry.pw_uid, "group": entry.pw_gid, "extra_groups": [],
+                       "umask": 0o077}  # fmt: skip
         process = subprocess.Popen(
             ["/bin/sh", "-c", shell_script(step.commands)],
             cwd=step.workspace,
             env=environment,
+            **as_user,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
@@ -58,6 +75,16 @@ class ShellExecutor(Executor):
         code = process.wait()
         _kill_leftovers(process)
         return watchdog.result(128 - code if code < 0 else code)
+
+
+def _hand_over(workspace: Path, uid: int, gid: int) -> None:
+    """The build user owns its workspace (the checkout, HOME); the root above lets it enter
+    its own folder without listing the others."""
+    workspace.parent.chmod(0o711)
+    for folder, dirs, files in os.walk(workspace):
+        os.chown(folder, uid, gid, follow_symlinks=False)
+        for name in dirs + files:
+            os.chown(os.path.join(folder, name), uid, gid, follow_symlinks=False)
 
 
 def _kill_leftovers(process: subprocess.Popen) -> None:
