@@ -242,24 +242,39 @@ def logs(url: str, task_id: int, follow: bool) -> None:
 
 
 def _follow_log(endpoint: str) -> str | None:
-    """Print a build's log as the server streams it (SSE); return the final state."""
+    """Print a build's log as the server streams it (SSE); return the final state.
 
-    with _http().get(endpoint, params={"follow": 1}, stream=True, timeout=(10, 120)) as response:
-        if response.status_code == 404:
-            raise click.ClickException(f"no such task: {endpoint}")
-        event, data = None, []
-        for line in response.iter_lines(decode_unicode=True):
-            if line.startswith("event: "):
-                event = line[7:]
-            elif line.startswith("data: ") or line == "data:":
-                data.append(line[6:])
-            elif not line:
-                if event == "end":
-                    return data[0] if data else None
-                if data:
-                    click.echo(terminal_safe("\n".join(data)), nl=False)
-                event, data = None, []
-    return None
+    The server ends each stream after a while (or at once when it serves many): like
+    EventSource, this reconnects with the last event's id until the ``end`` event.
+    """
+    import time
+
+    last_id = None
+    http = _http()
+    while True:
+        headers = {"Last-Event-ID": last_id} if last_id else {}
+        with http.get(endpoint, params={"follow": 1}, headers=headers, stream=True,
+                      timeout=(10, 120)) as response:  # fmt: skip
+            if response.status_code == 404:
+                raise click.ClickException(f"no such task: {endpoint}")
+            event, data, event_id, retry = None, [], None, 1.0
+            for line in response.iter_lines(decode_unicode=True):
+                if line.startswith("event: "):
+                    event = line[7:]
+                elif line.startswith("id: "):
+                    event_id = line[4:]
+                elif line.startswith("retry: ") and line[7:].isdecimal():
+                    retry = int(line[7:]) / 1000
+                elif line.startswith("data: ") or line == "data:":
+                    data.append(line[6:])
+                elif not line:
+                    if event == "end":
+                        return data[0] if data else None
+                    if data:
+                        click.echo(terminal_safe("\n".join(data)), nl=False)
+                    last_id = event_id or last_id
+                    event, data = None, []
+        time.sleep(retry)
 
 
 @main.command()

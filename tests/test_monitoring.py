@@ -397,3 +397,55 @@ def test_live_log_keeps_text_after_a_carriage_return(web, repo):
         f"{web}/api/tasks/{task['task_id']}/log", params={"follow": 1}, timeout=10
     ).text
     assert "data: progress 10%\ndata: progress 100%\n" in text
+
+
+def test_fifty_open_log_streams_never_keep_a_webhook_waiting(web, repo, git_server):
+    """Each live log held a web thread until its build ended: 8 viewers and GitLab's next
+    webhook went unanswered. Streams now hold a few threads for a while each; the other
+    viewers are served in rounds and resume with Last-Event-ID, missing nothing."""
+    import threading
+
+    from conftest import GitRepo, gitlab_headers, gitlab_payload, register_project
+
+    task_id = start_build(web, repo, "build:\n  script:\n    - echo first-line\n    - sleep 8\n"
+                                     "    - echo last-line\n")  # fmt: skip
+    stop = threading.Event()
+
+    def viewer() -> None:  # as EventSource does: read, and reconnect when the stream ends
+        last = None
+        while not stop.is_set():
+            headers = {"Last-Event-ID": last} if last else {}
+            try:
+                with requests.get(f"{web}/api/tasks/{task_id}/log", params={"follow": 1},
+                                  headers=headers, stream=True, timeout=60) as stream:  # fmt: skip
+                    for line in stream.iter_lines(decode_unicode=True):
+                        if line.startswith("id: "):
+                            last = line[4:]
+                        if stop.is_set() or line.startswith("event: end"):
+                            return
+            except requests.RequestException:
+                pass
+            stop.wait(1)
+
+    viewers = [threading.Thread(target=viewer, daemon=True) for _ in range(50)]
+    for thread in viewers:
+        thread.start()
+    try:
+        time.sleep(2)  # every viewer has connected at least once
+        other = GitRepo.create(git_server.root, f"group/busy-{uuid.uuid4().hex[:6]}")
+        other.clone_url = git_server.repo_url(other.project_path)
+        secret = register_project(web, other.project_path, other.clone_url)
+        sha = other.commit({"ci.yaml": "build:\n  script: 'true'\n"})
+        payload = gitlab_payload("push-event.json", other, "refs/heads/main", sha)
+        # GitLab gives up after 10 s; the answer must come well within that.
+        answer = requests.post(f"{web}/webhooks/gitlab", json=payload,
+                               headers=gitlab_headers(secret), timeout=2)  # fmt: skip
+        assert answer.status_code == 202, answer.text
+        assert requests.get(f"{web}/api/tasks", timeout=2).status_code == 200
+        followed = cicd(web, "logs", str(task_id), "--follow")  # resumes through the rounds
+    finally:
+        stop.set()
+        for thread in viewers:
+            thread.join(10)
+    assert followed.returncode == 0, followed.stderr
+    assert "\nfirst-line\n" in followed.stdout and "\nlast-line\n" in followed.stdout

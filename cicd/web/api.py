@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import re
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -250,7 +251,12 @@ def get_log(task_id: int) -> Response:
     if not last_event.isdecimal() or len(last_event) > 18:
         return _error(400, "Last-Event-ID must be the id of an event this stream sent (a number)")
     after = int(last_event)
-    response = Response(_follow(task_id, after), mimetype="text/event-stream")
+    # A stream holds one of the process's threads: at most STREAM_SLOTS of them, each for
+    # STREAM_SECONDS, so no number of viewers can keep a webhook waiting. A viewer beyond
+    # them gets what is there now; EventSource (and ``cicd logs -f``) then reconnects with
+    # Last-Event-ID and misses nothing.
+    held = _STREAMS.acquire(blocking=False)
+    response = Response(_follow(task_id, after, held), mimetype="text/event-stream")
     response.headers["Cache-Control"] = "no-cache"
     response.headers["X-Accel-Buffering"] = "no"  # tell proxies not to hold events back
     return response
@@ -259,11 +265,27 @@ def get_log(task_id: int) -> Response:
 FOLLOW_POLL_SECONDS = 0.5
 _LINE_BREAKS = re.compile(r"\r\n|\r|\n")
 FOLLOW_KEEPALIVE_SECONDS = 15
+#: Live streams one web process serves at once (it has 8 threads), and how long each lasts.
+STREAM_SLOTS = 3
+STREAM_SECONDS = 30
+#: How soon a client whose stream ended (or got no slot) reconnects, in milliseconds.
+RECONNECT_MS = 1000
+_STREAMS = threading.BoundedSemaphore(STREAM_SLOTS)
 
 
-def _follow(task_id: int, after: int) -> Iterator[str]:
-    """New log rows as SSE events until the task is finished and everything was sent."""
-    quiet_since = time.monotonic()
+def _follow(task_id: int, after: int, held: bool) -> Iterator[str]:
+    """New log rows as SSE events until the task is finished and everything was sent, for
+    STREAM_SECONDS at most with a stream slot (``held``, released here), else one round."""
+    try:
+        yield f"retry: {RECONNECT_MS}\n\n"  # the first bytes at once
+        yield from _follow_rows(task_id, after, STREAM_SECONDS if held else 0)
+    finally:
+        if held:
+            _STREAMS.release()
+
+
+def _follow_rows(task_id: int, after: int, lifetime: float) -> Iterator[str]:
+    started = quiet_since = time.monotonic()
     while True:
         with db.session() as session:
             state, attempt = session.execute(
@@ -287,6 +309,8 @@ def _follow(task_id: int, after: int) -> Iterator[str]:
         elif time.monotonic() - quiet_since > FOLLOW_KEEPALIVE_SECONDS:
             quiet_since = time.monotonic()
             yield ": keep-alive\n\n"
+        if time.monotonic() - started >= lifetime:
+            return  # the client reconnects with Last-Event-ID
         time.sleep(FOLLOW_POLL_SECONDS)
 
 
