@@ -399,16 +399,24 @@ def test_live_log_keeps_text_after_a_carriage_return(web, repo):
     assert "data: progress 10%\ndata: progress 100%\n" in text
 
 
-def test_fifty_open_log_streams_never_keep_a_webhook_waiting(web, repo, git_server):
-    """Each live log held a web thread until its build ended: 8 viewers and GitLab's next
-    webhook went unanswered. Streams now hold a few threads for a while each; the other
-    viewers are served in rounds and resume with Last-Event-ID, missing nothing."""
+def test_fifty_open_log_streams_never_keep_a_webhook_waiting(web, git_server):
+    """Each live log held a web thread until its build ended (days, for a build waiting for
+    approval): 8 viewers and GitLab's next webhook went unanswered. Streams now hold a few
+    threads for a while each; the other viewers are served in rounds and resume with
+    Last-Event-ID, missing nothing."""
     import threading
 
-    from conftest import GitRepo, gitlab_headers, gitlab_payload, register_project
+    from conftest import CHANGE, GitRepo, gitlab_headers, gitlab_payload, register_project
 
-    task_id = start_build(web, repo, "build:\n  script:\n    - echo first-line\n    - sleep 8\n"
-                                     "    - echo last-line\n")  # fmt: skip
+    held = GitRepo.create(git_server.root, f"group/held-{uuid.uuid4().hex[:6]}")
+    held.clone_url = git_server.repo_url(held.project_path)
+    secret = register_project(web, held.project_path, held.clone_url, approval="main")
+    ci = "build:\n  script: [echo first-line]\npublish: true\n"
+    sha = held.commit({"ci.yaml": ci, "Dockerfile": "FROM scratch\n"})
+    task_id = requests.post(f"{web}/webhooks/gitlab", headers=gitlab_headers(secret),
+                            json=gitlab_payload("push-event.json", held, "refs/heads/main", sha),
+                            timeout=10).json()["task_id"]  # fmt: skip
+    wait_until(lambda: get_task(web, task_id)["state"] == "waiting", 60, "waiting for approval")
     stop = threading.Event()
 
     def viewer() -> None:  # as EventSource does: read, and reconnect when the stream ends
@@ -431,21 +439,23 @@ def test_fifty_open_log_streams_never_keep_a_webhook_waiting(web, repo, git_serv
     for thread in viewers:
         thread.start()
     try:
-        time.sleep(2)  # every viewer has connected at least once
+        time.sleep(2)  # every viewer has connected
         other = GitRepo.create(git_server.root, f"group/busy-{uuid.uuid4().hex[:6]}")
         other.clone_url = git_server.repo_url(other.project_path)
-        secret = register_project(web, other.project_path, other.clone_url)
+        other_secret = register_project(web, other.project_path, other.clone_url)
         sha = other.commit({"ci.yaml": "build:\n  script: 'true'\n"})
         payload = gitlab_payload("push-event.json", other, "refs/heads/main", sha)
         # GitLab gives up after 10 s; the answer must come well within that.
         answer = requests.post(f"{web}/webhooks/gitlab", json=payload,
-                               headers=gitlab_headers(secret), timeout=2)  # fmt: skip
+                               headers=gitlab_headers(other_secret), timeout=2)  # fmt: skip
         assert answer.status_code == 202, answer.text
         assert requests.get(f"{web}/api/tasks", timeout=2).status_code == 200
+        rejected = requests.post(f"{web}/api/tasks/{task_id}/reject", headers=CHANGE, timeout=2)
+        assert rejected.status_code == 200, rejected.text
         followed = cicd(web, "logs", str(task_id), "--follow")  # resumes through the rounds
     finally:
         stop.set()
         for thread in viewers:
             thread.join(10)
-    assert followed.returncode == 0, followed.stderr
-    assert "\nfirst-line\n" in followed.stdout and "\nlast-line\n" in followed.stdout
+    assert followed.returncode == 1 and "ended: canceled" in followed.stderr, followed.stderr
+    assert "\nfirst-line\n" in followed.stdout and "waits for approval" in followed.stdout
