@@ -323,9 +323,7 @@ def _register_local(url: str, project: str, clone_url: str) -> str:
         click.echo(f"Registered {project} on first use (see: cicd projects show {project})")
         return response.json()["webhook_secret"]
     if response.status_code != 409:
-        is_json = response.headers.get("Content-Type", "").startswith("application/json")
-        message = response.json().get("error") if is_json else response.text
-        raise click.ClickException(f"registering {project}: {response.status_code}: {message}")
+        raise click.ClickException(f"registering {project}: {_failure(response)}")
     _send("patch", url, f"/api/projects/{project}", json={"clone_url": clone_url})
     return _send("post", url, f"/api/projects/{project}/rotate-secret")["webhook_secret"]
 
@@ -349,6 +347,13 @@ def secrets_group() -> None:
     """Manage a project's secret variables (stored encrypted; values are never shown)."""
 
 
+def _failure(response: requests.Response) -> str:
+    """``STATUS: the API's error message`` of a refused request."""
+    is_json = response.headers.get("Content-Type", "").startswith("application/json")
+    message = response.json().get("error") if is_json else response.text
+    return f"{response.status_code}: {message}"
+
+
 def _send(method: str, url: str, path: str, **kwargs: object) -> dict:
     import requests
 
@@ -357,9 +362,7 @@ def _send(method: str, url: str, path: str, **kwargs: object) -> dict:
     except requests.RequestException as error:
         raise click.ClickException(f"cannot reach OpsCD at {url}: {error}") from None
     if not response.ok:
-        is_json = response.headers.get("Content-Type", "").startswith("application/json")
-        message = response.json().get("error") if is_json else response.text
-        raise click.ClickException(f"{response.status_code}: {message}")
+        raise click.ClickException(_failure(response))
     return response.json() if response.content else {}
 
 

@@ -137,8 +137,8 @@ def fetch_commit(
     _git(["init", "-q", "--template="], checkout, env, log)
     fetched = "refs/opscd/ref"
     _git(["fetch", "-q", "--no-tags", "--depth=1", url, f"+{ref}:{fetched}"], checkout, env, log)
-    head = _git(["rev-parse", "--verify", f"{fetched}^{{commit}}"], checkout, env, log, quiet=True)
-    head = head.strip()
+    head = _git(["rev-parse", "--verify", f"{fetched}^{{commit}}"], checkout, env, log,
+                quiet=True).strip()  # fmt: skip
     if head != sha:
         if ref.startswith("refs/tags/"):
             raise StageError("git fetch", f"{ref} points at {head[:12]}, not at the pushed "
