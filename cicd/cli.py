@@ -5,15 +5,17 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from cicd import processes
 from cicd.config import load_settings
-from cicd.errors import ConfigError
+from cicd.errors import ConfigError, OpsCDError
 
 if TYPE_CHECKING:
     import requests
@@ -192,19 +194,122 @@ def tasks(url: str, project: str | None, branch: str | None, state: str | None, 
     click.echo(_table(rows, columns))
 
 
-@main.command()
+@main.group(invoke_without_command=True)
 @api_url_option
-def agents(url: str) -> None:
-    """List worker nodes: online or not, builds running, load, last heartbeat."""
-    rows = _get(url, "/api/agents")["agents"]
+@click.pass_context
+def agents(context: click.Context, url: str) -> None:
+    """List worker nodes (online or not, builds running, load, last heartbeat, which registered
+    agent they log in as) and registered agents; or manage agents (see the commands)."""
+    if context.invoked_subcommand is not None:
+        return
+    answer = _get(url, "/api/agents")
+    rows = answer["agents"]
     for row in rows:
         row["status"] = "online" if row["online"] else "offline"
+        if row.get("refused"):
+            row["status"] += f" (takes no builds: {row['refused']})"
         row["running"] = f"{row['active']}/{row['concurrency']}"
         row["heartbeat"] = f"{row['seconds_since_heartbeat']:.0f}s ago"
+        row["identity"] = row.get("agent") or "-"
     columns = [("AGENT", "hostname"), ("STATUS", "status"), ("RUNNING", "running"),
                ("PROCESSED", "processed"), ("LOAD", "loadavg"), ("HEARTBEAT", "heartbeat"),
-               ("VERSION", "sw_version")]  # fmt: skip
+               ("VERSION", "sw_version"), ("IDENTITY", "identity")]  # fmt: skip
     click.echo(_table(rows, columns))
+    registered = answer.get("registered") or []
+    if registered:
+        for row in registered:
+            row["node_list"] = ", ".join(row["nodes"]) or "-"
+            row["broker"] = {None: "unknown", True: "present", False: "missing"}[row["broker_user"]]
+        click.echo()
+        click.echo(_table(registered, [("REGISTERED AGENT", "name"), ("STATE", "state"),
+                                       ("NODES", "node_list"), ("BROKER USER", "broker"),
+                                       ("REFUSED LOGINS", "refused_logins")]))  # fmt: skip
+    for entry in answer.get("refused_unknown") or []:
+        click.echo(f"the broker refused {entry['count']} login(s) as unknown account "
+                   f"{entry['account']}", err=True)  # fmt: skip
+
+
+def _agent_admin(action: Callable[..., Any], *args: Any) -> Any:
+    """Run an agents change with this host's settings (a database login that may create users
+    and grant, a Redis login that may manage ACL users), not through the web."""
+    from sqlalchemy.exc import DBAPIError
+
+    from cicd import db
+
+    settings = _settings()
+    try:
+        settings.require("database_url", "broker_url")
+        db.configure(settings)
+        with db.session() as session:
+            return action(session, settings, *args)
+    except OpsCDError as error:
+        raise click.ClickException(str(error)) from None
+    except DBAPIError as error:
+        raise click.ClickException(f"the database refused: {error.orig}") from None
+
+
+def _warn(warnings: list[str]) -> None:
+    for warning in warnings:
+        click.echo(f"warning: {warning}", err=True)
+
+
+@agents.command("add")
+@click.argument("name")
+def agents_add(name: str) -> None:
+    """Register agent NAME with a broker user and a database user of its own; prints its
+    worker settings (shown once: the token is not kept)."""
+    from cicd import agents as registry
+
+    issued, warnings = _agent_admin(registry.add, name)
+    _warn(warnings)
+    click.echo(f"agent {name} registered; start its worker nodes with these settings "
+               "(use the control host's address where an agent does not reach it as here):",
+               err=True)  # fmt: skip
+    for key, value in issued.environment(_settings()).items():
+        click.echo(f"{key}={shlex.quote(value)}")
+
+
+@agents.command("disable")
+@click.argument("name")
+def agents_disable(name: str) -> None:
+    """Stop new builds to agent NAME within one heartbeat; builds it runs go on."""
+    from cicd import agents as registry
+
+    _agent_admin(lambda session, _settings, n: registry.set_enabled(session, n, False), name)
+    click.echo(f"agent {name} disabled: it takes no new builds (builds it runs go on)")
+
+
+@agents.command("enable")
+@click.argument("name")
+def agents_enable(name: str) -> None:
+    """Let a disabled agent NAME take builds again."""
+    from cicd import agents as registry
+
+    _agent_admin(lambda session, _settings, n: registry.set_enabled(session, n, True), name)
+    click.echo(f"agent {name} enabled")
+
+
+@agents.command("revoke")
+@click.argument("name")
+def agents_revoke(name: str) -> None:
+    """Delete agent NAME's credentials and cut its connections now: its nodes can do nothing
+    more, and builds they ran run again on other nodes."""
+    from cicd import agents as registry
+
+    _agent, warnings = _agent_admin(registry.revoke, name)
+    _warn(warnings)
+    click.echo(f"agent {name} revoked: its broker and database users are deleted")
+
+
+@agents.command("sync")
+def agents_sync() -> None:
+    """Make every registered agent's broker user and grants again (after a Redis restart
+    without an aclfile, or an upgrade that added tables)."""
+    from cicd import agents as registry
+
+    names, warnings = _agent_admin(registry.sync)
+    _warn(warnings)
+    click.echo(f"synced {len(names)} agent(s): {', '.join(names) or '-'}")
 
 
 _COLOUR = re.compile(r"(\x1b\[[0-9;]{0,32}m)")

@@ -27,7 +27,7 @@ from cicd.errors import ConfigError
 from cicd.models import utcnow
 
 __all__ = [
-    "configure", "engine", "session", "clock", "retrying", "retry_conflicts", "reset",
+    "configure", "engine", "session", "clock", "login", "retrying", "retry_conflicts", "reset",
     "migrate",
 ]  # fmt: skip
 
@@ -93,7 +93,8 @@ def session() -> Iterator[Session]:
 
 
 #: The database server's "now" in UTC, per dialect (SQLite's is this host's: it has no other).
-_NOW_IN_UTC = {"mysql": "SELECT UTC_TIMESTAMP(6)", "postgresql": "SELECT timezone('UTC', now())"}
+_NOW_IN_UTC = {"mysql": "SELECT UTC_TIMESTAMP(6)", "mariadb": "SELECT UTC_TIMESTAMP(6)",
+               "postgresql": "SELECT timezone('UTC', now())"}  # fmt: skip
 
 
 def clock(db: Session) -> dt.datetime:
@@ -108,6 +109,22 @@ def clock(db: Session) -> dt.datetime:
         return utcnow()
     now = db.execute(text(query)).scalar_one()
     return now.replace(tzinfo=None) if now.tzinfo else now
+
+
+#: The account this session logged in as, per dialect (SQLite has no accounts).
+_LOGIN = {"mysql": "SELECT SUBSTRING_INDEX(CURRENT_USER(), '@', 1)",
+          "mariadb": "SELECT SUBSTRING_INDEX(CURRENT_USER(), '@', 1)",
+          "postgresql": "SELECT current_user"}  # fmt: skip
+
+
+def login(db: Session) -> str | None:
+    """The database account this session is logged in as, as the server knows it.
+
+    An agent's identity is its account (:mod:`cicd.agents`): the server
+    authenticated it, so no node can claim another's by saying so.
+    """
+    query = _LOGIN.get(db.get_bind().dialect.name)
+    return db.execute(text(query)).scalar_one() if query else None
 
 
 def retrying(operation: Callable[[], T], what: str, give_up_after: float = 120) -> T:

@@ -34,6 +34,7 @@ __all__ = [
     "TaskStage",
     "TaskLog",
     "AgentState",
+    "Agent",
     "TaskApproval",
     "ApprovalDecision",
     "ProjectSecret",
@@ -286,3 +287,26 @@ class AgentState(Base):
     last_heartbeat: Mapped[dt.datetime] = mapped_column(Timestamp, default=utcnow)
     #: Since when the node has had no broker connection (it takes no builds), else NULL.
     broker_lost_at: Mapped[dt.datetime | None] = mapped_column(Timestamp)
+    #: The registered agent whose database login wrote the last heartbeat (the server's
+    #: record of who the node is, not its name); NULL for a node on shared credentials.
+    agent: Mapped[str | None] = mapped_column(String(32))
+
+
+class Agent(Base):
+    """A registered agent (``cicd agents add``): a broker user and a database user of its own,
+    both named ``account``, whose password (the agent's token) is kept as its SHA-256.
+
+    A disabled agent takes no new builds (its nodes see it within one heartbeat
+    and the clone's claim checks it); a revoked one has no credentials left.
+    """
+
+    __tablename__ = "agents"
+    __table_args__ = (TABLE_ARGS,)
+
+    name: Mapped[str] = mapped_column(String(32), primary_key=True)
+    account: Mapped[str] = mapped_column(String(64), unique=True)
+    token_sha256: Mapped[str] = mapped_column(String(64))
+    enabled: Mapped[bool] = mapped_column(default=True)
+    created_at: Mapped[dt.datetime] = mapped_column(Timestamp, default=utcnow)
+    disabled_at: Mapped[dt.datetime | None] = mapped_column(Timestamp)
+    revoked_at: Mapped[dt.datetime | None] = mapped_column(Timestamp)

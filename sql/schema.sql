@@ -143,3 +143,21 @@ CREATE TABLE projects (
 
 UPDATE alembic_version SET version_num='0003' WHERE alembic_version.version_num = '0002';
 
+-- Running upgrade 0003 -> 0004
+
+CREATE TABLE agents (
+    name VARCHAR(32) NOT NULL,
+    account VARCHAR(64) NOT NULL,
+    token_sha256 VARCHAR(64) NOT NULL,
+    enabled BOOL NOT NULL,
+    created_at DATETIME(6) NOT NULL,
+    disabled_at DATETIME(6),
+    revoked_at DATETIME(6),
+    PRIMARY KEY (name),
+    UNIQUE (account)
+)ENGINE=InnoDB CHARSET=utf8mb4 COLLATE utf8mb4_bin;
+
+ALTER TABLE agent_states ADD COLUMN agent VARCHAR(32);
+
+UPDATE alembic_version SET version_num='0004' WHERE alembic_version.version_num = '0003';
+

@@ -48,6 +48,7 @@ def test_sql_schema_matches_the_models(make_database):
         "task_approvals",
         "project_secrets",
         "agent_states",
+        "agents",
         "projects",
         "alembic_version",
     }

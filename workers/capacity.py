@@ -34,7 +34,7 @@ from sqlalchemy import delete, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from cicd import db, lifecycle
+from cicd import agents, db, lifecycle
 from cicd.models import AgentState, Stage, StageState, TaskStage, TaskState, TaskStatus, utcnow
 
 __all__ = ["Claim", "Node", "StageRequest", "builds_in_flight", "claim_slot", "node"]
@@ -48,6 +48,7 @@ class Claim(enum.Enum):
     CLAIMED = "claimed"  #: the build runs here now
     FULL = "full"  #: the node has ``concurrency`` builds in flight: give the build back
     GONE = "gone"  #: the build was canceled, finished or rerun meanwhile: drop the message
+    REFUSED = "refused"  #: this node's agent may not take builds (disabled, unregistered)
 
 
 def builds_in_flight(session: Session, hostname: str, besides: int | None = None) -> int:
@@ -82,6 +83,9 @@ def claim_slot(task_id: int, attempt: int, hostname: str, concurrency: int) -> C
             session.rollback()
             _create_node_row(hostname, concurrency)
             session.execute(lock_node)
+        if not agents.may_take_builds(session)[0]:
+            session.commit()
+            return Claim.REFUSED
         if builds_in_flight(session, hostname, besides=task_id) >= concurrency:
             session.commit()
             return Claim.FULL
@@ -125,6 +129,17 @@ class Node:
         self._consumer: Any = None
         self._paused: list[str] = []
         self._quiet_until = 0.0
+        #: Why the server lets this node take no builds (its heartbeat says), else None.
+        self.refused: str | None = None
+
+    def refuse(self, why: str | None) -> None:
+        """Record, from the heartbeat thread, whether the node's agent may take builds."""
+        if why != self.refused:
+            if why:
+                log.warning("%s: takes no new builds: %s", self.hostname, why)
+            else:
+                log.warning("%s: may take builds again", self.hostname)
+        self.refused = why
 
     def configure(self, hostname: str, concurrency: int) -> None:
         self.hostname, self.concurrency = hostname, concurrency
@@ -154,12 +169,14 @@ class Node:
             log.warning("%s: could not count its builds (%s)", self.hostname, error)
             self._quiet_until = time.monotonic() + 5
             return
-        if in_flight >= self.concurrency and not self._paused:
+        full = in_flight >= self.concurrency or self.refused is not None
+        if full and not self._paused:
             self._paused = self._shared_queues()
             for queue in self._paused:
                 self._call("cancel_task_queue", queue)
-            log.info("%s: %d builds in flight, pausing %s", self.hostname, in_flight, self._paused)
-        elif in_flight < self.concurrency and self._paused:
+            why = self.refused or f"{in_flight} builds in flight"
+            log.info("%s: %s, pausing %s", self.hostname, why, self._paused)
+        elif not full and self._paused:
             queues, self._paused = self._paused, []
             for queue in queues:
                 self._call("add_task_queue", queue)

@@ -39,10 +39,10 @@ from dataclasses import dataclass
 from celery.worker.state import active_requests, all_total_count, reserved_requests
 from sqlalchemy import select
 
-from cicd import __version__, db
+from cicd import __version__, agents, db
 from cicd.config import load_settings
 from cicd.models import AgentState, TaskState, TaskStatus, utcnow
-from workers import lease, reaper
+from workers import capacity, lease, reaper
 from workers.capacity import builds_in_flight
 
 __all__ = [
@@ -94,12 +94,16 @@ def record_heartbeat(current: Node, broker_up: bool = True) -> bool:
                 session.add(row)
             for key, value in values.items():
                 setattr(row, key, value)
+            agent = agents.identity(session)
+            row.agent = agent.name if agent is not None else None
+            allowed, why = agents.may_take_builds(session)
             row.last_heartbeat = now
             row.broker_lost_at = None if broker_up else (row.broker_lost_at or now)
             session.commit()
     except Exception as error:  # the node keeps building; its row just ages
         log.error("%s: could not record its heartbeat (%s)", current.hostname, error)
         return False
+    capacity.node.refuse(why if not allowed else None)
     return True
 
 

@@ -14,11 +14,12 @@ from flask import Blueprint, Response, current_app, g, jsonify, request, url_for
 from sqlalchemy import select
 from sqlalchemy.orm import contains_eager
 
-from cicd import db, lifecycle, projects, secrets
+from cicd import agents, db, lifecycle, projects, secrets
 from cicd.broker import BrokerUnavailable, revoke_build, send_publish, send_task
 from cicd.errors import ConfigError
 from cicd.models import (
     STAGES,
+    Agent,
     AgentState,
     ApprovalDecision,
     Project,
@@ -33,7 +34,7 @@ from cicd.models import (
 
 __all__ = [
     "bp", "task_to_dict", "agent_to_dict", "project_to_dict", "external_url", "fleet",
-    "task_details",
+    "agent_registry", "task_details",
 ]  # fmt: skip
 
 bp = Blueprint("api", __name__, url_prefix="/api")
@@ -143,6 +144,27 @@ def agent_to_dict(agent: AgentState, offline_after: float, now: dt.datetime) -> 
         "last_heartbeat": _iso(agent.last_heartbeat),
         "seconds_since_heartbeat": round(age, 3),
         "broker_unreachable_since": _iso(agent.broker_lost_at),
+        "agent": agent.agent,
+    }
+
+
+def registered_agent_to_dict(agent: Agent, nodes: list[dict[str, Any]],
+                             broker: dict[str, Any] | None) -> dict[str, Any]:  # fmt: skip
+    """A registered agent: enabled, disabled or revoked, its nodes, and what Redis says of it."""
+    state = "revoked" if agent.revoked_at else "enabled" if agent.enabled else "disabled"
+    refused = [entry for entry in (broker or {}).get("refused", [])
+               if entry["account"] == agent.account]  # fmt: skip
+    return {
+        "name": agent.name,
+        "state": state,
+        "created_at": _iso(agent.created_at),
+        "disabled_at": _iso(agent.disabled_at),
+        "revoked_at": _iso(agent.revoked_at),
+        "nodes": [node["hostname"] for node in nodes if node["agent"] == agent.name],
+        # None: this web process may not ask Redis (then nobody here knows).
+        "broker_user": None if broker is None else agent.account in broker["accounts"],
+        "refused_logins": sum(entry["count"] for entry in refused),
+        "last_refused_seconds_ago": min((e["seconds_ago"] for e in refused), default=None),
     }
 
 
@@ -157,6 +179,30 @@ def fleet() -> list[dict[str, Any]]:
     return rows
 
 
+def agent_registry(nodes: list[dict[str, Any]]) -> dict[str, Any]:
+    """Registered agents, and the nodes refused work: on shared credentials while agents are
+    registered, or of a disabled agent; logins the broker refused to unknown accounts."""
+    settings = current_app.config["SETTINGS"]
+    with db.session() as session:
+        registered = session.scalars(select(Agent).order_by(Agent.name)).all()
+    accounts = {agent.account for agent in registered}
+    broker = agents.broker_view(settings, accounts) if registered else None
+    rows = [registered_agent_to_dict(agent, nodes, broker) for agent in registered]
+    states = {row["name"]: row["state"] for row in rows}
+    for node in nodes:
+        if node["agent"] is not None:
+            state = states.get(node["agent"])
+            node["takes_builds"] = state == "enabled"
+            node["refused"] = None if state == "enabled" else f"agent {node['agent']} is {state}"
+        else:
+            live = any(state != "revoked" for state in states.values())
+            node["takes_builds"] = not live
+            node["refused"] = "no agent credentials" if live else None
+    unknown = [entry for entry in (broker or {}).get("refused", [])
+               if entry["account"] not in accounts]  # fmt: skip
+    return {"registered": rows, "refused_unknown": unknown}
+
+
 def task_details(task_id: int) -> dict[str, Any] | None:
     """One build with its stages and approval, or None (for the API and the pages)."""
     with db.session() as session:
@@ -169,8 +215,9 @@ def task_details(task_id: int) -> dict[str, Any] | None:
 
 @bp.get("/agents")
 def list_agents() -> Response:
-    """Every worker node that ever heartbeated, online first."""
-    return jsonify(agents=fleet())
+    """Every worker node that ever heartbeated, online first, and the registered agents."""
+    nodes = fleet()
+    return jsonify(agents=nodes, **agent_registry(nodes))
 
 
 @bp.get("/tasks")

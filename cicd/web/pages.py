@@ -33,7 +33,7 @@ from cicd.models import (
     TaskStatus,
     utcnow,
 )
-from cicd.web.api import fleet, project_to_dict, task_details, task_to_dict
+from cicd.web.api import agent_registry, fleet, project_to_dict, task_details, task_to_dict
 
 __all__ = ["bp"]
 
@@ -115,9 +115,9 @@ def task_page(task_id: int) -> str | tuple[str, int]:
 def agents() -> str:
     """The worker nodes, online first, as ``GET /api/agents`` lists them."""
     template = "_agents.html" if request.args.get("partial") else "agents.html"
-    return render_template(
-        template, agents=fleet(), offline_after=current_app.config["AGENT_OFFLINE_AFTER"]
-    )
+    nodes = fleet()
+    return render_template(template, agents=nodes, **agent_registry(nodes),
+                           offline_after=current_app.config["AGENT_OFFLINE_AFTER"])  # fmt: skip
 
 
 @bp.get("/projects")

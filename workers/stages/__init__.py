@@ -198,6 +198,10 @@ class StageTask(Task):
         if claim is capacity.Claim.FULL:
             log.info("task %s: %s is full; back to the shared queue", task_id, hostname)
             raise Reject("node full", requeue=True)
+        if claim is capacity.Claim.REFUSED:
+            log.warning("task %s: %s may take no builds; back to the shared queue", task_id,
+                        hostname)  # fmt: skip
+            raise Reject("agent refused", requeue=True)
         if claim is capacity.Claim.GONE:
             raise Ignore()
 
