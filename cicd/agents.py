@@ -22,7 +22,7 @@ Who a node is, is the account its database session logged in as
 (:func:`cicd.db.login`), recorded with each heartbeat in
 ``agent_states.agent``: the server authenticated it, so a node's name proves
 nothing. Once an installation has registered agents, a node with no agent's
-login (the shared credentials) takes no builds (:func:`may_take_builds`).
+login (the shared credentials) takes no builds (:func:`refusal`).
 
 - **disable**: the agent takes no new builds: its nodes see it at their next
   heartbeat and stop consuming the shared queues, and a clone's claim of a
@@ -69,9 +69,8 @@ __all__ = [
     "revoke",
     "sync",
     "identity",
-    "may_take_builds",
+    "refusal",
     "broker_view",
-    "REFUSED_AT_BROKER",
 ]
 
 #: An agent's name: lower-case letters, digits and inner dashes, at most 32 characters.
@@ -82,8 +81,6 @@ WORKER_WRITES = ("task_states", "task_stages", "task_logs", "task_approvals", "a
 _PREFIX = re.compile(r"[A-Za-z0-9._:/-]+\Z")
 #: Redis refuses these to an agent: no server administration, nothing that scans or wipes.
 _ACL_COMMANDS = ("+@all", "-@admin", "-@dangerous")
-#: Why a node takes no builds, as its heartbeat log and the API say it.
-REFUSED_AT_BROKER = "credentials refused by the broker"
 
 
 class AgentError(OpsCDError):
@@ -217,15 +214,14 @@ def identity(session: Session) -> Agent | None:
     return session.scalar(select(Agent).where(Agent.account == account)) if account else None
 
 
-def may_take_builds(session: Session) -> tuple[bool, str | None]:
-    """Whether the node of this session's login may start a build, and why not."""
-    agent = identity(session)
+def refusal(session: Session, agent: Agent | None) -> str | None:
+    """Why the node whose login is ``agent``'s (:func:`identity`) may start no build, or None."""
     if agent is not None:
-        return (True, None) if agent.enabled else (False, f"agent {agent.name} is disabled")
+        return None if agent.enabled else f"agent {agent.name} is disabled"
     registered = session.scalar(select(Agent.name).where(Agent.revoked_at.is_(None)).limit(1))
     if registered is None:
-        return True, None  # no agent registered: every node on the shared credentials builds
-    return False, (
+        return None  # no agent registered: every node on the shared credentials builds
+    return (
         "its database login is no registered agent's, and this server has registered "
         "agents: start it with the settings of `cicd agents add`"
     )
@@ -363,8 +359,8 @@ def broker_view(settings: Settings, accounts: set[str]) -> dict[str, Any] | None
             username in accounts or username.startswith("opscd-")
         ):
             continue
-        client_info = str(entry.get("client-info", ""))
-        address = next((part[5:] for part in client_info.split() if part.startswith("addr=")), None)
+        client = entry.get("client-info")  # redis-py parses it into a dict
+        address = client.get("addr") if isinstance(client, dict) else None
         refused.append({
             "account": username,
             "count": int(entry.get("count", 1)),

@@ -83,7 +83,7 @@ def claim_slot(task_id: int, attempt: int, hostname: str, concurrency: int) -> C
             session.rollback()
             _create_node_row(hostname, concurrency)
             session.execute(lock_node)
-        if not agents.may_take_builds(session)[0]:
+        if agents.refusal(session, agents.identity(session)) is not None:
             session.commit()
             return Claim.REFUSED
         if builds_in_flight(session, hostname, besides=task_id) >= concurrency:

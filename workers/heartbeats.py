@@ -96,14 +96,14 @@ def record_heartbeat(current: Node, broker_up: bool = True) -> bool:
                 setattr(row, key, value)
             agent = agents.identity(session)
             row.agent = agent.name if agent is not None else None
-            allowed, why = agents.may_take_builds(session)
+            why = agents.refusal(session, agent)
             row.last_heartbeat = now
             row.broker_lost_at = None if broker_up else (row.broker_lost_at or now)
             session.commit()
     except Exception as error:  # the node keeps building; its row just ages
         log.error("%s: could not record its heartbeat (%s)", current.hostname, error)
         return False
-    capacity.node.refuse(why if not allowed else None)
+    capacity.node.refuse(why)
     return True
 
 
