@@ -52,6 +52,27 @@ def deliver(web: str, payload: dict, token: str | None) -> requests.Response:
     return post_gitlab(web, payload, token=token)
 
 
+# --- [skip ci] ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("message", ["docs [skip ci]", "[CI SKIP] typo", "Fix\n\n[Skip CI]"])
+def test_skip_ci_in_the_pushed_commit_message_builds_nothing(web, git_server, message):
+    repo = new_repo(git_server)
+    secret = register_project(web, repo.project_path, repo.clone_url)
+    payload = push_payload(repo, {"ci.yaml": ECHO})
+    payload["commits"][-1]["message"] = message
+    before = count_tasks(web)
+    assert deliver(web, payload, token="wrong").status_code == 401  # the secret comes first
+    answer = deliver(web, payload, token=secret)
+    assert answer.status_code == 200 and answer.json() == {"ignored": "skip ci"}, answer.text
+    assert count_tasks(web) == before
+    # Only the head commit counts, and "skip ci" without brackets is an ordinary message.
+    payload["commits"][-1]["message"] = "skip ci is what [skip-ci] is not"
+    answer = deliver(web, payload, token=secret)
+    assert answer.status_code == 202, answer.text
+    assert wait_for_task(web, answer.json()["task_id"])["state"] == "success"
+
+
 # --- which project, from where, with whose token -----------------------------------------------
 
 

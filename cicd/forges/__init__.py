@@ -14,8 +14,18 @@ from cicd.errors import PayloadError
 
 __all__ = [
     "PushEvent", "Ignored", "PROJECT_PATH", "validate_ref_name", "validate_sha",
-    "validate_clone_url", "validate_project_path", "validate_project_id",
+    "validate_clone_url", "validate_project_path", "validate_project_id", "skips_ci",
 ]  # fmt: skip
+
+#: What GitLab (and GitHub, Gitea, Woodpecker) read in a commit message as "build nothing",
+#: in any capitalization.
+_SKIP_CI = re.compile(r"\[(?:skip ci|ci skip)\]", re.IGNORECASE)
+
+
+def skips_ci(message: str | None) -> bool:
+    """Whether the pushed commit's message asks for no build (``[skip ci]`` or ``[ci skip]``)."""
+    return bool(message) and _SKIP_CI.search(message) is not None
+
 
 #: One part of a GitLab path, as GitLab allows it today: letters and digits, parts of them
 #: joined by one ``.`` or ``_``, ``__``, or dashes; it starts and ends with a letter or digit.

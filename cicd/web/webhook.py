@@ -25,7 +25,7 @@ from sqlalchemy.orm import Session
 from cicd import db, lifecycle, projects
 from cicd.broker import BrokerUnavailable, revoke_build, send_task
 from cicd.errors import PayloadError
-from cicd.forges import Ignored, PushEvent, gitlab
+from cicd.forges import Ignored, PushEvent, gitlab, skips_ci
 from cicd.models import Project, RefType, TaskDetail, TaskStatus
 from cicd.web.api import external_url
 
@@ -58,6 +58,8 @@ def gitlab_webhook() -> tuple[Response, int]:
             refused = _refusal(registration, event, token)
             if refused is not None:
                 return refused
+            if skips_ci(event.commit_message):  # after the secret: only the project learns it
+                return _answer(200, ignored="skip ci")
             if event.forge_project_id is not None and registration.forge_project_id is None:
                 if not registration.path.endswith("/*"):
                     projects.record_forge_id(session, registration, event.forge_project_id)
