@@ -47,6 +47,9 @@ __all__ = [
     "messages_held",
     "send_publish",
     "stage_task_id",
+    "STATUS_QUEUE",
+    "REPORT_TASK",
+    "wake_reporter",
 ]
 
 #: The queue every build's first stage goes to; any node may take it.
@@ -61,6 +64,10 @@ def language_queue(language: str) -> str:
 #: Publish retries of a web request: two quick ones, then GitLab is told 503 and redelivers.
 FAST_FAIL_RETRY_POLICY = {"max_retries": 2, "interval_start": 0, "interval_step": 0.2,
                           "interval_max": 0.5}  # fmt: skip
+
+#: The reporter's queue and task (``cicd.reporter``): a wake-up to post commit statuses.
+STATUS_QUEUE = "opscd.statuses"
+REPORT_TASK = "opscd.report_statuses"
 
 #: Celery task name of each stage, in the order a build runs them.
 STAGE_TASKS = {"clone": "opscd.clone", "build": "opscd.build", "publish": "opscd.publish"}
@@ -204,6 +211,15 @@ def send_publish(task_id: int, node: str, ctx: dict) -> None:
         signature.apply_async(queue=worker_direct(node), retry_policy=FAST_FAIL_RETRY_POLICY)
     except (KombuError, RedisError, OSError) as error:
         raise BrokerUnavailable(f"could not send publish of {task_id}: {error}") from None
+
+
+def wake_reporter() -> None:
+    """Tell the reporter that commit statuses were recorded (best effort: it also looks every
+    few seconds, so a wake-up the broker did not take only delays them)."""
+    try:
+        app.send_task(REPORT_TASK, queue=STATUS_QUEUE, retry_policy=FAST_FAIL_RETRY_POLICY)
+    except (KombuError, RedisError, OSError):
+        pass
 
 
 def messages_held(queues: list[str]) -> set[str] | None:

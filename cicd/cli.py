@@ -516,8 +516,35 @@ def projects_group() -> None:
     """Register the projects OpsCD builds (path, clone URL, webhook secret, ref policy)."""
 
 
-def _git_password(from_stdin: bool) -> str | None:
-    return sys.stdin.read().rstrip("\n") if from_stdin else None
+def _from_stdin(git_password: bool, api_token: bool) -> tuple[str | None, str | None]:
+    """The git password and the API token asked for on standard input: each one line, the
+    password's first when both are asked for."""
+    if not git_password and not api_token:
+        return None, None
+    lines = sys.stdin.read().splitlines()
+    wanted = int(git_password) + int(api_token)
+    if len(lines) < wanted:
+        names = [name for name, asked in (("the git password", git_password),
+                                          ("the API token", api_token)) if asked]  # fmt: skip
+        raise click.UsageError(f"standard input must hold {wanted} line(s): {' then '.join(names)}")
+    password = lines.pop(0) if git_password else None
+    return password, lines[0] if api_token else None
+
+
+api_url_options = [
+    click.option("--api-url", "forge_api_url",
+                 help="The forge's base URL for commit statuses (default: the clone URL's "
+                      "origin; OpsCD adds /api/v4)."),
+    click.option("--api-token-stdin", is_flag=True,
+                 help="Read a forge access token (one line) from stdin: builds then post "
+                      "commit statuses."),
+]  # fmt: skip
+
+
+def forge_api_options(command):
+    for option in reversed(api_url_options):
+        command = option(command)
+    return command
 
 
 def _show_registered(answer: dict, as_json: bool, what: str) -> None:
@@ -546,6 +573,7 @@ def _show_registered(answer: dict, as_json: bool, what: str) -> None:
 @click.option("--approval", default="", help="Ref patterns whose publish waits for approval.")
 @click.option("--git-username", help="Its own git user (else the instance's CICD_GIT_USERNAME).")
 @click.option("--git-password-stdin", is_flag=True, help="Read its own git password from stdin.")
+@forge_api_options
 @json_option
 def projects_add(
     url: str,
@@ -555,13 +583,20 @@ def projects_add(
     approval: str,
     git_username: str | None,
     git_password_stdin: bool,
+    forge_api_url: str | None,
+    api_token_stdin: bool,
     as_json: bool,
 ) -> None:
     """Register PROJECT (group/app, or group/* for a group webhook)."""
     body = {"project": project, "clone_url": clone_url, "protected": protected,
             "approval": approval}  # fmt: skip
+    password, token = _from_stdin(git_password_stdin, api_token_stdin)
     if git_username is not None or git_password_stdin:
-        body.update(git_username=git_username, git_password=_git_password(git_password_stdin))
+        body.update(git_username=git_username, git_password=password)
+    if forge_api_url is not None:
+        body["api_url"] = forge_api_url
+    if token is not None:
+        body["api_token"] = token
     _show_registered(_send("post", url, "/api/projects", json=body), as_json, "registered")
 
 
@@ -593,19 +628,29 @@ def projects_show(url: str, project: str) -> None:
 @click.option("--git-username", help="Its own git user (with --git-password-stdin).")
 @click.option("--git-password-stdin", is_flag=True, help="Read its own git password from stdin.")
 @click.option("--instance-git", is_flag=True, help="Drop its own git credentials.")
+@forge_api_options
+@click.option("--no-statuses", is_flag=True, help="Drop its API token: post no more statuses.")
 def projects_set(url: str, project: str, clone_url: str | None, protected: str | None,
                  approval: str | None, git_username: str | None, git_password_stdin: bool,
-                 instance_git: bool) -> None:  # fmt: skip
+                 instance_git: bool, forge_api_url: str | None, api_token_stdin: bool,
+                 no_statuses: bool) -> None:  # fmt: skip
     """Change PROJECT's registration."""
     changes: dict[str, str | None] = {
         key: value for key, value in
         (("clone_url", clone_url), ("protected", protected), ("approval", approval))
         if value is not None
     }  # fmt: skip
+    password, token = _from_stdin(git_password_stdin and not instance_git, api_token_stdin)
     if instance_git:
         changes.update(git_username=None, git_password=None)
     elif git_username is not None or git_password_stdin:
-        changes.update(git_username=git_username, git_password=_git_password(git_password_stdin))
+        changes.update(git_username=git_username, git_password=password)
+    if forge_api_url is not None:
+        changes["api_url"] = forge_api_url
+    if no_statuses:
+        changes["api_token"] = None
+    elif token is not None:
+        changes["api_token"] = token
     if not changes:
         raise click.UsageError("nothing to change: give at least one option")
     answer = _send("patch", url, f"/api/projects/{project}", json=changes)

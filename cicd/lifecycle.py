@@ -22,6 +22,14 @@ The broker-down policy is one: a build the broker did not take is ``failed``
 with :data:`BROKER_DOWN` and ``enqueued_at`` empty (never "queued" forever, and
 the reason says why); :func:`claim_unsent` hands it to whoever sends it again
 first, the forge's redelivery of its webhook or a worker's reconciler.
+
+The transitions a forge's users see also record the commit statuses they
+cause (:mod:`cicd.statuses`), in the same transaction: ``opscd/build`` is
+``pending`` from :func:`accept`, ``running`` from the build stage's start;
+``opscd/publish`` exists for builds that publish: ``pending`` "waiting for
+approval" from :func:`wait`, ``running`` once an image is being built
+(:func:`cicd.statuses.publishing`); the build's end closes what is open. Moves the
+forge need not see (sent, unsent, a rerun on another node) record none.
 """
 
 from __future__ import annotations
@@ -29,9 +37,10 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any
 
-from sqlalchemy import ColumnElement, and_, or_, update
+from sqlalchemy import ColumnElement, and_, or_, select, update
 from sqlalchemy.orm import Session
 
+from cicd import statuses
 from cicd.models import Stage, TaskDetail, TaskState, TaskStatus, utcnow
 
 __all__ = [
@@ -86,10 +95,12 @@ def _run(attempt: int | None) -> tuple[ColumnElement[bool], ...]:
 # --- recorded and sent ----------------------------------------------------------------------
 
 
-def accept(detail: TaskDetail) -> TaskDetail:
-    """A new build (a push, a retry): ``queued``, not yet sent. The caller adds and commits."""
+def accept(detail: TaskDetail, reports: bool = False) -> TaskDetail:
+    """A new build (a push, a retry): ``queued``, not yet sent, and ``pending`` on the forge if
+    its project ``reports`` statuses (:func:`cicd.statuses.reports`). The caller adds and
+    commits."""
     detail.status = TaskStatus(state=QUEUED, queued_at=utcnow())
-    return detail
+    return statuses.first(detail) if reports else detail
 
 
 def sent(session: Session, task_id: int) -> bool:
@@ -150,14 +161,20 @@ def claim(session: Session, task_id: int, attempt: int, node: str) -> bool:
 
 def start_stage(session: Session, task_id: int, attempt: int, stage: Stage, node: str) -> bool:
     """A later stage starts on the node (publish after an approval starts from ``queued``)."""
-    return _move(session, task_id, (QUEUED, RUNNING), *_run(attempt), state=RUNNING,
-                 stage=stage, worker=node)  # fmt: skip
+    won = _move(session, task_id, (QUEUED, RUNNING), *_run(attempt), state=RUNNING,
+                stage=stage, worker=node)  # fmt: skip
+    if won and stage is Stage.BUILD:
+        statuses.report(session, task_id, statuses.BUILD, "running", "building")
+    return won
 
 
 def succeed(session: Session, task_id: int, attempt: int, **result: Any) -> bool:
     """The last stage ended well; ``result``: ``image``, ``image_digest``."""
-    return _move(session, task_id, (RUNNING,), *_run(attempt), state=TaskState.SUCCESS,
-                 finished_at=utcnow(), exit_code=0, **result)  # fmt: skip
+    won = _move(session, task_id, (RUNNING,), *_run(attempt), state=TaskState.SUCCESS,
+                finished_at=utcnow(), exit_code=0, **result)  # fmt: skip
+    if won:
+        statuses.close_open(session, [task_id], "success", "passed")
+    return won
 
 
 def fail(
@@ -168,13 +185,21 @@ def fail(
     values: dict[str, Any] = {"stage": stage, "error": error, "finished_at": utcnow()}
     if exit_code is not None:
         values["exit_code"] = exit_code
-    return _move(session, task_id, (QUEUED, RUNNING), *_run(attempt), state=TaskState.FAILED,
-                 **values)  # fmt: skip
+    won = _move(session, task_id, (QUEUED, RUNNING), *_run(attempt), state=TaskState.FAILED,
+                **values)  # fmt: skip
+    if won:
+        code = f" (exit code {exit_code})" if exit_code is not None else ""
+        statuses.close_open(session, [task_id], "failed", f"failed at {stage.value}{code}")
+    return won
 
 
 def wait(session: Session, task_id: int) -> bool:
     """The build succeeded; publishing waits for a person (the approval row goes with it)."""
-    return _move(session, task_id, (RUNNING,), state=WAITING)
+    won = _move(session, task_id, (RUNNING,), state=WAITING)
+    if won:  # pending publish first: the commit never looks done while it waits
+        statuses.report(session, task_id, statuses.PUBLISH, "pending", "waiting for approval")
+        statuses.report(session, task_id, statuses.BUILD, "success", "built")
+    return won
 
 
 def approve(session: Session, task_id: int) -> bool:
@@ -189,14 +214,20 @@ def unapprove(session: Session, task_id: int) -> bool:
 
 def reject(session: Session, task_id: int, who: str) -> bool:
     """No publishing: the build ends ``canceled``."""
-    return _move(session, task_id, (WAITING,), state=TaskState.CANCELED, finished_at=utcnow(),
-                 error=f"rejected by {who}")  # fmt: skip
+    won = _move(session, task_id, (WAITING,), state=TaskState.CANCELED, finished_at=utcnow(),
+                error=f"rejected by {who}")  # fmt: skip
+    if won:
+        statuses.close_open(session, [task_id], "canceled", f"publishing rejected by {who}")
+    return won
 
 
 def cancel(session: Session, task_id: int, reason: str = "canceled") -> bool:
     """Someone stopped the build, or a newer push superseded it."""
-    return _move(session, task_id, UNFINISHED, state=TaskState.CANCELED, finished_at=utcnow(),
-                 error=reason)  # fmt: skip
+    won = _move(session, task_id, UNFINISHED, state=TaskState.CANCELED, finished_at=utcnow(),
+                error=reason)  # fmt: skip
+    if won:
+        statuses.close_open(session, [task_id], "canceled", reason)
+    return won
 
 
 def supersede(session: Session, task_ids: list[int], newest: int) -> int:
@@ -207,17 +238,19 @@ def supersede(session: Session, task_ids: list[int], newest: int) -> int:
     """
     if not task_ids:
         return 0
+    reason = f"superseded by {newest}"
     statement = (
         update(TaskStatus)
         .where(TaskStatus.task_id.in_(task_ids), TaskStatus.state.in_(UNFINISHED))
-        .values(
-            state=TaskState.CANCELED,
-            finished_at=utcnow(),
-            updated_at=utcnow(),
-            error=f"superseded by {newest}",
-        )
+        .values(state=TaskState.CANCELED, finished_at=utcnow(), updated_at=utcnow(), error=reason)
     )
-    return session.execute(statement).rowcount
+    canceled = session.execute(statement).rowcount
+    if canceled:  # which of them: this transaction's own rows say
+        mine = select(TaskStatus.task_id).where(
+            TaskStatus.task_id.in_(task_ids), TaskStatus.error == reason
+        )
+        statuses.close_open(session, session.scalars(mine).all(), "canceled", reason)
+    return canceled
 
 
 # --- a run handed to another node -----------------------------------------------------------
@@ -238,6 +271,9 @@ def requeue(session: Session, task_id: int, attempt: int, node: str) -> bool:
 
 def give_up(session: Session, task_id: int, attempt: int, node: str, reason: str) -> bool:
     """The node running the last allowed run is gone: ``failed``, saying so."""
-    return _move(session, task_id, (RUNNING,), TaskStatus.worker == node, *_run(attempt),
-                 state=TaskState.FAILED, attempt=attempt + 1, stage=None, worker=None,
-                 finished_at=utcnow(), error=reason)  # fmt: skip
+    won = _move(session, task_id, (RUNNING,), TaskStatus.worker == node, *_run(attempt),
+                state=TaskState.FAILED, attempt=attempt + 1, stage=None, worker=None,
+                finished_at=utcnow(), error=reason)  # fmt: skip
+    if won:
+        statuses.close_open(session, [task_id], "failed", reason)
+    return won

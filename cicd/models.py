@@ -38,6 +38,7 @@ __all__ = [
     "TaskApproval",
     "ApprovalDecision",
     "ProjectSecret",
+    "CommitStatus",
     "utcnow",
     "STAGES",
 ]
@@ -131,6 +132,8 @@ class TaskDetail(Base):
     created_at: Mapped[dt.datetime] = mapped_column(Timestamp, default=utcnow)
 
     status: Mapped[TaskStatus] = relationship(back_populates="detail", lazy="joined")
+    #: Written with the task when its project reports to the forge (never loaded with it).
+    commit_statuses: Mapped[list[CommitStatus]] = relationship(lazy="noload")
 
     @property
     def ref(self) -> str:
@@ -253,6 +256,10 @@ class Project(Base):
     protected_refs: Mapped[str] = mapped_column(String(1024), default="main")
     #: Comma-separated ref patterns whose publish waits for a person's approval.
     approval_refs: Mapped[str] = mapped_column(String(1024), default="")
+    #: The forge's base URL for its API (commit statuses); NULL: the clone URL's origin.
+    api_url: Mapped[str | None] = mapped_column(String(1024))
+    #: The forge access token that posts commit statuses, encrypted; NULL: no statuses.
+    api_token_ciphertext: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[dt.datetime] = mapped_column(Timestamp, default=utcnow)
     updated_at: Mapped[dt.datetime] = mapped_column(Timestamp, default=utcnow, onupdate=utcnow)
 
@@ -310,3 +317,37 @@ class Agent(Base):
     created_at: Mapped[dt.datetime] = mapped_column(Timestamp, default=utcnow)
     disabled_at: Mapped[dt.datetime | None] = mapped_column(Timestamp)
     revoked_at: Mapped[dt.datetime | None] = mapped_column(Timestamp)
+
+
+class CommitStatus(Base):
+    """One commit status to post to the forge: the outbox of :mod:`cicd.statuses`.
+
+    A row is written in the transaction of the build's transition that causes
+    it, and delivered later, in ``id`` order per task, by the reporter
+    (``cicd.reporter``); ``delivered_at`` stays NULL until the forge took it
+    (``outcome`` ``posted``), refused it as a repeat (``refused``), it was a
+    repeat of what was posted (``skipped``) or it cannot be delivered
+    (``error``: ``last_error`` says why). Until then ``next_try_at`` is when it
+    is tried (again): it also leases the row to one reporter while it posts.
+    """
+
+    __tablename__ = "commit_statuses"
+    __table_args__ = (
+        Index("ix_commit_statuses_task", "task_id", "id"),
+        Index("ix_commit_statuses_undelivered", "delivered_at", "id"),
+        TABLE_ARGS,
+    )
+
+    id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
+    task_id: Mapped[int] = mapped_column(Id, ForeignKey("task_details.id", ondelete="CASCADE"))
+    #: The status's name on the forge: ``opscd/build``, ``opscd/publish``.
+    unit: Mapped[str] = mapped_column(String(64))
+    #: pending, running, success, failed or canceled (GitLab's names).
+    state: Mapped[str] = mapped_column(String(16))
+    description: Mapped[str] = mapped_column(String(255), default="")
+    created_at: Mapped[dt.datetime] = mapped_column(Timestamp, default=utcnow)
+    tries: Mapped[int] = mapped_column(Integer, default=0)
+    next_try_at: Mapped[dt.datetime | None] = mapped_column(Timestamp)
+    delivered_at: Mapped[dt.datetime | None] = mapped_column(Timestamp)
+    outcome: Mapped[str | None] = mapped_column(String(16))
+    last_error: Mapped[str | None] = mapped_column(Text)

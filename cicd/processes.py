@@ -19,6 +19,7 @@ __all__ = [
     "web",
     "worker",
     "flower",
+    "reporter",
     "with_python",
     "procfile",
 ]
@@ -27,6 +28,8 @@ __all__ = [
 WEB_APP = "cicd.web:create_app()"
 #: The Celery app of a worker node: the shared app with the stage tasks and handlers.
 WORKER_APP = "workers.celery_app"
+#: The Celery app of the reporter, which posts commit statuses to the forges.
+REPORTER_APP = "cicd.reporter"
 #: The Celery app Flower watches: the shared one, without any worker code.
 MONITOR_APP = "cicd.broker"
 
@@ -45,6 +48,14 @@ def worker(node: str, concurrency: int | str | None = None, app: str = WORKER_AP
     name = node if "@" in node else f"{node}@%h"
     args = ["celery", "-A", app, "worker", "-n", name, "-E", "--loglevel", "INFO"]
     return args + (["--concurrency", str(concurrency)] if concurrency is not None else [])
+
+
+def reporter(node: str = "reporter") -> list[str]:
+    """The reporter (control plane, one or more): a solo pool that consumes the statuses queue
+    only (the app selects it)."""
+    name = node if "@" in node else f"{node}@%h"
+    return ["celery", "-A", REPORTER_APP, "worker", "-n", name, "--pool", "solo",
+            "--loglevel", "INFO"]  # fmt: skip
 
 
 def flower(address: str, port: int | str) -> list[str]:
@@ -67,6 +78,7 @@ def procfile() -> str:
     lines = {
         "web": web("0.0.0.0:${PORT:-8000}", "${WEB_CONCURRENCY:-2}"),  # a platform routes to it
         "worker": worker("${CICD_AGENT_NAME:-agent}", "${CICD_WORKER_CONCURRENCY:-3}"),
+        "reporter": reporter(),
         # `cicd flower` refuses to start without a login, then runs flower().
         "flower": ["cicd", "flower", "--address", "0.0.0.0", "--port", "${PORT:-5555}"],  # noqa: S104
     }

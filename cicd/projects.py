@@ -118,14 +118,46 @@ def secret_matches(project: Project, token: str | None) -> bool:
     return hmac.compare_digest(digest, project.webhook_secret_sha256)
 
 
+def _check_api_url(url: str | None) -> str | None:
+    """The forge's base URL (``https://gitlab.example.com``); ``/api/v4`` is OpsCD's to add."""
+    if url is None or url == "":
+        return None
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ProjectError(f"API URL {url!r} must be an http:// or https:// URL")
+    if parts.username or parts.password or parts.query or parts.fragment:
+        raise ProjectError(f"API URL {url!r} must have no credentials, query or fragment "
+                           "(give the token with --api-token-stdin)")  # fmt: skip
+    if parts.path.rstrip("/").endswith("/api/v4"):
+        raise ProjectError(f"API URL {url!r}: give the forge's base URL, without /api/v4")
+    if len(url) > 1024:
+        raise ProjectError("the API URL is longer than 1024 characters")
+    return url.rstrip("/")
+
+
+def _check_api_token(token: object) -> str:
+    if not isinstance(token, str) or not token.strip() or not token.strip().isprintable():
+        raise ProjectError("the API token must be one line of printable characters")
+    return token.strip()
+
+
 def register(
     path: str, clone_url: str, *, protected: str | list[str] | None = "main",
     approval: str | list[str] | None = "", git_username: str | None = None,
     git_password: str | None = None, key: SecretStr | None = None,
+    api_url: str | None = None, api_token: str | None = None,
 ) -> Registered:  # fmt: skip
-    """Record a new project (or namespace); its generated webhook secret is returned once."""
+    """Record a new project (or namespace); its generated webhook secret is returned once.
+
+    With ``api_token`` (a forge access token that may set commit statuses) its
+    builds report their states to the forge at ``api_url`` (default: the clone
+    URL's origin); the token is encrypted like the git password.
+    """
     _check_path(path)
     _check_clone_url(clone_url, path.endswith("/*"))
+    api_url = _check_api_url(api_url)
+    if api_token is not None:
+        api_token = _check_api_token(api_token)
     if (git_username is None) != (git_password is None):
         raise ProjectError("give both --git-username and a password, or neither")
     secret, digest = _new_secret()
@@ -134,6 +166,7 @@ def register(
         protected_refs=parse_patterns(protected, "protected"),
         approval_refs=parse_patterns(approval, "approval"), git_username=git_username,
         git_password_ciphertext=encrypt(git_password, key) if git_password else None,
+        api_url=api_url, api_token_ciphertext=encrypt(api_token, key) if api_token else None,
     )  # fmt: skip
     with db.session() as session:
         same = session.scalar(select(Project.path).where(func.lower(Project.path) == path.lower()))
@@ -161,8 +194,10 @@ def list_projects() -> list[Project]:
 
 
 def update(path: str, changes: dict[str, Any], key: SecretStr | None = None) -> Project:
-    """Change the clone URL, the ref patterns or the git credentials of a registration."""
-    allowed = {"clone_url", "protected", "approval", "git_username", "git_password"}
+    """Change the clone URL, the ref patterns, the git credentials or the forge API URL and
+    token of a registration (a null ``api_token``: no more statuses)."""
+    allowed = {"clone_url", "protected", "approval", "git_username", "git_password", "api_url",
+               "api_token"}  # fmt: skip
     unknown = set(changes) - allowed
     if unknown:
         raise ProjectError(f"cannot change {', '.join(sorted(unknown))}; "
@@ -183,6 +218,13 @@ def update(path: str, changes: dict[str, Any], key: SecretStr | None = None) -> 
                 raise ProjectError("give both git_username and git_password, or both null")
             project.git_username = username
             project.git_password_ciphertext = encrypt(password, key) if password else None
+        if "api_url" in changes:
+            project.api_url = _check_api_url(changes["api_url"])
+        if "api_token" in changes:
+            token = changes["api_token"]
+            project.api_token_ciphertext = (
+                None if token is None else encrypt(_check_api_token(token), key)
+            )
         project.updated_at = utcnow()
         session.commit()
     return project

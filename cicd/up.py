@@ -177,6 +177,7 @@ def up(host: str, port: int, flower_port: int) -> int:
         Child("web", processes.with_python(processes.web(f"{host}:{port}"), python), env),
         Child("worker", processes.with_python(
             processes.worker("local", settings.worker_concurrency), python), env),
+        Child("reporter", processes.with_python(processes.reporter(), python), env),
         Child("flower", processes.with_python(processes.flower(host, flower_port), python),
               {**env, "FLOWER_BASIC_AUTH": credentials}),
     ]  # fmt: skip

@@ -161,3 +161,31 @@ ALTER TABLE agent_states ADD COLUMN agent VARCHAR(32);
 
 UPDATE alembic_version SET version_num='0004' WHERE alembic_version.version_num = '0003';
 
+-- Running upgrade 0004 -> 0005
+
+ALTER TABLE projects ADD COLUMN api_url VARCHAR(1024);
+
+ALTER TABLE projects ADD COLUMN api_token_ciphertext TEXT;
+
+CREATE TABLE commit_statuses (
+    id BIGINT NOT NULL AUTO_INCREMENT,
+    task_id BIGINT NOT NULL,
+    unit VARCHAR(64) NOT NULL,
+    state VARCHAR(16) NOT NULL,
+    description VARCHAR(255) NOT NULL,
+    created_at DATETIME(6) NOT NULL,
+    tries INTEGER NOT NULL,
+    next_try_at DATETIME(6),
+    delivered_at DATETIME(6),
+    outcome VARCHAR(16),
+    last_error TEXT,
+    PRIMARY KEY (id),
+    FOREIGN KEY(task_id) REFERENCES task_details (id) ON DELETE CASCADE
+)ENGINE=InnoDB CHARSET=utf8mb4 COLLATE utf8mb4_bin;
+
+CREATE INDEX ix_commit_statuses_task ON commit_statuses (task_id, id);
+
+CREATE INDEX ix_commit_statuses_undelivered ON commit_statuses (delivered_at, id);
+
+UPDATE alembic_version SET version_num='0005' WHERE alembic_version.version_num = '0004';
+

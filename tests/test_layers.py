@@ -136,6 +136,7 @@ READS_SETTINGS = {
     "cicd.cli": "the command line",
     "cicd.broker": "Flower's -A cicd.broker, which configures nothing",
     "workers.celery_app": "the worker at start",
+    "cicd.reporter": "the reporter at start",
     "workers.localrun": "cicd run",
 }
 

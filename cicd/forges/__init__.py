@@ -1,8 +1,10 @@
-"""Forge webhooks: one module per forge turns a delivery into a PushEvent or an Ignored.
+"""Forges: one module per forge turns a delivery into a PushEvent or an Ignored, and posts
+commit statuses to the forge's API.
 
-Forge modules only parse and validate; they never touch the database or the
-broker (that is :mod:`cicd.web.webhook`). Everything in a payload comes from outside,
-so fields that later reach git, paths or image names are validated here.
+Forge modules parse, validate and speak the forge's HTTP API; they never touch
+the database or the broker (that is :mod:`cicd.web.webhook` and :mod:`cicd.statuses`).
+Everything in a payload comes from outside, so fields that later reach git, paths
+or image names are validated here.
 """
 
 from __future__ import annotations
@@ -10,11 +12,12 @@ from __future__ import annotations
 import re
 from dataclasses import asdict, dataclass
 
-from cicd.errors import PayloadError
+from cicd.errors import OpsCDError, PayloadError
 
 __all__ = [
     "PushEvent", "Ignored", "PROJECT_PATH", "validate_ref_name", "validate_sha",
     "validate_clone_url", "validate_project_path", "validate_project_id", "skips_ci",
+    "StatusError", "StatusRefused",
 ]  # fmt: skip
 
 #: What GitLab (and GitHub, Gitea, Woodpecker) read in a commit message as "build nothing",
@@ -65,6 +68,20 @@ class Ignored:
     """A delivery that is valid but builds nothing; ``reason`` is sent back to the forge."""
 
     reason: str
+
+
+class StatusError(OpsCDError):
+    """The forge did not take a commit status; ``retry``: it may on a later try (a conflict,
+    a server error, no answer), else it never will as sent (a wrong token, no such project)."""
+
+    def __init__(self, message: str, retry: bool) -> None:
+        super().__init__(message)
+        self.retry = retry
+
+
+class StatusRefused(OpsCDError):
+    """The forge has this state already and refuses it again (GitLab's "Cannot transition
+    status …"): the status is where it should be, nothing to try again."""
 
 
 _SHA = re.compile(r"\A(?:[0-9a-f]{40}|[0-9a-f]{64})\Z")

@@ -1,7 +1,10 @@
-"""GitLab webhooks: the delivery's ``X-Gitlab-Token``, and push and tag push events parsed.
+"""GitLab: the delivery's ``X-Gitlab-Token``, push and tag push events parsed, and commit
+statuses posted.
 
 Payload format: https://docs.gitlab.com/user/project/integrations/webhook_events/
 (push events, tag events, and system hooks carrying the same push payload).
+Statuses: https://docs.gitlab.com/api/commits/#set-the-pipeline-status-of-a-commit
+(``POST /projects/:id/statuses/:sha``), through python-gitlab.
 """
 
 from __future__ import annotations
@@ -14,6 +17,8 @@ from cicd.errors import PayloadError
 from cicd.forges import (
     Ignored,
     PushEvent,
+    StatusError,
+    StatusRefused,
     validate_clone_url,
     validate_project_id,
     validate_project_path,
@@ -21,7 +26,7 @@ from cicd.forges import (
     validate_sha,
 )
 
-__all__ = ["FORGE", "token", "delivery_id", "parse"]
+__all__ = ["FORGE", "token", "delivery_id", "parse", "post_status"]
 
 FORGE = "gitlab"
 ZERO_SHA = "0" * 40
@@ -105,6 +110,38 @@ def parse(headers: Mapping[str, str], body: bytes) -> PushEvent | Ignored:
         commit_author=_optional(author.get("name"), 255),
         pusher=_optional(payload.get("user_username") or payload.get("user_name"), 255),
     )
+
+
+def post_status(
+    api_url: str, token: str, project: int | str, sha: str, *, state: str, ref: str, name: str,
+    description: str, target_url: str | None, timeout: float,
+) -> None:  # fmt: skip
+    """Set commit ``sha``'s status ``name`` to ``state`` (pending, running, success, failed,
+    canceled) as the token's user; ``project`` is GitLab's id of it or its path.
+
+    Raises :class:`StatusRefused` for GitLab's answer to a repeated state ("Cannot
+    transition status via :run from :running"), :class:`StatusError` otherwise
+    (``retry`` for 409, 429, 5xx and no answer).
+    """
+    import gitlab as gitlab_api  # here: python-gitlab costs 0.1 s to import, and only the
+    import requests  # reporter posts statuses
+
+    data = {"state": state, "ref": ref, "name": name, "description": description}
+    if target_url:
+        data["target_url"] = target_url
+    client = gitlab_api.Gitlab(api_url, private_token=token, timeout=timeout,
+                               user_agent="OpsCD")  # fmt: skip
+    commit = client.projects.get(project, lazy=True).commits.get(sha, lazy=True)
+    try:  # no retries inside: the outbox backs off and keeps the order of the states
+        commit.statuses.create(data, obey_rate_limit=False, retry_transient_errors=False)
+    except gitlab_api.GitlabError as error:
+        code, message = error.response_code, str(error.error_message)[:500]
+        if code == 400 and "Cannot transition" in message:
+            raise StatusRefused(f"GitLab has it already: {message}") from None
+        retry = code is None or code in (408, 409, 429) or code >= 500
+        raise StatusError(f"GitLab answered {code}: {message}", retry=retry) from None
+    except requests.RequestException as error:
+        raise StatusError(f"GitLab did not answer: {type(error).__name__}", retry=True) from None
 
 
 def _head_commit(payload: dict[str, Any], sha: str) -> dict[str, Any]:

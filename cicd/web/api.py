@@ -14,7 +14,7 @@ from flask import Blueprint, Response, current_app, g, jsonify, request, url_for
 from sqlalchemy import select
 from sqlalchemy.orm import contains_eager
 
-from cicd import agents, db, lifecycle, projects, secrets
+from cicd import agents, db, lifecycle, projects, secrets, statuses
 from cicd.broker import BrokerUnavailable, revoke_build, send_publish, send_task
 from cicd.errors import ConfigError
 from cicd.models import (
@@ -204,13 +204,16 @@ def agent_registry(nodes: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def task_details(task_id: int) -> dict[str, Any] | None:
-    """One build with its stages and approval, or None (for the API and the pages)."""
+    """One build with its stages, approval and commit statuses, or None (for the API and the
+    pages)."""
     with db.session() as session:
         task = session.get(TaskDetail, task_id)
         if task is None:
             return None
         stages = session.scalars(select(TaskStage).where(TaskStage.task_id == task_id)).all()
-        return task_to_dict(task, list(stages), session.get(TaskApproval, task_id))
+        data = task_to_dict(task, list(stages), session.get(TaskApproval, task_id))
+        data["commit_statuses"] = statuses.delivery_of(session, task_id)
+        return data
 
 
 @bp.get("/agents")
@@ -399,7 +402,8 @@ def retry_task(task_id: int) -> Response:
         copy = lifecycle.accept(
             TaskDetail(
                 **{column: getattr(task, column) for column in RETRY_COPIES}, retry_of=task.id
-            )
+            ),
+            statuses.reports(projects.governing(session, task.project)),
         )
         session.add(copy)
         session.commit()
@@ -478,6 +482,8 @@ def project_to_dict(project: Project) -> dict[str, Any]:
         "approval": projects.patterns(project.approval_refs),
         "git_username": project.git_username,
         "own_git_password": project.git_password_ciphertext is not None,
+        "api_url": statuses.api_url_of(project),
+        "reports_statuses": statuses.reports(project),
         "created_at": _iso(project.created_at),
         "updated_at": _iso(project.updated_at),
     }
@@ -505,7 +511,8 @@ def list_registered_projects() -> Response:
 @bp.post("/projects")
 def register_project() -> Response:
     """Register ``{"project", "clone_url", "protected"?, "approval"?, "git_username"?,
-    "git_password"?}``; the answer holds the webhook URL and secret, shown this once."""
+    "git_password"?, "api_url"?, "api_token"?}``; the answer holds the webhook URL and secret,
+    shown this once."""
     body = request.get_json(silent=True)
     if (
         not isinstance(body, dict)
@@ -518,6 +525,7 @@ def register_project() -> Response:
             body["project"], body["clone_url"], protected=body.get("protected", "main"),
             approval=body.get("approval", ""), git_username=body.get("git_username"),
             git_password=body.get("git_password"), key=current_app.config["SETTINGS"].secrets_key,
+            api_url=body.get("api_url"), api_token=body.get("api_token"),
         )  # fmt: skip
     except projects.ProjectError as error:
         return _project_error(error)

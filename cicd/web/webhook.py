@@ -22,7 +22,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session
 
-from cicd import db, lifecycle, projects
+from cicd import db, lifecycle, projects, statuses
 from cicd.broker import BrokerUnavailable, revoke_build, send_task
 from cicd.errors import PayloadError
 from cicd.forges import Ignored, PushEvent, gitlab, skips_ci
@@ -65,7 +65,8 @@ def gitlab_webhook() -> tuple[Response, int]:
                     projects.record_forge_id(session, registration, event.forge_project_id)
                     session.commit()
             clone_url = projects.clone_url_of(registration, event.project)
-        return _record_and_enqueue(event, clone_url)
+            reports = statuses.reports(registration)
+        return _record_and_enqueue(event, clone_url, reports)
     except OperationalError as error:
         log.error("webhook: database unavailable: %s", error.orig)
         return _answer(503, error="database unavailable; retry later")
@@ -92,13 +93,14 @@ def _refusal(
     return None
 
 
-def _record_and_enqueue(event: PushEvent, clone_url: str) -> tuple[Response, int]:
+def _record_and_enqueue(event: PushEvent, clone_url: str, reports: bool) -> tuple[Response, int]:
+    """``reports``: the project's builds post commit statuses."""
     fields = {**event.to_dict(), "clone_url": clone_url, "ref_type": RefType(event.ref_type)}
     del fields["forge_project_id"]
     with db.session() as session:
 
         def record() -> int:
-            task = lifecycle.accept(TaskDetail(**fields))
+            task = lifecycle.accept(TaskDetail(**fields), reports)
             session.add(task)
             try:
                 session.commit()

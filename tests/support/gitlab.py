@@ -36,7 +36,7 @@ def gitlab_payload(
             if section == "project":
                 payload[section].update(web_url=web_url, path_with_namespace=project_path)
     # GitLab's id of the project: one per path, as GitLab gives each project its own.
-    project_id = int(hashlib.sha256(project_path.encode()).hexdigest()[:12], 16)
+    project_id = forge_project_id(project_path)
     if "project_id" in payload:
         payload["project_id"] = project_id
     if "project" in payload and "id" in payload["project"]:
@@ -49,6 +49,11 @@ def gitlab_payload(
     if payload.get("commits"):
         payload["commits"][-1]["id"] = after
     return payload
+
+
+def forge_project_id(project_path: str) -> int:
+    """The GitLab project id the tests' payloads give ``project_path`` (stable per path)."""
+    return int(hashlib.sha256(project_path.encode()).hexdigest()[:12], 16)
 
 
 def gitlab_headers(

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from cicd import db, statuses
 from cicd.broker import STAGE_TASKS, app
 from cicd.ciyaml import PublishSpec, load_pipeline
 from cicd.config import load_settings
@@ -110,6 +111,9 @@ def publish(self: StageTask, ctx: dict[str, Any]) -> dict[str, Any]:
             log.line("Publish skipped: ci.yaml has no publish section")
             remove_workspace(workspace)
             return {**ctx, "skipped": Stage.PUBLISH.value}
+        with db.session() as session:
+            statuses.publishing(session, int(ctx["task_id"]))
+            session.commit()
         canceled = functools.partial(is_canceled, int(ctx["task_id"]), int(ctx.get("attempt", 1)))
         record = task_record(int(ctx["task_id"]))  # the database's, not the message's
         reference, digest = run_publish(
