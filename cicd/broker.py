@@ -217,7 +217,7 @@ def wake_reporter() -> None:
     """Tell the reporter that commit statuses were recorded (best effort: it also looks every
     few seconds, so a wake-up the broker did not take only delays them)."""
     try:
-        app.send_task(REPORT_TASK, queue=STATUS_QUEUE, retry_policy=FAST_FAIL_RETRY_POLICY)
+        app.send_task(REPORT_TASK, queue=STATUS_QUEUE, retry=False)
     except (KombuError, RedisError, OSError):
         pass
 

@@ -132,8 +132,8 @@ class TaskDetail(Base):
     created_at: Mapped[dt.datetime] = mapped_column(Timestamp, default=utcnow)
 
     status: Mapped[TaskStatus] = relationship(back_populates="detail", lazy="joined")
-    #: Written with the task when its project reports to the forge (never loaded with it).
-    commit_statuses: Mapped[list[CommitStatus]] = relationship(lazy="noload")
+    #: Written with the task when its project reports to the forge (loaded only if read).
+    commit_statuses: Mapped[list[CommitStatus]] = relationship(passive_deletes=True)
 
     @property
     def ref(self) -> str:

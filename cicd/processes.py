@@ -78,9 +78,10 @@ def procfile() -> str:
     lines = {
         "web": web("0.0.0.0:${PORT:-8000}", "${WEB_CONCURRENCY:-2}"),  # a platform routes to it
         "worker": worker("${CICD_AGENT_NAME:-agent}", "${CICD_WORKER_CONCURRENCY:-3}"),
-        "reporter": reporter(),
         # `cicd flower` refuses to start without a login, then runs flower().
         "flower": ["cicd", "flower", "--address", "0.0.0.0", "--port", "${PORT:-5555}"],  # noqa: S104
+        # Last: honcho gives each process a port in order (web +0, worker +100, flower +200).
+        "reporter": reporter(),
     }
     return "".join(f"{name}: {_shell_words(args)}\n" for name, args in lines.items())
 

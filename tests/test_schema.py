@@ -49,6 +49,7 @@ def test_sql_schema_matches_the_models(make_database):
         "project_secrets",
         "agent_states",
         "agents",
+        "commit_statuses",
         "projects",
         "alembic_version",
     }

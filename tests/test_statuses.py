@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import shlex
+import signal
 import subprocess
 import sys
 import uuid
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import requests
-from conftest import ROOT, change, wait_for_task
+from conftest import ROOT, change, task_log, wait_for_task, wait_ready, worker_args
 from support.gitlab import forge_project_id, register_project
 from support.gitlab_api import GitLabAPI
 from support.processes import Process, procfile_command, wait_until
@@ -33,18 +34,22 @@ def gitlab_api():
         yield api
 
 
-@pytest.fixture(scope="module")
-def reporter(web, workers, opscd_env, tmp_path_factory):
+def start_reporter(env: dict[str, str], web: str, log_dir: Path) -> Process:
     """The Procfile's reporter, with the web's address as CICD_PUBLIC_URL."""
     command = procfile_command("reporter")
     assert shlex.split(command)[:3] == ["celery", "-A", "cicd.reporter"]
-    path = f"{Path(sys.executable).parent}{os.pathsep}{opscd_env.get('PATH', '/usr/bin:/bin')}"
-    env = {**opscd_env, "PATH": path, "CICD_PUBLIC_URL": web}
-    node = Process("reporter", ["sh", "-c", "exec " + command], env,
-                   tmp_path_factory.mktemp("reporter"))  # fmt: skip
+    path = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '/usr/bin:/bin')}"
+    node = Process("reporter", ["sh", "-c", "exec " + command],
+                   {**env, "PATH": path, "CICD_PUBLIC_URL": web}, log_dir)  # fmt: skip
     wait_until(lambda: "ready." in node.output() or node.popen.poll() is not None, 60,
                "the reporter to be ready")  # fmt: skip
     assert node.popen.poll() is None, node.output()
+    return node
+
+
+@pytest.fixture(scope="module")
+def reporter(web, workers, opscd_env, tmp_path_factory):
+    node = start_reporter(opscd_env, web, tmp_path_factory.mktemp("reporter"))
     yield node
     node.stop()
 
@@ -197,3 +202,31 @@ def test_cicd_projects_add_reads_the_api_token_from_stdin(web, git_server, opscd
     assert dropped.returncode == 0, dropped.stderr
     shown = requests.get(f"{web}/api/projects/{repo.project_path}", timeout=10).json()
     assert not shown["reports_statuses"]
+
+
+def test_a_worker_killed_mid_build_still_ends_with_one_final_status(
+    start_stack, git_server, gitlab_api, tmp_path
+):
+    """The node dies with the build running; another node runs it again: the commit shows
+    pending, running, success, and GitLab was never sent a state it would refuse."""
+    stack = start_stack("statuses-kill", CICD_AGENT_OFFLINE_AFTER="4", CICD_REAPER_INTERVAL="1")
+    reporter = start_reporter(stack.env, stack.web, tmp_path)
+    rescuer = None
+    try:
+        repo, secret = reporting_project(stack.web, git_server, gitlab_api)
+        ci = "build:\n  script: [sleep 5, echo done]\n"
+        payload = push_payload(repo, {"ci.yaml": ci})
+        sha = payload["checkout_sha"]
+        task_id = deliver(stack.web, payload, secret).json()["task_id"]
+        states_become(gitlab_api, repo, sha, BUILD, ["pending", "running"])
+        stack.worker.stop(signal.SIGKILL)  # the node and its pool die mid-build
+        rescuer = Process("status-rescuer", worker_args("status-rescuer"), stack.env, tmp_path)
+        wait_ready(rescuer)
+        done = wait_for_task(stack.web, task_id, timeout=90)
+        assert done["state"] == "success", task_log(stack.web, task_id)
+        states_become(gitlab_api, repo, sha, BUILD, ["pending", "running", "success"])
+        assert refusals_for(gitlab_api, sha) == []
+    finally:
+        for node in (rescuer, reporter):
+            if node is not None:
+                node.stop()
