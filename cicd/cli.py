@@ -16,6 +16,7 @@ import click
 from cicd import processes
 from cicd.config import load_settings
 from cicd.errors import ConfigError, OpsCDError
+from cicd.forges import FORGES, FORK_MRS
 
 if TYPE_CHECKING:
     import requests
@@ -534,11 +535,18 @@ def _from_stdin(git_password: bool, api_token: bool) -> tuple[str | None, str | 
 api_url_options = [
     click.option("--api-url", "forge_api_url",
                  help="The forge's base URL for commit statuses (default: the clone URL's "
-                      "origin; OpsCD adds /api/v4)."),
+                      "origin; OpsCD adds /api/v4, GitHub's /api/v3, Gitea's /api/v1)."),
     click.option("--api-token-stdin", is_flag=True,
                  help="Read a forge access token (one line) from stdin: builds then post "
                       "commit statuses."),
 ]  # fmt: skip
+
+
+fork_mrs_option = click.option(
+    "--fork-mrs", type=click.Choice(FORK_MRS),
+    help="Merge requests from forks that are not registered: not built (off, the default), or "
+         "built without secrets and publishing nothing (no-secrets).",
+)  # fmt: skip
 
 
 def forge_api_options(command):
@@ -571,6 +579,9 @@ def _show_registered(answer: dict, as_json: bool, what: str) -> None:
     help="Ref patterns whose builds get the secret variables, comma-separated.",
 )
 @click.option("--approval", default="", help="Ref patterns whose publish waits for approval.")
+@click.option("--forge", type=click.Choice(FORGES), default="gitlab", show_default=True,
+              help="Where it is hosted: its webhooks go to /webhooks/FORGE.")  # fmt: skip
+@fork_mrs_option
 @click.option("--git-username", help="Its own git user (else the instance's CICD_GIT_USERNAME).")
 @click.option("--git-password-stdin", is_flag=True, help="Read its own git password from stdin.")
 @forge_api_options
@@ -581,15 +592,18 @@ def projects_add(
     clone_url: str,
     protected: str,
     approval: str,
+    forge: str,
+    fork_mrs: str | None,
     git_username: str | None,
     git_password_stdin: bool,
     forge_api_url: str | None,
     api_token_stdin: bool,
     as_json: bool,
 ) -> None:
-    """Register PROJECT (group/app, or group/* for a group webhook)."""
+    """Register PROJECT (group/app, or group/* for a group webhook; GitHub's and Gitea's
+    owner/repo)."""
     body = {"project": project, "clone_url": clone_url, "protected": protected,
-            "approval": approval}  # fmt: skip
+            "approval": approval, "forge": forge, "fork_mrs": fork_mrs or "off"}  # fmt: skip
     password, token = _from_stdin(git_password_stdin, api_token_stdin)
     if git_username is not None or git_password_stdin:
         body.update(git_username=git_username, git_password=password)
@@ -628,16 +642,18 @@ def projects_show(url: str, project: str) -> None:
 @click.option("--git-username", help="Its own git user (with --git-password-stdin).")
 @click.option("--git-password-stdin", is_flag=True, help="Read its own git password from stdin.")
 @click.option("--instance-git", is_flag=True, help="Drop its own git credentials.")
+@fork_mrs_option
 @forge_api_options
 @click.option("--no-statuses", is_flag=True, help="Drop its API token: post no more statuses.")
 def projects_set(url: str, project: str, clone_url: str | None, protected: str | None,
                  approval: str | None, git_username: str | None, git_password_stdin: bool,
-                 instance_git: bool, forge_api_url: str | None, api_token_stdin: bool,
-                 no_statuses: bool) -> None:  # fmt: skip
+                 instance_git: bool, fork_mrs: str | None, forge_api_url: str | None,
+                 api_token_stdin: bool, no_statuses: bool) -> None:  # fmt: skip
     """Change PROJECT's registration."""
     changes: dict[str, str | None] = {
         key: value for key, value in
-        (("clone_url", clone_url), ("protected", protected), ("approval", approval))
+        (("clone_url", clone_url), ("protected", protected), ("approval", approval),
+         ("fork_mrs", fork_mrs))
         if value is not None
     }  # fmt: skip
     password, token = _from_stdin(git_password_stdin and not instance_git, api_token_stdin)

@@ -129,6 +129,14 @@ class TaskDetail(Base):
     retry_of: Mapped[int | None] = mapped_column(
         Id, ForeignKey("task_details.id", ondelete="SET NULL")
     )
+    #: A merge request build: the request's iid (GitHub, Gitea: its number).
+    merge_request_iid: Mapped[int | None] = mapped_column(BigInteger)
+    #: A merge request from a fork that is not registered: the fork's path. Such a build
+    #: gets no secrets and publishes nothing; its commit comes from ``head_ref``.
+    fork_of: Mapped[str | None] = mapped_column(String(255))
+    #: The ref of the target repository the commit is fetched from when it is not the
+    #: branch's (a fork's ``refs/merge-requests/N/head``, ``refs/pull/N/head``).
+    head_ref: Mapped[str | None] = mapped_column(String(255))
     created_at: Mapped[dt.datetime] = mapped_column(Timestamp, default=utcnow)
 
     status: Mapped[TaskStatus] = relationship(back_populates="detail", lazy="joined")
@@ -140,6 +148,11 @@ class TaskDetail(Base):
         """The full git ref, e.g. ``refs/heads/feature/login``."""
         prefix = "refs/heads/" if self.ref_type is RefType.BRANCH else "refs/tags/"
         return prefix + self.ref_name
+
+    @property
+    def fetch_ref(self) -> str:
+        """The ref the commit is fetched from: a fork's merge request head, else :attr:`ref`."""
+        return self.head_ref or self.ref
 
 
 class TaskStatus(Base):
@@ -250,12 +263,17 @@ class Project(Base):
     forge_project_id: Mapped[int | None] = mapped_column(BigInteger)
     clone_url: Mapped[str] = mapped_column(String(1024))
     webhook_secret_sha256: Mapped[str] = mapped_column(String(64))
+    #: Forges that sign deliveries (GitHub, Gitea) need the secret itself: kept encrypted.
+    webhook_secret_ciphertext: Mapped[str | None] = mapped_column(Text)
     git_username: Mapped[str | None] = mapped_column(String(255))
     git_password_ciphertext: Mapped[str | None] = mapped_column(Text)
     #: Comma-separated ref patterns (fnmatch): builds of these refs get the secret variables.
     protected_refs: Mapped[str] = mapped_column(String(1024), default="main")
     #: Comma-separated ref patterns whose publish waits for a person's approval.
     approval_refs: Mapped[str] = mapped_column(String(1024), default="")
+    #: Merge requests from forks that are not registered: ``off`` (not built) or
+    #: ``no-secrets`` (built without secrets, publishing nothing).
+    fork_mrs: Mapped[str] = mapped_column(String(16), default="off", server_default="off")
     #: The forge's base URL for its API (commit statuses); NULL: the clone URL's origin.
     api_url: Mapped[str | None] = mapped_column(String(1024))
     #: The forge access token that posts commit statuses, encrypted; NULL: no statuses.

@@ -33,7 +33,7 @@ from sqlalchemy.orm import Session
 
 from cicd import db
 from cicd.errors import OpsCDError
-from cicd.forges import PROJECT_PATH, SEGMENT
+from cicd.forges import FORGES, FORK_MRS, PROJECT_PATH, SEGMENT, SIGNING_FORGES
 from cicd.models import Project, utcnow
 from cicd.secrets import decrypt, encrypt
 
@@ -41,7 +41,7 @@ __all__ = [
     "ProjectError", "Registered", "PATH", "register", "update", "rotate_secret", "remove",
     "get", "list_projects", "secret_matches", "parse_patterns", "patterns", "PROJECT_PATH",
     "governing", "clone_url_of", "same_url", "matches", "is_protected", "needs_approval",
-    "git_credentials", "record_forge_id", "any_secret_matches",
+    "git_credentials", "record_forge_id", "any_secret_matches", "webhook_secret",
 ]  # fmt: skip
 
 #: A registration's path: a project's (:data:`~cicd.forges.PROJECT_PATH`), or a namespace's
@@ -135,6 +135,12 @@ def _check_api_url(url: str | None) -> str | None:
     return url.rstrip("/")
 
 
+def _check_choice(value: str, choices: tuple[str, ...], what: str) -> str:
+    if value not in choices:
+        raise ProjectError(f"{what} must be one of {', '.join(choices)}, not {value!r}")
+    return value
+
+
 def _check_api_token(token: object) -> str:
     if not isinstance(token, str) or not token.strip() or not token.strip().isprintable():
         raise ProjectError("the API token must be one line of printable characters")
@@ -145,14 +151,18 @@ def register(
     path: str, clone_url: str, *, protected: str | list[str] | None = "main",
     approval: str | list[str] | None = "", git_username: str | None = None,
     git_password: str | None = None, key: SecretStr | None = None,
-    api_url: str | None = None, api_token: str | None = None,
+    api_url: str | None = None, api_token: str | None = None, forge: str = "gitlab",
+    fork_mrs: str = "off",
 ) -> Registered:  # fmt: skip
     """Record a new project (or namespace); its generated webhook secret is returned once.
 
     With ``api_token`` (a forge access token that may set commit statuses) its
     builds report their states to the forge at ``api_url`` (default: the clone
-    URL's origin); the token is encrypted like the git password.
+    URL's origin); the token is encrypted like the git password. On a forge that signs its
+    deliveries the webhook secret is kept encrypted too (the signature needs it).
     """
+    _check_choice(forge, FORGES, "the forge")
+    _check_choice(fork_mrs, FORK_MRS, "fork merge requests (--fork-mrs)")
     _check_path(path)
     _check_clone_url(clone_url, path.endswith("/*"))
     api_url = _check_api_url(api_url)
@@ -162,7 +172,9 @@ def register(
         raise ProjectError("give both --git-username and a password, or neither")
     secret, digest = _new_secret()
     project = Project(
-        path=path, clone_url=clone_url, webhook_secret_sha256=digest,
+        path=path, forge=forge, fork_mrs=fork_mrs, clone_url=clone_url,
+        webhook_secret_sha256=digest,
+        webhook_secret_ciphertext=encrypt(secret, key) if forge in SIGNING_FORGES else None,
         protected_refs=parse_patterns(protected, "protected"),
         approval_refs=parse_patterns(approval, "approval"), git_username=git_username,
         git_password_ciphertext=encrypt(git_password, key) if git_password else None,
@@ -197,7 +209,7 @@ def update(path: str, changes: dict[str, Any], key: SecretStr | None = None) -> 
     """Change the clone URL, the ref patterns, the git credentials or the forge API URL and
     token of a registration (a null ``api_token``: no more statuses)."""
     allowed = {"clone_url", "protected", "approval", "git_username", "git_password", "api_url",
-               "api_token"}  # fmt: skip
+               "api_token", "fork_mrs"}  # fmt: skip
     unknown = set(changes) - allowed
     if unknown:
         raise ProjectError(f"cannot change {', '.join(sorted(unknown))}; "
@@ -218,6 +230,9 @@ def update(path: str, changes: dict[str, Any], key: SecretStr | None = None) -> 
                 raise ProjectError("give both git_username and git_password, or both null")
             project.git_username = username
             project.git_password_ciphertext = encrypt(password, key) if password else None
+        if "fork_mrs" in changes:
+            project.fork_mrs = _check_choice(str(changes["fork_mrs"]), FORK_MRS,
+                                             "fork merge requests (fork_mrs)")  # fmt: skip
         if "api_url" in changes:
             project.api_url = _check_api_url(changes["api_url"])
         if "api_token" in changes:
@@ -230,7 +245,7 @@ def update(path: str, changes: dict[str, Any], key: SecretStr | None = None) -> 
     return project
 
 
-def rotate_secret(path: str) -> Registered:
+def rotate_secret(path: str, key: SecretStr | None = None) -> Registered:
     """A new webhook secret for the project (the old one stops working at once)."""
     secret, digest = _new_secret()
     with db.session() as session:
@@ -238,6 +253,8 @@ def rotate_secret(path: str) -> Registered:
         if project is None:
             raise ProjectError(f"project {path} is not registered", status=404)
         project.webhook_secret_sha256, project.updated_at = digest, utcnow()
+        if project.forge in SIGNING_FORGES:
+            project.webhook_secret_ciphertext = encrypt(secret, key)
         session.commit()
     return Registered(project, secret)
 
@@ -316,6 +333,13 @@ def is_protected(registration: Project, ref_type: str, ref_name: str) -> bool:
 def needs_approval(registration: Project, ref_type: str, ref_name: str) -> bool:
     """The server's approval rule; a pushed ci.yaml may add one, never remove it."""
     return matches(registration.approval_refs, ref_type, ref_name)
+
+
+def webhook_secret(registration: Project, key: SecretStr | None) -> str | None:
+    """The webhook secret itself, for forges that sign deliveries with it (None elsewhere)."""
+    if registration.webhook_secret_ciphertext is None:
+        return None
+    return decrypt(registration.webhook_secret_ciphertext, key)
 
 
 def git_credentials(registration: Project, key: SecretStr | None) -> tuple[str, str] | None:

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -38,7 +38,8 @@ from sqlalchemy.orm import Session
 from cicd import db, projects
 from cicd.config import Settings
 from cicd.errors import OpsCDError
-from cicd.forges import StatusError, StatusRefused, gitlab
+from cicd.forges import FORGES, StatusError, StatusRefused
+from cicd.forges import module as forge_module
 from cicd.models import CommitStatus, Project, TaskDetail
 from cicd.secrets import decrypt
 
@@ -71,9 +72,6 @@ GIVE_UP_AFTER = dt.timedelta(days=1)
 LEASE = dt.timedelta(seconds=60)
 #: The forge's answer is awaited this long, then the status is tried again.
 POST_TIMEOUT = 10.0
-
-#: Each forge's poster: ``post(api_url, token, project, sha, **status)``.
-POSTERS: dict[str, Callable[..., None]] = {gitlab.FORGE: gitlab.post_status}
 
 _WAKE = "opscd.statuses.wake"
 
@@ -239,14 +237,15 @@ def _post(
         return "error", "the project no longer has an API token: not posted", False
     if posted == status.state:
         return "skipped", None, False
-    poster = POSTERS.get(registration.forge)
-    if poster is None:
+    if registration.forge not in FORGES:
         return "error", f"forge {registration.forge!r} has no commit status API here", False
     try:
         token = decrypt(registration.api_token_ciphertext, settings.secrets_key)
+        # GitLab's id survives a rename; GitHub and Gitea name repositories by path only.
         own_id = registration.forge_project_id and not registration.path.endswith("/*")
-        project = registration.forge_project_id if own_id else task.project
-        poster(
+        by_id = own_id and registration.forge == "gitlab"
+        project = registration.forge_project_id if by_id else task.project
+        forge_module(registration.forge).post_status(
             api_url_of(registration), token, project,
             task.commit_sha, state=status.state, ref=task.ref_name, name=status.unit,
             description=status.description, target_url=_target_url(settings, task.id),

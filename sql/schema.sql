@@ -189,3 +189,17 @@ CREATE INDEX ix_commit_statuses_undelivered ON commit_statuses (delivered_at, id
 
 UPDATE alembic_version SET version_num='0005' WHERE alembic_version.version_num = '0004';
 
+-- Running upgrade 0005 -> 0006
+
+ALTER TABLE task_details ADD COLUMN merge_request_iid BIGINT;
+
+ALTER TABLE task_details ADD COLUMN fork_of VARCHAR(255);
+
+ALTER TABLE task_details ADD COLUMN head_ref VARCHAR(255);
+
+ALTER TABLE projects ADD COLUMN fork_mrs VARCHAR(16) NOT NULL DEFAULT 'off';
+
+ALTER TABLE projects ADD COLUMN webhook_secret_ciphertext TEXT;
+
+UPDATE alembic_version SET version_num='0006' WHERE alembic_version.version_num = '0005';
+

@@ -1,5 +1,11 @@
-"""Forges: one module per forge turns a delivery into a PushEvent or an Ignored, and posts
-commit statuses to the forge's API.
+"""Forges: one module per forge turns a delivery into a PushEvent, a MergeRequestEvent or an
+Ignored, and posts commit statuses to the forge's API.
+
+Each forge module has the same parts: ``FORGE`` (its name), ``parse(headers, body)``,
+``delivery_id(headers)``, how a delivery is authenticated (GitLab: ``token(headers)``,
+a shared secret sent as is; GitHub and Gitea: ``signature_matches(headers, body,
+secret)``, an HMAC SHA-256 of the raw body), and ``post_status(...)`` taking OpsCD's
+states (pending, running, success, failed, canceled) and mapping them to the forge's.
 
 Forge modules parse, validate and speak the forge's HTTP API; they never touch
 the database or the broker (that is :mod:`cicd.web.webhook` and :mod:`cicd.statuses`).
@@ -9,16 +15,41 @@ or image names are validated here.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
+import importlib
 import re
 from dataclasses import asdict, dataclass
+from types import ModuleType
 
 from cicd.errors import OpsCDError, PayloadError
 
 __all__ = [
-    "PushEvent", "Ignored", "PROJECT_PATH", "validate_ref_name", "validate_sha",
+    "PushEvent", "MergeRequestEvent", "Ignored", "hmac_sha256_matches", "PROJECT_PATH",
+    "validate_ref_name", "validate_sha",
     "validate_clone_url", "validate_project_path", "validate_project_id", "skips_ci",
-    "StatusError", "StatusRefused",
+    "StatusError", "StatusRefused", "FORGES", "TITLES", "SIGNING_FORGES", "FORK_MRS",
+    "module",
 ]  # fmt: skip
+
+#: The forges a project may be on (each a module here); those that sign each delivery with
+#: the webhook secret (HMAC SHA-256) rather than send the secret as is.
+FORGES = ("gitlab", "github", "gitea")
+#: How each forge is named in messages.
+TITLES = {"gitlab": "GitLab", "github": "GitHub", "gitea": "Gitea"}
+SIGNING_FORGES = ("github", "gitea")
+#: What a merge request from a fork that is not registered gets (the target project's
+#: choice): no build, or one without secrets that publishes nothing.
+FORK_MRS = ("off", "no-secrets")
+
+
+def module(forge: str) -> ModuleType:
+    """The module of one of :data:`FORGES` (imported when first asked for: the reporter needs
+    only its projects' forges' clients)."""
+    if forge not in FORGES:
+        raise KeyError(f"no forge {forge!r}; one of {', '.join(FORGES)}")
+    return importlib.import_module(f"{__name__}.{forge}")
+
 
 #: What GitLab (and GitHub, Gitea, Woodpecker) read in a commit message as "build nothing",
 #: in any capitalization.
@@ -64,6 +95,40 @@ class PushEvent:
 
 
 @dataclass(frozen=True)
+class MergeRequestEvent:
+    """A merge request (GitHub, Gitea: pull request) opened, reopened or given new commits:
+    build its head commit.
+
+    ``project`` is the *target* project, whose webhook delivered the event and whose
+    registration authenticates it; the commits come from ``source_project`` (the same one,
+    or a fork). ``head_ref`` is the target repository's own ref of the head commit
+    (``refs/merge-requests/N/head``, ``refs/pull/N/head``), which the forge keeps for
+    forks too.
+    """
+
+    forge: str
+    delivery_id: str | None
+    project: str
+    forge_project_id: int | None
+    clone_url: str
+    web_url: str | None
+    #: GitLab's iid, GitHub's and Gitea's pull request number.
+    number: int
+    action: str
+    source_project: str
+    source_clone_url: str
+    source_branch: str
+    head_ref: str
+    commit_sha: str
+    commit_message: str | None
+    commit_author: str | None
+    pusher: str | None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
 class Ignored:
     """A delivery that is valid but builds nothing; ``reason`` is sent back to the forge."""
 
@@ -82,6 +147,16 @@ class StatusError(OpsCDError):
 class StatusRefused(OpsCDError):
     """The forge has this state already and refuses it again (GitLab's "Cannot transition
     status …"): the status is where it should be, nothing to try again."""
+
+
+def hmac_sha256_matches(secret: str, body: bytes, signature: str | None) -> bool:
+    """Whether ``signature`` (hex) is the HMAC SHA-256 of ``body`` under ``secret``, compared
+    in constant time (GitHub's ``X-Hub-Signature-256`` without its ``sha256=``, Gitea's
+    ``X-Gitea-Signature``)."""
+    if not signature or not secret:
+        return False
+    expected = hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+    return hmac.compare_digest(expected, signature.strip().lower())
 
 
 _SHA = re.compile(r"\A(?:[0-9a-f]{40}|[0-9a-f]{64})\Z")

@@ -1,8 +1,10 @@
-"""GitLab: the delivery's ``X-Gitlab-Token``, push and tag push events parsed, and commit
-statuses posted.
+"""GitLab: the delivery's ``X-Gitlab-Token``, push, tag push and merge request events
+parsed, and commit statuses posted.
 
 Payload format: https://docs.gitlab.com/user/project/integrations/webhook_events/
-(push events, tag events, and system hooks carrying the same push payload).
+(push events, tag events, merge request events, and system hooks carrying the same push
+payload). A merge request builds when it is opened, reopened, or updated with new commits
+(an ``update`` whose ``object_attributes.oldrev`` is set); a title or label change does not.
 Statuses: https://docs.gitlab.com/api/commits/#set-the-pipeline-status-of-a-commit
 (``POST /projects/:id/statuses/:sha``), through python-gitlab.
 """
@@ -16,6 +18,7 @@ from typing import Any
 from cicd.errors import PayloadError
 from cicd.forges import (
     Ignored,
+    MergeRequestEvent,
     PushEvent,
     StatusError,
     StatusRefused,
@@ -30,7 +33,10 @@ __all__ = ["FORGE", "token", "delivery_id", "parse", "post_status"]
 
 FORGE = "gitlab"
 ZERO_SHA = "0" * 40
-_BUILD_EVENTS = {"Push Hook": "push", "Tag Push Hook": "tag_push", "System Hook": None}
+_BUILD_EVENTS = {"Push Hook": "push", "Tag Push Hook": "tag_push", "System Hook": None,
+                 "Merge Request Hook": "merge_request"}  # fmt: skip
+#: Merge request actions that bring commits to build (``update`` only with new commits).
+_MR_ACTIONS = ("open", "reopen", "update")
 _PREFIXES = {"push": ("refs/heads/", "branch"), "tag_push": ("refs/tags/", "tag")}
 
 
@@ -51,7 +57,7 @@ def delivery_id(headers: Mapping[str, str]) -> str | None:
     return value
 
 
-def parse(headers: Mapping[str, str], body: bytes) -> PushEvent | Ignored:
+def parse(headers: Mapping[str, str], body: bytes) -> PushEvent | MergeRequestEvent | Ignored:
     """Turn one delivery into a build to run, or the reason it builds nothing.
 
     Raises :class:`PayloadError` when the body is not JSON or lacks what a push
@@ -72,6 +78,8 @@ def parse(headers: Mapping[str, str], body: bytes) -> PushEvent | Ignored:
         raise PayloadError("body must be a JSON object")
 
     kind = payload.get("object_kind") or payload.get("event_name")
+    if kind == "merge_request":
+        return _merge_request(headers, payload)
     if not isinstance(kind, str) or kind not in _PREFIXES:
         return Ignored(f"{event} of kind {str(kind)[:64]!r} does not start builds")
     prefix, ref_type = _PREFIXES[kind]
@@ -110,6 +118,50 @@ def parse(headers: Mapping[str, str], body: bytes) -> PushEvent | Ignored:
         commit_author=_optional(author.get("name"), 255),
         pusher=_optional(payload.get("user_username") or payload.get("user_name"), 255),
     )
+
+
+def _merge_request(
+    headers: Mapping[str, str], payload: dict[str, Any]
+) -> MergeRequestEvent | Ignored:
+    """A merge request event: the target project's delivery of the source branch's head."""
+    attributes = _object(payload, "object_attributes")
+    action = attributes.get("action")
+    if action not in _MR_ACTIONS:
+        return Ignored(f"merge request action {str(action)[:64]!r} does not start builds")
+    if action == "update" and not attributes.get("oldrev"):
+        return Ignored("merge request update without new commits does not start builds")
+    iid = validate_project_id(attributes.get("iid"), "object_attributes.iid")
+    if iid is None:
+        raise PayloadError("field 'object_attributes.iid' is missing")
+    project = _object(payload, "project")
+    path = validate_project_path(project.get("path_with_namespace"), "project.path_with_namespace")
+    source = _object(attributes, "source")
+    commit = _object(attributes, "last_commit")
+    author = commit.get("author") if isinstance(commit.get("author"), dict) else {}
+    user = payload.get("user") if isinstance(payload.get("user"), dict) else {}
+    return MergeRequestEvent(
+        forge=FORGE,
+        delivery_id=delivery_id(headers),
+        project=path,
+        forge_project_id=validate_project_id(project.get("id"), "project.id"),
+        clone_url=validate_clone_url(project.get("git_http_url"), "project.git_http_url"),
+        web_url=_optional(project.get("web_url"), 1024),
+        number=iid,
+        action=action,
+        source_project=validate_project_path(
+            source.get("path_with_namespace"), "object_attributes.source.path_with_namespace"
+        ),
+        source_clone_url=validate_clone_url(
+            source.get("git_http_url"), "object_attributes.source.git_http_url"
+        ),
+        source_branch=validate_ref_name(_string(attributes, "source_branch",
+                                                "object_attributes.source_branch")),
+        head_ref=f"refs/merge-requests/{iid}/head",
+        commit_sha=validate_sha(commit.get("id"), "object_attributes.last_commit.id"),
+        commit_message=_optional(commit.get("message"), 16000),
+        commit_author=_optional(author.get("name"), 255),
+        pusher=_optional(user.get("username") or user.get("name"), 255),
+    )  # fmt: skip
 
 
 def post_status(

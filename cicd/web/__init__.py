@@ -26,13 +26,14 @@ __all__ = ["create_app"]
 
 #: Reachable without the UI login: the webhook checks each project's own secret; probes,
 #: scrapes, and the build badges project READMEs embed (they show a branch's last state).
-OPEN_ENDPOINTS = {"webhook.gitlab_webhook", "healthz", "metrics.metrics", "web.badge"}
+WEBHOOKS = {"webhook.gitlab_webhook", "webhook.github_webhook", "webhook.gitea_webhook"}
+OPEN_ENDPOINTS = {*WEBHOOKS, "healthz", "metrics.metrics", "web.badge"}
 #: Methods that change something: they need an X-Requested-With header, which a page of
 #: another site cannot send (a form cannot, and a script must ask CORS, which is not
 #: granted), so it cannot act with the user's login, or with no login on loopback.
 UNSAFE_METHODS = {"POST", "PUT", "PATCH", "DELETE"}
 #: Answered whatever the Host: the forge's deliveries and load balancers' probes.
-ANY_HOST_ENDPOINTS = {"webhook.gitlab_webhook", "healthz"}
+ANY_HOST_ENDPOINTS = {*WEBHOOKS, "healthz"}
 LOOPBACK_NAMES = {"localhost", "localhost.localdomain"}
 
 

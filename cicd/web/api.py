@@ -80,6 +80,8 @@ def task_to_dict(
         "commit_message": task.commit_message,
         "commit_author": task.commit_author,
         "pusher": task.pusher,
+        "merge_request_iid": task.merge_request_iid,
+        "fork_of": task.fork_of,
         "state": status.state.value,
         "stage": status.stage.value if status.stage else None,
         "worker": status.worker,
@@ -480,6 +482,7 @@ def project_to_dict(project: Project) -> dict[str, Any]:
         "clone_url": project.clone_url,
         "protected": projects.patterns(project.protected_refs),
         "approval": projects.patterns(project.approval_refs),
+        "fork_mrs": project.fork_mrs,
         "git_username": project.git_username,
         "own_git_password": project.git_password_ciphertext is not None,
         "api_url": statuses.api_url_of(project),
@@ -492,7 +495,7 @@ def project_to_dict(project: Project) -> dict[str, Any]:
 def _registered(registered: projects.Registered, status: int) -> Response:
     response = jsonify(
         project=project_to_dict(registered.project),
-        webhook_url=external_url("webhook.gitlab_webhook"),
+        webhook_url=external_url(f"webhook.{registered.project.forge}_webhook"),
         webhook_secret=registered.webhook_secret,
     )
     response.status_code = status
@@ -510,9 +513,9 @@ def list_registered_projects() -> Response:
 
 @bp.post("/projects")
 def register_project() -> Response:
-    """Register ``{"project", "clone_url", "protected"?, "approval"?, "git_username"?,
-    "git_password"?, "api_url"?, "api_token"?}``; the answer holds the webhook URL and secret,
-    shown this once."""
+    """Register ``{"project", "clone_url", "forge"?, "protected"?, "approval"?, "fork_mrs"?,
+    "git_username"?, "git_password"?, "api_url"?, "api_token"?}``; the answer holds the
+    webhook URL and secret, shown this once."""
     body = request.get_json(silent=True)
     if (
         not isinstance(body, dict)
@@ -526,6 +529,7 @@ def register_project() -> Response:
             approval=body.get("approval", ""), git_username=body.get("git_username"),
             git_password=body.get("git_password"), key=current_app.config["SETTINGS"].secrets_key,
             api_url=body.get("api_url"), api_token=body.get("api_token"),
+            forge=str(body.get("forge", "gitlab")), fork_mrs=str(body.get("fork_mrs", "off")),
         )  # fmt: skip
     except projects.ProjectError as error:
         return _project_error(error)
@@ -568,9 +572,12 @@ def remove_registered_project(path: str) -> Response:
 @bp.post("/projects/<path:path>/rotate-secret")
 def rotate_project_secret(path: str) -> Response:
     try:
-        return _registered(projects.rotate_secret(path), 200)
+        key = current_app.config["SETTINGS"].secrets_key
+        return _registered(projects.rotate_secret(path, key), 200)
     except projects.ProjectError as error:
         return _project_error(error)
+    except ConfigError as error:
+        return _error(503, str(error))
 
 
 # --- project secrets: names and dates out, values only in ------------------------------------
@@ -617,5 +624,6 @@ def delete_project_secret(project: str, name: str) -> Response:
 #: What a retry copies from the task it runs again; the delivery id stays with the first.
 RETRY_COPIES = (
     "forge", "project", "clone_url", "web_url", "ref_type", "ref_name", "commit_sha",
-    "before_sha", "commit_message", "commit_author", "pusher",
+    "before_sha", "commit_message", "commit_author", "pusher", "merge_request_iid", "fork_of",
+    "head_ref",
 )  # fmt: skip

@@ -53,6 +53,14 @@ def build_variables(task: TaskDetail) -> dict[str, str]:
         "CI_COMMIT_REF_NAME": task.ref_name,
     }
     variables["CI_COMMIT_TAG" if task.ref_type == "tag" else "CI_COMMIT_BRANCH"] = task.ref_name
+    variables["CI_PIPELINE_SOURCE"] = "push"
+    if task.merge_request_iid is not None:
+        variables.update(
+            CI_PIPELINE_SOURCE="merge_request_event",
+            CI_MERGE_REQUEST_IID=str(task.merge_request_iid),
+            CI_MERGE_REQUEST_SOURCE_BRANCH_NAME=task.ref_name,
+            CI_MERGE_REQUEST_SOURCE_PROJECT_PATH=task.fork_of or task.project,
+        )
     return variables
 
 
@@ -66,8 +74,12 @@ class TaskRecord:
     protected: bool
     #: The registration's approval patterns cover the ref: publish waits for a person.
     approval_required: bool
-    #: The registration's protected ref patterns, for messages.
-    protected_refs: str
+    #: Why this build gets no secret variables (its ref is not protected, it comes from a
+    #: fork), or None.
+    secrets_withheld: str | None = None
+    #: Why this build publishes no image whatever its ci.yaml says (a merge request's), or
+    #: None.
+    no_publish: str | None = None
 
 
 def task_record(task_id: int) -> TaskRecord:
@@ -83,11 +95,25 @@ def task_record(task_id: int) -> TaskRecord:
             if registration is None:
                 raise StageError("build", f"project {task.project} is not registered any more")
             ref_type = task.ref_type.value
+            # A fork's branch may be named like a protected one: it is never protected.
+            fork = task.fork_of is not None
+            protected = not fork and projects.is_protected(registration, ref_type, task.ref_name)
+            withheld = no_publish = None
+            if fork:
+                withheld = f"a merge request from the fork {task.fork_of}"
+                no_publish = f"a merge request from the fork {task.fork_of} publishes nothing"
+            elif not protected:
+                withheld = (f"{task.ref_name} is not a protected ref of this project; "
+                            f"protected: {registration.protected_refs or 'none'}")  # fmt: skip
+            if task.merge_request_iid is not None and no_publish is None:
+                no_publish = ("a merge request build publishes nothing (the push of its "
+                              "branch does)")  # fmt: skip
             return TaskRecord(
                 variables=build_variables(task),
-                protected=projects.is_protected(registration, ref_type, task.ref_name),
+                protected=protected,
                 approval_required=projects.needs_approval(registration, ref_type, task.ref_name),
-                protected_refs=registration.protected_refs,
+                secrets_withheld=withheld,
+                no_publish=no_publish,
             )
 
     return db.retrying(read, f"task {task_id}: reading the build")

@@ -98,10 +98,6 @@ def build(self: StageTask, ctx: dict[str, Any]) -> dict[str, Any]:
     node, run = self.request.hostname, int(ctx.get("attempt", 1))
     record = task_record(int(ctx["task_id"]))  # the database's, not the message's
     variables = record.variables
-    withheld = None
-    if not record.protected:
-        withheld = (f"{variables['CI_COMMIT_REF_NAME']} is not a protected ref of this project; "
-                    f"protected: {record.protected_refs or 'none'}")  # fmt: skip
     _, checkout = task_workspace(ctx)
     with self.log_writer(ctx) as log:
         pipeline = run_build(
@@ -111,11 +107,11 @@ def build(self: StageTask, ctx: dict[str, Any]) -> dict[str, Any]:
             log,
             canceled=functools.partial(is_canceled, int(ctx["task_id"]), run),
             node=node,
-            withheld=withheld,
+            withheld=record.secrets_withheld,
         )
         # The message carries ids only: ci.yaml's env values (and the rest) stay out of the
         # broker, Flower and task_approvals.context; publish reads ci.yaml again.
-        publish = pipeline.publish
+        publish = pipeline.publish if record.no_publish is None else None
         # The server's approval rule always applies; ci.yaml may only add one.
         ref_name = variables["CI_COMMIT_REF_NAME"]
         if publish is not None and (record.approval_required or publish.needs_approval(ref_name)):

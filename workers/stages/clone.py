@@ -56,7 +56,7 @@ def clone(self: StageTask, ctx: dict[str, Any]) -> dict[str, Any]:
         task = session.get(TaskDetail, task_id)
         if task is None:
             raise StageError("clone", f"task {task_id} is not in the database")
-        url, sha, ref = task.clone_url, task.commit_sha, task.ref
+        url, sha, ref = task.clone_url, task.commit_sha, task.fetch_ref
         registration = projects.governing(session, task.project)
         if registration is None:
             raise StageError("clone", f"project {task.project} is not registered any more",

@@ -107,15 +107,16 @@ def publish(self: StageTask, ctx: dict[str, Any]) -> dict[str, Any]:
     workspace, checkout = task_workspace(ctx)
     with self.log_writer(ctx) as log:
         spec = load_pipeline(checkout).publish  # the checkout's ci.yaml, not the message's
-        if spec is None:
-            log.line("Publish skipped: ci.yaml has no publish section")
+        record = task_record(int(ctx["task_id"]))  # the database's, not the message's
+        skipped = "ci.yaml has no publish section" if spec is None else record.no_publish
+        if skipped:
+            log.line(f"Publish skipped: {skipped}")
             remove_workspace(workspace)
             return {**ctx, "skipped": Stage.PUBLISH.value}
         with db.session() as session:
             statuses.publishing(session, int(ctx["task_id"]))
             session.commit()
         canceled = functools.partial(is_canceled, int(ctx["task_id"]), int(ctx.get("attempt", 1)))
-        record = task_record(int(ctx["task_id"]))  # the database's, not the message's
         reference, digest = run_publish(
             spec, checkout, record.variables, log, canceled, protected=record.protected
         )
