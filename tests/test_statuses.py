@@ -20,6 +20,7 @@ from conftest import ROOT, change, task_log, wait_for_task, wait_ready, worker_a
 from support.gitlab import forge_project_id, register_project
 from support.gitlab_api import GitLabAPI
 from support.processes import Process, procfile_command, wait_until
+from support.services import PrivateRedis
 from test_trust import deliver, new_repo, push_payload
 
 from cicd.forges import StatusRefused, gitlab
@@ -230,3 +231,44 @@ def test_a_worker_killed_mid_build_still_ends_with_one_final_status(
         for node in (rescuer, reporter):
             if node is not None:
                 node.stop()
+
+
+def test_undelivered_statuses_outlive_a_reporter_kill_and_a_broker_restart(
+    start_stack, git_server, gitlab_api, tmp_path
+):
+    """GitLab is down while a build runs; the reporter is killed and the broker restarted
+    with its statuses still undelivered: once both are back and GitLab answers, the commit
+    shows every state, in order, and GitLab was never sent one it would refuse."""
+    broker = PrivateRedis(tmp_path / "redis", persistent=True).start()
+    reporter = None
+    try:
+        stack = start_stack("statuses-outage", CICD_BROKER_URL=broker.url)
+        (tmp_path / "first").mkdir()
+        (tmp_path / "second").mkdir()
+        reporter = start_reporter(stack.env, stack.web, tmp_path / "first")
+        repo, secret = reporting_project(stack.web, git_server, gitlab_api)
+        gitlab_api.fail_next(10_000)  # GitLab answers 500 until it recovers
+        payload = push_payload(repo, {"ci.yaml": ECHO})
+        sha = payload["checkout_sha"]
+        task_id = deliver(stack.web, payload, secret).json()["task_id"]
+        assert wait_for_task(stack.web, task_id)["state"] == "success"
+
+        def retrying() -> bool:
+            rows = requests.get(f"{stack.web}/api/tasks/{task_id}", timeout=10).json()
+            return rows["commit_statuses"][0]["delivery"] == "retrying"
+
+        wait_until(retrying, 30, "the first status to be tried and refused")
+        reporter.stop(signal.SIGKILL)
+        broker.stop()
+        broker.start()
+        gitlab_api.recover()
+        reporter = start_reporter(stack.env, stack.web, tmp_path / "second")
+        # A status claimed when the reporter died waits out its lease (60 s) first.
+        states_become(gitlab_api, repo, sha, BUILD, ["pending", "running", "success"], 120)
+        assert refusals_for(gitlab_api, sha) == []
+        rows = requests.get(f"{stack.web}/api/tasks/{task_id}", timeout=10).json()
+        assert [r["delivery"] for r in rows["commit_statuses"]] == ["posted"] * 3
+    finally:
+        if reporter is not None:
+            reporter.stop()
+        broker.stop()

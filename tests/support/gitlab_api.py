@@ -132,6 +132,11 @@ class GitLabAPI:
         with self._lock:
             self._failures.extend([status] * times)
 
+    def recover(self) -> None:
+        """Answer again from the next request on (the failures asked for are dropped)."""
+        with self._lock:
+            self._failures.clear()
+
     def states(self, path: str, sha: str, name: str) -> list[str]:
         """Every state the commit's status ``name`` took, across its statuses, in order."""
         with self._lock:
