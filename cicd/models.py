@@ -56,6 +56,11 @@ def utcnow() -> dt.datetime:
     return dt.datetime.now(dt.UTC).replace(tzinfo=None)
 
 
+def iso(value: dt.datetime | None) -> str | None:
+    """A stored (naive UTC) time as the API shows it: ISO 8601 with ``Z``."""
+    return value.isoformat() + "Z" if value is not None else None
+
+
 class TaskState(enum.StrEnum):
     """Where a build is in its life; ``queued`` until a worker starts its first stage."""
 

@@ -40,7 +40,7 @@ from cicd.config import Settings
 from cicd.errors import OpsCDError
 from cicd.forges import FORGES, StatusError, StatusRefused
 from cicd.forges import module as forge_module
-from cicd.models import CommitStatus, Project, TaskDetail
+from cicd.models import CommitStatus, Project, TaskDetail, iso
 from cicd.secrets import decrypt
 
 __all__ = [
@@ -106,9 +106,13 @@ def _add(session: Session, task_id: int, unit: str, state: str, description: str
     session.info[_WAKE] = True
 
 
-def report(session: Session, task_id: int, unit: str, state: str, description: str) -> None:
-    """Record ``unit``'s new state, if the task reports and the state is a new one."""
-    latest = _latest(session, [task_id])
+def report(
+    session: Session, task_id: int, unit: str, state: str, description: str,
+    latest: dict[tuple[int, str], str] | None = None,
+) -> None:  # fmt: skip
+    """Record ``unit``'s new state, if the task reports and the state is a new one
+    (``latest``: the task's last states, if read already)."""
+    latest = _latest(session, [task_id]) if latest is None else latest
     if latest and latest.get((task_id, unit)) != state:
         _add(session, task_id, unit, state, description)
 
@@ -124,8 +128,9 @@ def close_open(session: Session, task_ids: Iterable[int], state: str, descriptio
 def publishing(session: Session, task_id: int) -> None:
     """The publish stage builds an image: ``opscd/publish`` running, then ``opscd/build``
     success (in that order: the commit never looks done in between)."""
-    report(session, task_id, PUBLISH, "running", "publishing the image")
-    report(session, task_id, BUILD, "success", "built")
+    latest = _latest(session, [task_id])
+    report(session, task_id, PUBLISH, "running", "publishing the image", latest)
+    report(session, task_id, BUILD, "success", "built", latest)
 
 
 @event.listens_for(Session, "after_commit")
@@ -188,7 +193,8 @@ def deliver_due(settings: Settings) -> float | None:
 
 def _deliver(settings: Settings, status_id: int) -> bool:
     """Claim one status, post it, record what came of it; False if it is to be tried again
-    (or another reporter holds it)."""
+    (or another reporter holds it). No database connection is held while the forge is
+    waited for."""
     with db.session() as session:
         now = db.clock(session)
         claimed = session.execute(
@@ -213,14 +219,16 @@ def _deliver(settings: Settings, status_id: int) -> bool:
             .limit(1)
         )  # fmt: skip
         registration = projects.governing(session, task.project) if task else None
-        what = f"status {status.unit} {status.state} of task {status.task_id}"
-        outcome, error, retry = _post(settings, status, task, registration, posted)
-        # An error is kept after a later try succeeds: the page shows what delayed it.
-        values: dict[str, Any] = {"last_error": error} if error else {}
-        if retry and now - status.created_at < GIVE_UP_AFTER:
-            values["next_try_at"] = now + dt.timedelta(seconds=backoff(status.tries))
-        else:
-            values.update(outcome=outcome or "error", delivered_at=now, next_try_at=None)
+        session.expunge_all()  # plain objects from here: the connection goes back to the pool
+    what = f"status {status.unit} {status.state} of task {status.task_id}"
+    outcome, error, retry = _post(settings, status, task, registration, posted)
+    # An error is kept after a later try succeeds: the page shows what delayed it.
+    values: dict[str, Any] = {"last_error": error} if error else {}
+    if retry and now - status.created_at < GIVE_UP_AFTER:
+        values["next_try_at"] = now + dt.timedelta(seconds=backoff(status.tries))
+    else:
+        values.update(outcome=outcome or "error", delivered_at=now, next_try_at=None)
+    with db.session() as session:
         session.execute(update(CommitStatus).where(CommitStatus.id == status_id).values(**values))
         session.commit()
     if error:
@@ -280,12 +288,8 @@ def delivery_of(session: Session, task_id: int) -> list[dict[str, Any]]:
             "delivery": row.outcome or ("retrying" if row.last_error else "queued"),
             "tries": row.tries,
             "last_error": row.last_error,
-            "recorded_at": _iso(row.created_at),
-            "delivered_at": _iso(row.delivered_at),
+            "recorded_at": iso(row.created_at),
+            "delivered_at": iso(row.delivered_at),
         }
         for row in rows
     ]
-
-
-def _iso(value: dt.datetime | None) -> str | None:
-    return value.isoformat() + "Z" if value is not None else None

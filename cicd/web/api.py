@@ -29,6 +29,7 @@ from cicd.models import (
     TaskStage,
     TaskState,
     TaskStatus,
+    iso,
     utcnow,
 )
 
@@ -49,9 +50,6 @@ def external_url(endpoint: str, **values: Any) -> str:
         return base.rstrip("/") + url_for(endpoint, **values)
     return url_for(endpoint, **values, _external=True)
 
-
-def _iso(value: Any) -> str | None:
-    return value.isoformat() + "Z" if value is not None else None
 
 
 def task_to_dict(
@@ -91,11 +89,11 @@ def task_to_dict(
         "image": status.image,
         "image_digest": status.image_digest,
         "retry_of": task.retry_of,
-        "created_at": _iso(task.created_at),
-        "queued_at": _iso(status.queued_at),
-        "enqueued_at": _iso(status.enqueued_at),
-        "started_at": _iso(status.started_at),
-        "finished_at": _iso(status.finished_at),
+        "created_at": iso(task.created_at),
+        "queued_at": iso(status.queued_at),
+        "enqueued_at": iso(status.enqueued_at),
+        "started_at": iso(status.started_at),
+        "finished_at": iso(status.finished_at),
         "duration_seconds": duration,
     }
     if stages is not None:
@@ -106,8 +104,8 @@ def task_to_dict(
                 "stage": stage.value,
                 "state": by_stage[stage].state.value if stage in by_stage else None,
                 "worker": by_stage[stage].worker if stage in by_stage else None,
-                "started_at": _iso(by_stage[stage].started_at) if stage in by_stage else None,
-                "finished_at": _iso(by_stage[stage].finished_at) if stage in by_stage else None,
+                "started_at": iso(by_stage[stage].started_at) if stage in by_stage else None,
+                "finished_at": iso(by_stage[stage].finished_at) if stage in by_stage else None,
             }
             for stage in STAGES
         ]
@@ -123,11 +121,11 @@ def _error(status: int, message: str) -> Response:
 def approval_to_dict(approval: TaskApproval) -> dict[str, Any]:
     return {
         "required": True,
-        "requested_at": _iso(approval.requested_at),
+        "requested_at": iso(approval.requested_at),
         "node": approval.node,
         "decision": approval.decision.value if approval.decision else None,
         "decided_by": approval.decided_by,
-        "decided_at": _iso(approval.decided_at),
+        "decided_at": iso(approval.decided_at),
     }
 
 
@@ -142,10 +140,10 @@ def agent_to_dict(agent: AgentState, offline_after: float, now: dt.datetime) -> 
         "processed": agent.processed,
         "loadavg": agent.loadavg,
         "sw_version": agent.sw_version,
-        "first_seen": _iso(agent.first_seen),
-        "last_heartbeat": _iso(agent.last_heartbeat),
+        "first_seen": iso(agent.first_seen),
+        "last_heartbeat": iso(agent.last_heartbeat),
         "seconds_since_heartbeat": round(age, 3),
-        "broker_unreachable_since": _iso(agent.broker_lost_at),
+        "broker_unreachable_since": iso(agent.broker_lost_at),
         "agent": agent.agent,
     }
 
@@ -159,9 +157,9 @@ def registered_agent_to_dict(agent: Agent, nodes: list[dict[str, Any]],
     return {
         "name": agent.name,
         "state": state,
-        "created_at": _iso(agent.created_at),
-        "disabled_at": _iso(agent.disabled_at),
-        "revoked_at": _iso(agent.revoked_at),
+        "created_at": iso(agent.created_at),
+        "disabled_at": iso(agent.disabled_at),
+        "revoked_at": iso(agent.revoked_at),
         "nodes": [node["hostname"] for node in nodes if node["agent"] == agent.name],
         # None: this web process may not ask Redis (then nobody here knows).
         "broker_user": None if broker is None else agent.account in broker["accounts"],
@@ -487,8 +485,8 @@ def project_to_dict(project: Project) -> dict[str, Any]:
         "own_git_password": project.git_password_ciphertext is not None,
         "api_url": statuses.api_url_of(project),
         "reports_statuses": statuses.reports(project),
-        "created_at": _iso(project.created_at),
-        "updated_at": _iso(project.updated_at),
+        "created_at": iso(project.created_at),
+        "updated_at": iso(project.updated_at),
     }
 
 
@@ -589,7 +587,7 @@ def list_project_secrets(project: str) -> Response:
     return jsonify(
         project=project,
         secrets=[
-            {"name": r.name, "created_at": _iso(r.created_at), "updated_at": _iso(r.updated_at)}
+            {"name": r.name, "created_at": iso(r.created_at), "updated_at": iso(r.updated_at)}
             for r in rows
         ],
     )
