@@ -136,6 +136,10 @@ class TaskDetail(Base):
     )
     #: A merge request build: the request's iid (GitHub, Gitea: its number).
     merge_request_iid: Mapped[int | None] = mapped_column(BigInteger)
+    #: A merge request build: the project it is into, whose webhook delivered it. When that is
+    #: not the built project (a registered fork's request), the build gets no secrets: the
+    #: target's secret cannot vouch for another project.
+    target_project: Mapped[str | None] = mapped_column(String(255))
     #: A merge request from a fork that is not registered: the fork's path. Such a build
     #: gets no secrets and publishes nothing; its commit comes from ``head_ref``.
     fork_of: Mapped[str | None] = mapped_column(String(255))

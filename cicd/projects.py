@@ -359,10 +359,11 @@ def record_forge_id(session: Session, registration: Project, forge_project_id: i
 
 
 def any_secret_matches(session: Session, token: str | None) -> bool:
-    """Whether ``token`` is some registration's webhook secret (looked up by its SHA-256:
+    """Whether ``token`` is some GitLab registration's webhook secret (looked up by its SHA-256:
     the secrets are random, so the digest reveals nothing and needs no constant time)."""
     if not token:
         return False
     digest = hashlib.sha256(token.encode()).hexdigest()
-    match = select(Project.id).where(Project.webhook_secret_sha256 == digest)
+    match = select(Project.id).where(Project.webhook_secret_sha256 == digest,
+                                     Project.forge == "gitlab")  # fmt: skip
     return session.scalar(match) is not None

@@ -258,7 +258,7 @@ def _banner(lock, host, port, flower_port, settings, state, why: str) -> None:
         "",
         click.style("OpsCD is up.", bold=True),
         f"  builds (API)  {base}/api/tasks",
-        f"  webhook       {base}/webhooks/gitlab",
+        f"  webhooks      {base}/webhooks/gitlab (and /github, /gitea)",
         "  projects      register one: cicd projects add group/app --clone-url URL",
         f"  flower        http://{host}:{flower_port}  "
         f"(login {settings.flower_user} / {settings.flower_password.get_secret_value()})",

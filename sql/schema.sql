@@ -193,6 +193,8 @@ UPDATE alembic_version SET version_num='0005' WHERE alembic_version.version_num 
 
 ALTER TABLE task_details ADD COLUMN merge_request_iid BIGINT;
 
+ALTER TABLE task_details ADD COLUMN target_project VARCHAR(255);
+
 ALTER TABLE task_details ADD COLUMN fork_of VARCHAR(255);
 
 ALTER TABLE task_details ADD COLUMN head_ref VARCHAR(255);

@@ -140,19 +140,27 @@ def test_a_registered_forks_request_is_built_as_the_fork_and_reported_on_its_com
     web, git_server, gitlab_api, reporter
 ):
     target, target_secret = reporting(web, git_server, gitlab_api)
-    fork, _ = reporting(web, git_server, gitlab_api)
+    fork, _ = reporting(web, git_server, gitlab_api)  # main is protected there
+    deploy = "deploy-" + uuid.uuid4().hex
+    url = f"{web}/api/projects/{fork.project_path}/secrets/DEPLOY_TOKEN"
+    assert change("put", url, json={"value": deploy}, timeout=10).status_code == 201
     target.commit({"ci.yaml": MR_CI})
-    sha = fork.commit({"ci.yaml": MR_CI, "fix.txt": "fix\n"}, branch="fix")
-    answer = post_mr(web, mr_payload(target, fork, "fix", sha, iid=3), target_secret)
+    sha = fork.commit({"ci.yaml": SECRET_CI, "fix.txt": "fix\n"}, branch="main")
+    answer = post_mr(web, mr_payload(target, fork, "main", sha, iid=3), target_secret)
     assert answer.status_code == 202, answer.text
     task = wait_for_task(web, answer.json()["task_id"])
-    assert task["state"] == "success", task_log(web, task["task_id"])
+    log = task_log(web, task["task_id"])
+    assert task["state"] == "success", log
     assert (task["project"], task["clone_url"]) == (fork.project_path, fork.clone_url)
+    assert task["merge_request_target"] == target.project_path
+    # The target's webhook secret cannot vouch for the fork: none of the fork's secrets.
+    assert "token length: 0" in log and deploy not in log
+    assert f"a merge request into {target.project_path}" in log
     states_become(gitlab_api, fork, sha, BUILD, ["pending", "running", "success"])
     assert gitlab_api.states(target.project_path, sha, BUILD) == []
 
     # The payload cannot send the fork's build to another URL.
-    moved = mr_payload(target, fork, "fix", sha, iid=3)
+    moved = mr_payload(target, fork, "main", sha, iid=3)
     moved["object_attributes"]["source"]["git_http_url"] = "http://127.0.0.1:9/evil/app.git"
     before = count_tasks(web)
     answer = post_mr(web, moved, target_secret)

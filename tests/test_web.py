@@ -538,6 +538,17 @@ def test_projects_page_registers_a_project_and_shows_its_secret_once(web, pages)
     expect(page.locator("#registered")).to_be_hidden()
     expected = [e for e in pages.errors if "status of 409 (CONFLICT)" in e]  # that refusal
     assert len(expected) == 1, pages.errors
+    page.reload()  # a GitHub project: its webhook URL is GitHub's endpoint
+    form = page.locator("#register-project")
+    form.locator("select[name=forge]").select_option("github")
+    form.locator("input[name=project]").fill(f"{project}-gh")
+    form.locator("input[name=clone_url]").fill(f"https://github.com/{project}-gh.git")
+    form.locator("button").click()
+    expect(page.locator("#registered")).to_be_visible()
+    assert shown.locator("[data-field=webhook_url]").input_value() == f"{web}/webhooks/github"
+    expect(page.locator(f'tr[data-registered="{project}-gh"] [data-field=forge]')).to_have_text(
+        "github"
+    )
     pages.errors.remove(expected[0])
 
 

@@ -155,8 +155,9 @@ def hmac_sha256_matches(secret: str, body: bytes, signature: str | None) -> bool
     ``X-Gitea-Signature``)."""
     if not signature or not secret:
         return False
-    expected = hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
-    return hmac.compare_digest(expected, signature.strip().lower())
+    expected = hmac.new(secret.encode(), body, hashlib.sha256).hexdigest().encode()
+    # As bytes: a header of other than ASCII is simply a wrong signature.
+    return hmac.compare_digest(expected, signature.strip().lower().encode("utf-8", "replace"))
 
 
 _SHA = re.compile(r"\A(?:[0-9a-f]{40}|[0-9a-f]{64})\Z")

@@ -11,7 +11,6 @@ Statuses: https://docs.gitlab.com/api/commits/#set-the-pipeline-status-of-a-comm
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from typing import Any
 
@@ -27,6 +26,14 @@ from cicd.forges import (
     validate_project_path,
     validate_ref_name,
     validate_sha,
+)
+from cicd.forges.payloads import (
+    commit_of,
+    delivery_header,
+    load_json,
+    object_field,
+    optional_text,
+    string_field,
 )
 
 __all__ = ["FORGE", "token", "delivery_id", "parse", "post_status"]
@@ -48,13 +55,7 @@ def token(headers: Mapping[str, str]) -> str | None:
 
 def delivery_id(headers: Mapping[str, str]) -> str | None:
     """The id GitLab keeps when it redelivers an event, or the client's ``Idempotency-Key``."""
-    value = headers.get("X-Gitlab-Event-UUID") or headers.get("Idempotency-Key")
-    if value is None:
-        return None
-    value = value.strip()
-    if not value or len(value) > 128 or not value.isprintable():
-        raise PayloadError("X-Gitlab-Event-UUID / Idempotency-Key must be 1 to 128 printable chars")
-    return value
+    return delivery_header(headers, "X-Gitlab-Event-UUID", "Idempotency-Key")
 
 
 def parse(headers: Mapping[str, str], body: bytes) -> PushEvent | MergeRequestEvent | Ignored:
@@ -66,16 +67,7 @@ def parse(headers: Mapping[str, str], body: bytes) -> PushEvent | MergeRequestEv
     event = headers.get("X-Gitlab-Event", "")
     if event not in _BUILD_EVENTS:
         return Ignored(f"event {event or '(no X-Gitlab-Event header)'!r} does not start builds")
-    try:
-        payload = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise PayloadError(f"body is not valid JSON: {error}") from None
-    except RecursionError:
-        raise PayloadError("body is nested too deeply to be a GitLab event") from None
-    except ValueError as error:  # e.g. an integer of more digits than Python converts
-        raise PayloadError(f"body is not a GitLab event: {error}") from None
-    if not isinstance(payload, dict):
-        raise PayloadError("body must be a JSON object")
+    payload = load_json(body, "GitLab")
 
     kind = payload.get("object_kind") or payload.get("event_name")
     if kind == "merge_request":
@@ -84,24 +76,24 @@ def parse(headers: Mapping[str, str], body: bytes) -> PushEvent | MergeRequestEv
         return Ignored(f"{event} of kind {str(kind)[:64]!r} does not start builds")
     prefix, ref_type = _PREFIXES[kind]
 
-    ref = _string(payload, "ref")
+    ref = string_field(payload, "ref")
     if not ref.startswith(prefix):
         return Ignored(f"ref {ref[:300]!r} is not under {prefix}")
-    after = _string(payload, "after")
+    after = string_field(payload, "after")
     if after == ZERO_SHA:
         return Ignored(f"{ref_type} {ref[len(prefix) :]!r} was deleted")
     ref_name = validate_ref_name(ref[len(prefix) :])
     sha = validate_sha(payload.get("checkout_sha") or after, "checkout_sha")
     before = payload.get("before")
 
-    project = _object(payload, "project")
+    project = object_field(payload, "project")
     path = validate_project_path(project.get("path_with_namespace"), "project.path_with_namespace")
     project_id = validate_project_id(payload.get("project_id", project.get("id")), "project_id")
     repository = payload.get("repository") if isinstance(payload.get("repository"), dict) else {}
     clone_url = project.get("git_http_url") or repository.get("git_http_url")
     clone_url = validate_clone_url(clone_url, "project.git_http_url")
 
-    commit = _head_commit(payload, sha)
+    commit = commit_of(payload, sha)
     author = commit.get("author") if isinstance(commit.get("author"), dict) else {}
     return PushEvent(
         forge=FORGE,
@@ -109,14 +101,14 @@ def parse(headers: Mapping[str, str], body: bytes) -> PushEvent | MergeRequestEv
         project=path,
         forge_project_id=project_id,
         clone_url=clone_url,
-        web_url=_optional(project.get("web_url"), 1024),
+        web_url=optional_text(project.get("web_url"), 1024),
         ref_type=ref_type,
         ref_name=ref_name,
         commit_sha=sha,
         before_sha=before if isinstance(before, str) and len(before) <= 64 else None,
-        commit_message=_optional(commit.get("message"), 16000),
-        commit_author=_optional(author.get("name"), 255),
-        pusher=_optional(payload.get("user_username") or payload.get("user_name"), 255),
+        commit_message=optional_text(commit.get("message"), 16000),
+        commit_author=optional_text(author.get("name"), 255),
+        pusher=optional_text(payload.get("user_username") or payload.get("user_name"), 255),
     )
 
 
@@ -124,7 +116,7 @@ def _merge_request(
     headers: Mapping[str, str], payload: dict[str, Any]
 ) -> MergeRequestEvent | Ignored:
     """A merge request event: the target project's delivery of the source branch's head."""
-    attributes = _object(payload, "object_attributes")
+    attributes = object_field(payload, "object_attributes")
     action = attributes.get("action")
     if action not in _MR_ACTIONS:
         return Ignored(f"merge request action {str(action)[:64]!r} does not start builds")
@@ -133,10 +125,10 @@ def _merge_request(
     iid = validate_project_id(attributes.get("iid"), "object_attributes.iid")
     if iid is None:
         raise PayloadError("field 'object_attributes.iid' is missing")
-    project = _object(payload, "project")
+    project = object_field(payload, "project")
     path = validate_project_path(project.get("path_with_namespace"), "project.path_with_namespace")
-    source = _object(attributes, "source")
-    commit = _object(attributes, "last_commit")
+    source = object_field(attributes, "source")
+    commit = object_field(attributes, "last_commit")
     author = commit.get("author") if isinstance(commit.get("author"), dict) else {}
     user = payload.get("user") if isinstance(payload.get("user"), dict) else {}
     return MergeRequestEvent(
@@ -145,7 +137,7 @@ def _merge_request(
         project=path,
         forge_project_id=validate_project_id(project.get("id"), "project.id"),
         clone_url=validate_clone_url(project.get("git_http_url"), "project.git_http_url"),
-        web_url=_optional(project.get("web_url"), 1024),
+        web_url=optional_text(project.get("web_url"), 1024),
         number=iid,
         action=action,
         source_project=validate_project_path(
@@ -154,13 +146,13 @@ def _merge_request(
         source_clone_url=validate_clone_url(
             source.get("git_http_url"), "object_attributes.source.git_http_url"
         ),
-        source_branch=validate_ref_name(_string(attributes, "source_branch",
+        source_branch=validate_ref_name(string_field(attributes, "source_branch",
                                                 "object_attributes.source_branch")),
         head_ref=f"refs/merge-requests/{iid}/head",
         commit_sha=validate_sha(commit.get("id"), "object_attributes.last_commit.id"),
-        commit_message=_optional(commit.get("message"), 16000),
-        commit_author=_optional(author.get("name"), 255),
-        pusher=_optional(user.get("username") or user.get("name"), 255),
+        commit_message=optional_text(commit.get("message"), 16000),
+        commit_author=optional_text(author.get("name"), 255),
+        pusher=optional_text(user.get("username") or user.get("name"), 255),
     )  # fmt: skip
 
 
@@ -194,32 +186,3 @@ def post_status(
         raise StatusError(f"GitLab answered {code}: {message}", retry=retry) from None
     except requests.RequestException as error:
         raise StatusError(f"GitLab did not answer: {type(error).__name__}", retry=True) from None
-
-
-def _head_commit(payload: dict[str, Any], sha: str) -> dict[str, Any]:
-    """The pushed commit's entry in ``commits``; tag pushes and big pushes may lack it."""
-    commits = payload.get("commits")
-    if not isinstance(commits, list):
-        return {}
-    for commit in commits:
-        if isinstance(commit, dict) and commit.get("id") == sha:
-            return commit
-    return {}
-
-
-def _string(data: dict[str, Any], key: str, name: str | None = None) -> str:
-    value = data.get(key)
-    if not isinstance(value, str) or not value:
-        raise PayloadError(f"field {name or key!r} is missing or not a non-empty string")
-    return value
-
-
-def _object(data: dict[str, Any], key: str) -> dict[str, Any]:
-    value = data.get(key)
-    if not isinstance(value, dict):
-        raise PayloadError(f"field {key!r} is missing or not an object")
-    return value
-
-
-def _optional(value: object, limit: int) -> str | None:
-    return value[:limit] if isinstance(value, str) else None

@@ -51,7 +51,6 @@ def external_url(endpoint: str, **values: Any) -> str:
     return url_for(endpoint, **values, _external=True)
 
 
-
 def task_to_dict(
     task: TaskDetail, stages: list[TaskStage] | None = None, approval: TaskApproval | None = None
 ) -> dict[str, Any]:
@@ -79,6 +78,7 @@ def task_to_dict(
         "commit_author": task.commit_author,
         "pusher": task.pusher,
         "merge_request_iid": task.merge_request_iid,
+        "merge_request_target": task.target_project,
         "fork_of": task.fork_of,
         "state": status.state.value,
         "stage": status.stage.value if status.stage else None,
@@ -622,6 +622,6 @@ def delete_project_secret(project: str, name: str) -> Response:
 #: What a retry copies from the task it runs again; the delivery id stays with the first.
 RETRY_COPIES = (
     "forge", "project", "clone_url", "web_url", "ref_type", "ref_name", "commit_sha",
-    "before_sha", "commit_message", "commit_author", "pusher", "merge_request_iid", "fork_of",
-    "head_ref",
+    "before_sha", "commit_message", "commit_author", "pusher", "merge_request_iid",
+    "target_project", "fork_of", "head_ref",
 )  # fmt: skip

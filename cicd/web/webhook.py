@@ -112,15 +112,25 @@ def _receive(forge: ModuleType) -> tuple[Response, int]:
     except OperationalError as error:
         log.error("webhook: database unavailable: %s", error.orig)
         return _answer(503, error="database unavailable; retry later")
-    except OpsCDError as error:  # e.g. a signing forge's secret that CICD_SECRETS_KEY cannot open
+    except Unverifiable as error:
         log.error("webhook: %s", error)
-        return _answer(503, error=f"the server cannot verify deliveries now: {error}")
+        return _answer(503, error=str(error))
+
+
+class Unverifiable(OpsCDError):
+    """The server cannot check a signature now (the secret cannot be decrypted): the forge
+    is told to deliver again later, nothing is recorded."""
 
 
 def _authentic(forge: ModuleType, registration: Project, body: bytes) -> bool:
     """Whether the delivery carries (or is signed with) the registration's webhook secret."""
     if forge.FORGE in SIGNING_FORGES:
-        secret = projects.webhook_secret(registration, current_app.config["SETTINGS"].secrets_key)
+        key = current_app.config["SETTINGS"].secrets_key
+        try:
+            secret = projects.webhook_secret(registration, key)
+        except OpsCDError as error:  # e.g. CICD_SECRETS_KEY is not the one it was kept with
+            raise Unverifiable(f"cannot verify deliveries of {registration.path} now: "
+                               f"{error}") from None  # fmt: skip
         return secret is not None and forge.signature_matches(request.headers, body, secret)
     return projects.secret_matches(registration, forge.token(request.headers))
 
@@ -183,7 +193,7 @@ def _build_of(
         "ref_type": RefType.BRANCH, "ref_name": event.source_branch,
         "commit_sha": event.commit_sha, "commit_message": event.commit_message,
         "commit_author": event.commit_author, "pusher": event.pusher,
-        "merge_request_iid": event.number,
+        "merge_request_iid": event.number, "target_project": event.project,
     }  # fmt: skip
     if event.source_project == event.project:
         return Build(fields, statuses.reports(registration))

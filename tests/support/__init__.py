@@ -2,5 +2,6 @@
 
 Plain modules with no pytest in them, so the bench (``python -m bench``)
 imports them as ``tests.support`` and the tests (through ``conftest.py``) as
-``support``; each helper exists once.
+``support``; each helper exists once. The one exception is ``forge_tests``, the
+tests GitHub and Gitea share, which only the test files import.
 """

@@ -20,14 +20,13 @@ GitLab cannot run on these machines; this speaks the documented wire format of
 
 from __future__ import annotations
 
-import http.server
-import itertools
 import json
-import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qsl, unquote
+
+from .status_api import Call, Request, StatusAPI
 
 __all__ = ["GitLabAPI", "Status"]
 
@@ -86,41 +85,14 @@ class Status:
                 "author": {"username": "opscd-bot"}}  # fmt: skip
 
 
-class GitLabAPI:
+class GitLabAPI(StatusAPI):
     """The stand-in, served from a thread on a free loopback port (a context manager)."""
 
     def __init__(self) -> None:
+        super().__init__()
         self.projects: dict[str, tuple[int, str]] = {}  # path → (id, token)
         self.statuses: dict[tuple[str, str], list[Status]] = {}  # (path, sha) → statuses
-        #: (HTTP status, message, request path) of each refusal
-        self.refused: list[tuple[int, str, str]] = []
-        self.requests: list[dict[str, Any]] = []
-        self._failures: list[int] = []
-        self._ids = itertools.count(1)
-        self._lock = threading.Lock()
         self._busy: set[tuple[str, str]] = set()
-        api = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                api._handle(self, "POST")
-
-            def do_GET(self) -> None:
-                api._handle(self, "GET")
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-
-    def __enter__(self) -> GitLabAPI:
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.shutdown()
-        self.server.server_close()
 
     def add_project(self, path: str, token: str, project_id: int | None = None) -> int:
         """Project ``path`` (GitLab's id ``project_id``) whose statuses ``token`` may set."""
@@ -129,13 +101,8 @@ class GitLabAPI:
         return project_id
 
     def fail_next(self, times: int, status: int = 500) -> None:
-        with self._lock:
-            self._failures.extend([status] * times)
-
-    def recover(self) -> None:
-        """Answer again from the next request on (the failures asked for are dropped)."""
-        with self._lock:
-            self._failures.clear()
+        """The next ``times`` POSTs with the project's token answer ``status``."""
+        super().fail_next(times, status)
 
     def states(self, path: str, sha: str, name: str) -> list[str]:
         """Every state the commit's status ``name`` took, across its statuses, in order."""
@@ -157,15 +124,11 @@ class GitLabAPI:
                 return path
         return None
 
-    def _handle(self, request: http.server.BaseHTTPRequestHandler, method: str) -> None:
-        parts = request.path.split("?")[0].split("/")
-        length = int(request.headers.get("Content-Length") or 0)
-        body = request.rfile.read(length) if length else b""
-        self.requests.append({"method": method, "path": request.path,
-                              "headers": dict(request.headers)})  # fmt: skip
+    def _serve(self, request: Request, call: Call) -> None:
+        parts = call.parts
         # /api/v4/projects/:id/statuses/:sha, /api/v4/projects/:id/repository/commits/:sha/statuses
-        post = method == "POST" and len(parts) == 7 and parts[5] == "statuses"
-        get = method == "GET" and len(parts) == 9 and parts[5:7] == ["repository", "commits"]
+        post = call.method == "POST" and len(parts) == 7 and parts[5] == "statuses"
+        get = call.method == "GET" and len(parts) == 9 and parts[5:7] == ["repository", "commits"]
         if parts[:4] != ["", "api", "v4", "projects"] or not (post or get):
             return self._answer(request, 404, {"message": "404 Not Found"})
         path = self._project(parts[4])
@@ -177,10 +140,10 @@ class GitLabAPI:
         if token != self.projects[path][1]:
             return self._answer(request, 401, {"message": "401 Unauthorized"})
         sha = parts[6] if post else parts[7]
-        with self._lock:
-            failure = self._failures.pop(0) if self._failures and post else None
+        failure = self._next_failure() if post else None
         if failure is not None:
-            return self._answer(request, failure, {"message": f"{failure} Internal Server Error"})
+            code, _ = failure
+            return self._answer(request, code, {"message": f"{code} Internal Server Error"})
         if get:
             with self._lock:
                 found = [s.to_json() for s in reversed(self.statuses.get((path, sha), []))]
@@ -195,14 +158,14 @@ class GitLabAPI:
             return self._answer(request, 409, {"message": "409 Conflict"})
         try:
             time.sleep(HOLD)
-            code, answer = self._set_status(path, sha, self._params(request, body))
+            code, answer = self._set_status(path, sha, self._params(request, call.raw))
         finally:
             with self._lock:
                 self._busy.discard((path, sha))
         self._answer(request, code, answer)
 
     @staticmethod
-    def _params(request: http.server.BaseHTTPRequestHandler, body: bytes) -> dict[str, Any]:
+    def _params(request: Request, body: bytes) -> dict[str, Any]:
         if request.headers.get("Content-Type", "").startswith("application/json"):
             return json.loads(body or b"{}")
         return dict(parse_qsl(body.decode()))
@@ -234,14 +197,3 @@ class GitLabAPI:
             if new:
                 commit.append(status)
             return 201, status.to_json()
-
-    def _answer(self, request: http.server.BaseHTTPRequestHandler, code: int, body: Any) -> None:
-        if code >= 400:
-            with self._lock:
-                self.refused.append((code, json.dumps(body), request.path))
-        data = json.dumps(body).encode()
-        request.send_response(code)
-        request.send_header("Content-Type", "application/json")
-        request.send_header("Content-Length", str(len(data)))
-        request.end_headers()
-        request.wfile.write(data)

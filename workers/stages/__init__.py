@@ -99,9 +99,12 @@ def task_record(task_id: int) -> TaskRecord:
             fork = task.fork_of is not None
             protected = not fork and projects.is_protected(registration, ref_type, task.ref_name)
             withheld = no_publish = None
+            other = task.target_project not in (None, task.project)
             if fork:
                 withheld = f"a merge request from the fork {task.fork_of}"
                 no_publish = f"a merge request from the fork {task.fork_of} publishes nothing"
+            elif other:  # the target's webhook secret cannot vouch for this project's secrets
+                withheld = f"a merge request into {task.target_project}, delivered by its webhook"
             elif not protected:
                 withheld = (f"{task.ref_name} is not a protected ref of this project; "
                             f"protected: {registration.protected_refs or 'none'}")  # fmt: skip

@@ -1,7 +1,7 @@
 """Merge request builds and forges that sign their deliveries: a task's merge request, the
-fork it comes from and the ref its commit is fetched from; a project's fork policy and its
-webhook secret kept encrypted (GitHub and Gitea sign each body with it, so the server needs
-the secret itself, not only its digest).
+project it is into, the fork it comes from and the ref its commit is fetched from; a
+project's fork policy and its webhook secret kept encrypted (GitHub and Gitea sign each body
+with it, so the server needs the secret itself, not only its digest).
 
 Revision ID: 0006
 Revises: 0005
@@ -21,6 +21,7 @@ depends_on = None
 
 def upgrade() -> None:
     op.add_column("task_details", sa.Column("merge_request_iid", sa.BigInteger(), nullable=True))
+    op.add_column("task_details", sa.Column("target_project", sa.String(length=255), nullable=True))
     op.add_column("task_details", sa.Column("fork_of", sa.String(length=255), nullable=True))
     op.add_column("task_details", sa.Column("head_ref", sa.String(length=255), nullable=True))
     op.add_column(
@@ -35,4 +36,5 @@ def downgrade() -> None:
     op.drop_column("projects", "fork_mrs")
     op.drop_column("task_details", "head_ref")
     op.drop_column("task_details", "fork_of")
+    op.drop_column("task_details", "target_project")
     op.drop_column("task_details", "merge_request_iid")

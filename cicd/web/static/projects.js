@@ -13,6 +13,7 @@ form?.addEventListener("submit", async (event) => {
   event.preventDefault();
   const data = new FormData(form);
   const body = {
+    forge: data.get("forge"),
     project: data.get("project").trim(),
     clone_url: data.get("clone_url").trim(),
     protected: data.get("protected").trim(),
