@@ -339,10 +339,10 @@ def test_deletion_is_ignored_with_reason(web, repo, fixture, event, ref):
 
 
 def test_other_events_are_ignored_with_reason(web):
-    body = (Path(__file__).parent / "fixtures/gitlab/merge-request-event.json").read_bytes()
-    response = post_gitlab(web, body, event="Merge Request Hook")
+    body = (Path(__file__).parent / "fixtures/gitlab/issue-event.json").read_bytes()
+    response = post_gitlab(web, body, event="Issue Hook")
     assert response.status_code == 200
-    assert "Merge Request Hook" in response.json()["ignored"]
+    assert "Issue Hook" in response.json()["ignored"]
 
 
 def test_redelivery_returns_the_first_task(web, repo):
