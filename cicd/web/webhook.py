@@ -198,7 +198,8 @@ def _build_of(
     if event.source_project == event.project:
         return Build(fields, statuses.reports(registration))
     source = projects.governing(session, event.source_project)
-    if source is not None:  # a registered fork: its own registration decides everything
+    if source is not None:  # a registered fork: its registration decides the clone URL and
+        # the statuses; the build gets no secrets (its target_project is another project)
         expected = projects.clone_url_of(source, event.source_project)
         if source.forge != registration.forge or not projects.same_url(
             event.source_clone_url, expected
@@ -250,7 +251,10 @@ def _cancel_superseded(fields: dict[str, Any], newest: int) -> None:
     """
     same = [TaskDetail.project == fields["project"], TaskDetail.id < newest]
     if fields.get("merge_request_iid") is not None:
-        same.append(TaskDetail.merge_request_iid == fields["merge_request_iid"])
+        same += [
+            TaskDetail.merge_request_iid == fields["merge_request_iid"],
+            TaskDetail.target_project == fields["target_project"],
+        ]
     else:
         same += [
             TaskDetail.ref_type == RefType.BRANCH,
