@@ -332,23 +332,25 @@ def terminal_safe(text: str) -> str:
 @api_url_option
 @click.argument("task_id", type=int)
 @click.option("--follow", "-f", is_flag=True, help="Keep printing until the build ends.")
-def logs(url: str, task_id: int, follow: bool) -> None:
+@click.option("--step", help="Only this step's section of the log.")
+def logs(url: str, task_id: int, follow: bool, step: str | None) -> None:
     """Print a build's log; with --follow, live until it ends, then exit with its result."""
 
     endpoint = f"{url.rstrip('/')}/api/tasks/{task_id}/log"
     if not follow:
-        response = _http().get(endpoint, timeout=30)
+        response = _http().get(endpoint, params={"step": step} if step else None, timeout=30)
         if response.status_code == 404:
-            raise click.ClickException(f"no task {task_id}")
+            raise click.ClickException(response.json().get("error") or f"no task {task_id}")
         click.echo(terminal_safe(response.text), nl=False)
         return
-    state = _follow_log(endpoint)
+    state = _follow_log(endpoint, step)
     click.echo(f"\n[build {task_id} ended: {state}]", err=True)
     sys.exit(0 if state == "success" else 1)
 
 
-def _follow_log(endpoint: str) -> str | None:
-    """Print a build's log as the server streams it (SSE); return the final state.
+def _follow_log(endpoint: str, step: str | None = None) -> str | None:
+    """Print a build's log as the server streams it (SSE); return the final state. With
+    ``step``, only that step's output (its ``step`` events).
 
     The server ends each stream after a while (or at once when it serves many): like
     EventSource, this reconnects with the last event's id until the ``end`` event.
@@ -376,7 +378,8 @@ def _follow_log(endpoint: str) -> str | None:
                 elif not line:
                     if event == "end":
                         return data[0] if data else None
-                    if data:
+                    named = data.pop(0) if event == "step" and data else None
+                    if data and (step is None or named == step):
                         click.echo(terminal_safe("\n".join(data)), nl=False)
                     last_id = event_id or last_id
                     event, data = None, []

@@ -122,6 +122,11 @@ class Settings(BaseSettings):
         "empty: all. Builds of other languages are handed to agents that build them",
     )
     worker_concurrency: int = Field(default=3, ge=1, description="Builds one worker runs at once")
+    step_concurrency: int = Field(
+        default=2, ge=1,
+        description="Steps of one build that run at once (independent steps of a ci.yaml "
+        "depends_on graph); they share the build's slot",
+    )  # fmt: skip
     build_timeout: int = Field(
         default=3600, ge=1, description="Seconds a build script may run when ci.yaml sets none"
     )

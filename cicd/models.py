@@ -28,10 +28,12 @@ __all__ = [
     "TaskState",
     "Stage",
     "StageState",
+    "StepState",
     "RefType",
     "TaskDetail",
     "TaskStatus",
     "TaskStage",
+    "TaskStep",
     "TaskLog",
     "AgentState",
     "Agent",
@@ -88,6 +90,17 @@ STAGES = tuple(Stage)
 
 
 class StageState(enum.StrEnum):
+    RUNNING = "running"
+    SUCCESS = "success"
+    FAILED = "failed"
+    SKIPPED = "skipped"
+    CANCELED = "canceled"
+
+
+class StepState(enum.StrEnum):
+    """Where one step of a build's pipeline is; ``skipped`` steps have a ``reason``."""
+
+    QUEUED = "queued"
     RUNNING = "running"
     SUCCESS = "success"
     FAILED = "failed"
@@ -208,6 +221,29 @@ class TaskStage(Base):
     finished_at: Mapped[dt.datetime | None] = mapped_column(Timestamp)
 
 
+class TaskStep(Base):
+    """One step of the current run of a build (``ci.yaml``'s ``steps:``, or the one ``build``
+    step), in file order: written by the node that runs the build, fenced by ``attempt``."""
+
+    __tablename__ = "task_steps"
+    __table_args__ = (TABLE_ARGS,)
+
+    task_id: Mapped[int] = mapped_column(
+        Id, ForeignKey("task_details.id", ondelete="CASCADE"), primary_key=True
+    )
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    position: Mapped[int] = mapped_column(Integer)
+    attempt: Mapped[int] = mapped_column(Integer)
+    state: Mapped[StepState] = mapped_column(_enum(StepState, "step_state"))
+    exit_code: Mapped[int | None] = mapped_column(Integer)
+    image: Mapped[str | None] = mapped_column(String(512))
+    node: Mapped[str | None] = mapped_column(String(255))
+    started_at: Mapped[dt.datetime | None] = mapped_column(Timestamp)
+    finished_at: Mapped[dt.datetime | None] = mapped_column(Timestamp)
+    #: Why it was skipped, or how its failure was taken (``failure: ignore``).
+    reason: Mapped[str | None] = mapped_column(Text)
+
+
 class TaskLog(Base):
     """Build output in chunks, in order of ``id``; read from any host through the database."""
 
@@ -217,6 +253,8 @@ class TaskLog(Base):
     id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
     task_id: Mapped[int] = mapped_column(Id, ForeignKey("task_details.id", ondelete="CASCADE"))
     stage: Mapped[Stage | None] = mapped_column(_enum(Stage, "task_stage"))
+    #: The step of the build stage that wrote it (None: the stage's own lines).
+    step: Mapped[str | None] = mapped_column(String(64))
     #: The run that wrote it: a run stored only while it is the task's current one.
     attempt: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
     created_at: Mapped[dt.datetime] = mapped_column(Timestamp, default=utcnow)

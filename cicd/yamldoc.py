@@ -18,7 +18,7 @@ from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from cicd.errors import PipelineError
 
-__all__ = ["MAX_NODES", "compose", "decode", "describe", "line_of", "quote"]
+__all__ = ["MAX_NODES", "compose", "decode", "describe", "line_of", "locate", "quote"]
 
 #: Nodes visited while following aliases; a real ci.yaml has a few dozen.
 MAX_NODES = 10_000
@@ -38,7 +38,9 @@ def compose(
     """The document's root node and its data, or None for an empty document.
 
     Mappings at the ``verbatim`` key paths keep plain numbers as written text
-    (``3.10`` stays "3.10"): they are environment values, not numbers.
+    (``3.10`` stays "3.10"): they are environment values, not numbers. A ``*`` in a
+    path stands for every item of a list or every value of a mapping, as in
+    ``("steps", "*", "environment")`` for steps written either way.
     """
     loader: yaml.SafeLoader | None = None
     try:
@@ -179,13 +181,33 @@ def _check_keys(node: MappingNode, filename: str) -> None:
         seen[key.value] = line
 
 
-def _keep_verbatim(root: Node, path: tuple[str, ...]) -> None:
-    node: Node | None = root
-    for name in path:
-        found = _find_key(node, name) if isinstance(node, MappingNode) else None
-        node = found[1] if found else None
-    if isinstance(node, MappingNode):
-        _plain_numbers_as_text(node)
+def _keep_verbatim(node: Node, path: tuple[str, ...]) -> None:
+    if not path:
+        if isinstance(node, MappingNode):
+            _plain_numbers_as_text(node)
+        return
+    name, rest = path[0], path[1:]
+    if name == "*":
+        for child in _children(node):
+            _keep_verbatim(child, rest)
+    elif isinstance(node, MappingNode) and (found := _find_key(node, name)):
+        _keep_verbatim(found[1], rest)
+
+
+def _children(node: Node) -> list[Node]:
+    """A list's items or a mapping's values, looking through ``<<`` merges."""
+    if isinstance(node, SequenceNode):
+        return list(node.value)
+    if not isinstance(node, MappingNode):
+        return []
+    children: list[Node] = []
+    for key, value in node.value:
+        if key.tag != _MERGE_TAG:
+            children.append(value)
+            continue
+        for mapping in value.value if isinstance(value, SequenceNode) else [value]:
+            children.extend(_children(mapping) if isinstance(mapping, MappingNode) else [])
+    return children
 
 
 def _plain_numbers_as_text(node: MappingNode) -> None:
@@ -216,17 +238,43 @@ def _find_key(node: MappingNode, name: str) -> tuple[Node, Node] | None:
 
 def line_of(root: Node, loc: tuple[int | str, ...]) -> int | None:
     """The line of the deepest key or list item of ``loc`` present in the file, if any."""
-    node, line = root, None
+    return locate(root, loc)[1]
+
+
+def locate(root: Node, loc: tuple[int | str, ...]) -> tuple[tuple[int | str, ...], int | None]:
+    """``loc`` as written in the file, and the line of its deepest part present there.
+
+    The spec reads shorthands as their long form: one value where it takes a list
+    (``commands: make``, ``when: {...}``) as a list of one, and a pattern or a list where
+    it takes a mapping (``path: src/**`` as ``{include: [src/**]}``). So a list index that
+    lands on a scalar or a mapping, and a key that lands on a scalar or a list, are
+    dropped: the message then names the field as the pusher wrote it. A key under an
+    empty value is kept (``db:`` with nothing is read as an empty mapping), and so is
+    ``[key]``, pydantic's mark for a problem with a mapping's key itself.
+    """
+    node: Node | None = root
+    line: int | None = None
+    written: list[int | str] = []
     for part in loc:
+        if isinstance(part, int) and isinstance(node, ScalarNode | MappingNode):
+            continue  # a single value read as a list of one
+        if isinstance(part, str) and part != "[key]" and _is_shorthand(node):
+            continue  # a shorthand read as a mapping
+        written.append(part)
         if isinstance(node, MappingNode) and isinstance(part, str):
             found = _find_key(node, part)
-            if found is None:
-                break
-            key, node = found
-            line = key.start_mark.line + 1
+            node = found[1] if found else None
+            line = found[0].start_mark.line + 1 if found else line
         elif isinstance(node, SequenceNode) and isinstance(part, int) and part < len(node.value):
             node = node.value[part]
             line = node.start_mark.line + 1
         else:
-            break
-    return line
+            node = None
+    return tuple(written), line
+
+
+def _is_shorthand(node: Node | None) -> bool:
+    """A list or a non-empty scalar, where the spec reads a mapping."""
+    if isinstance(node, SequenceNode):
+        return True
+    return isinstance(node, ScalarNode) and node.tag != _TAG + "null"

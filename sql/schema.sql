@@ -205,3 +205,25 @@ ALTER TABLE projects ADD COLUMN webhook_secret_ciphertext TEXT;
 
 UPDATE alembic_version SET version_num='0006' WHERE alembic_version.version_num = '0005';
 
+-- Running upgrade 0006 -> 0007
+
+CREATE TABLE task_steps (
+    task_id BIGINT NOT NULL,
+    name VARCHAR(64) NOT NULL,
+    position INTEGER NOT NULL,
+    attempt INTEGER NOT NULL,
+    state ENUM('queued','running','success','failed','skipped','canceled') NOT NULL,
+    exit_code INTEGER,
+    image VARCHAR(512),
+    node VARCHAR(255),
+    started_at DATETIME(6),
+    finished_at DATETIME(6),
+    reason TEXT,
+    PRIMARY KEY (task_id, name),
+    FOREIGN KEY(task_id) REFERENCES task_details (id) ON DELETE CASCADE
+)ENGINE=InnoDB CHARSET=utf8mb4 COLLATE utf8mb4_bin;
+
+ALTER TABLE task_logs ADD COLUMN step VARCHAR(64);
+
+UPDATE alembic_version SET version_num='0007' WHERE alembic_version.version_num = '0006';
+

@@ -399,7 +399,8 @@ def test_several_problems_are_listed_in_file_order() -> None:
     )
     assert message.splitlines() == [
         "ci.yaml is invalid (3 problems):",
-        "  ci.yaml line 1: stages: unknown field; allowed fields: build, publish",
+        "  ci.yaml line 1: stages: unknown field (did you mean steps?); "
+        "allowed fields: build, steps, services, publish",
         "  ci.yaml line 3: build.scirpt: unknown field (did you mean script?); "
         "allowed fields: language, image, workdir, script, env, timeout, secrets",
         '  ci.yaml line 4: build.workdir: must be an absolute path such as "/workspace", not "src"',
@@ -430,7 +431,15 @@ def test_problems_are_capped_at_ten() -> None:
 
 
 def test_missing_build() -> None:
-    assert error_of("publish: true\n") == "ci.yaml: build: this field is required"
+    message = error_of("publish: true\n")
+    assert message.startswith(
+        "ci.yaml: needs a build section (one script) or a steps section (several); "
+        "for example:\nbuild:\n"
+    )
+    example = message.split("for example:\n", 1)[1]
+    assert parse_pipeline(example).build.script
+    steps = "\n".join(line.removeprefix("# ") for line in example.splitlines()[5:])
+    assert [step.name for step in parse_pipeline(steps).steps_to_run] == ["test", "docs"]
 
 
 def test_missing_script_points_at_build() -> None:
@@ -450,8 +459,8 @@ def test_build_that_is_not_a_mapping() -> None:
 
 
 def test_filename_prefixes_messages() -> None:
-    assert error_of("publish: true\n", filename="x/ci.yaml") == (
-        "x/ci.yaml: build: this field is required"
+    assert error_of("publish: true\n", filename="x/ci.yaml").startswith(
+        "x/ci.yaml: needs a build section (one script) or a steps section (several); "
     )
 
 

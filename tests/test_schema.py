@@ -44,6 +44,7 @@ def test_sql_schema_matches_the_models(make_database):
         "task_details",
         "task_states",
         "task_stages",
+        "task_steps",
         "task_logs",
         "task_approvals",
         "project_secrets",

@@ -20,7 +20,8 @@ from cicd import db
 from cicd.models import Stage, TaskLog, TaskStatus, utcnow
 
 __all__ = [
-    "Masker", "LogWriter", "LogStore", "task_log_store", "stored_log_bytes", "record_superseded",
+    "Masker", "LogWriter", "LogBudget", "LogStore", "task_log_store", "stored_log_bytes",
+    "record_superseded",
 ]  # fmt: skip
 
 log = logging.getLogger(__name__)
@@ -57,14 +58,35 @@ class Masker:
 LogStore = Callable[[str], None]
 
 
-class LogWriter:
-    """Collects one stage's output and hands it, masked, to a store in line-sized chunks."""
+class LogBudget:
+    """Bytes a run may still store (``CICD_MAX_LOG_BYTES``), shared by the writers of steps
+    that run at once; None: no limit."""
 
-    def __init__(self, store: LogStore, masker: Masker, max_bytes: int | None = None) -> None:
+    def __init__(self, room: int | None) -> None:
+        self.room = room
+        self._lock = threading.Lock()
+
+    def take(self, wanted: int) -> int:
+        """Up to ``wanted`` bytes of the room, taken now."""
+        with self._lock:
+            if self.room is None:
+                return wanted
+            granted = min(wanted, self.room)
+            self.room -= granted
+            return granted
+
+
+class LogWriter:
+    """Collects one stage's (or one step's) output and hands it, masked, to a store in
+    line-sized chunks."""
+
+    def __init__(
+        self, store: LogStore, masker: Masker, max_bytes: int | LogBudget | None = None
+    ) -> None:
         self.store = store
         self.mask = masker
         #: Bytes this writer may still store; past them output is dropped, once marked.
-        self.room = max_bytes
+        self.budget = max_bytes if isinstance(max_bytes, LogBudget) else LogBudget(max_bytes)
         self.truncated = False
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self._pending = ""
@@ -134,16 +156,13 @@ class LogWriter:
             self._store(self.mask(text))
 
     def _store(self, text: str) -> None:
-        if self.room is None:
-            self.store(text)
-            return
         data = text.encode()
-        if len(data) <= self.room:
-            self.room -= len(data)
+        granted = self.budget.take(len(data))
+        if granted == len(data):
             self.store(text)
             return
-        kept = data[: self.room].decode("utf-8", "ignore")
-        self.truncated, self.room = True, 0
+        kept = data[:granted].decode("utf-8", "ignore")
+        self.truncated = True
         self.store(
             kept + "\n[opscd] log truncated here: this build's output passed CICD_MAX_LOG_BYTES; "
             "the rest is not stored, and the build goes on with its real result.\n"
@@ -172,19 +191,22 @@ def stored_log_bytes(task_id: int, attempt: int) -> int:
     return int(total or 0)
 
 
-def task_log_store(task_id: int, stage: Stage, attempt: int) -> LogStore:
+def task_log_store(task_id: int, stage: Stage, attempt: int, step: str | None = None) -> LogStore:
     """Appends to the task's rows in ``task_logs``, waiting out a short database outage.
+
+    ``step``: the rows are that step's section of the build stage's log.
 
     Fenced by the run: a row is stored only while ``attempt`` is the task's
     current one (one ``INSERT … SELECT`` from its ``task_states`` row, which
     the reaper's requeue locks), so a run that was given up for dead and goes
     on somewhere adds nothing to the log of the run that replaced it.
     """
-    columns = ["task_id", "stage", "attempt", "created_at", "content"]
+    columns = ["task_id", "stage", "step", "attempt", "created_at", "content"]
 
     def insert(text: str) -> bool:
         row = select(
-            literal(task_id), literal(stage, TaskLog.stage.type), literal(attempt),
+            literal(task_id), literal(stage, TaskLog.stage.type),
+            literal(step, TaskLog.step.type), literal(attempt),
             literal(utcnow(), TaskLog.created_at.type), literal(text, TaskLog.content.type),
         ).where(TaskStatus.task_id == task_id, TaskStatus.attempt == attempt)  # fmt: skip
         with db.session() as session:

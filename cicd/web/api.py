@@ -12,7 +12,7 @@ from typing import Any
 
 from flask import Blueprint, Response, current_app, g, jsonify, request, url_for
 from sqlalchemy import select
-from sqlalchemy.orm import contains_eager
+from sqlalchemy.orm import Session, contains_eager
 
 from cicd import agents, db, lifecycle, projects, secrets, statuses
 from cicd.broker import BrokerUnavailable, revoke_build, send_publish, send_task
@@ -29,6 +29,7 @@ from cicd.models import (
     TaskStage,
     TaskState,
     TaskStatus,
+    TaskStep,
     iso,
     utcnow,
 )
@@ -213,7 +214,30 @@ def task_details(task_id: int) -> dict[str, Any] | None:
         stages = session.scalars(select(TaskStage).where(TaskStage.task_id == task_id)).all()
         data = task_to_dict(task, list(stages), session.get(TaskApproval, task_id))
         data["commit_statuses"] = statuses.delivery_of(session, task_id)
+        data["steps"] = steps_of(session, task_id, task.status.attempt)
         return data
+
+
+def steps_of(session: Session, task_id: int, attempt: int) -> list[dict[str, Any]]:
+    """The current run's steps in file order (none until its build stage starts)."""
+    rows = session.scalars(
+        select(TaskStep)
+        .where(TaskStep.task_id == task_id, TaskStep.attempt == attempt)
+        .order_by(TaskStep.position)
+    )
+    return [
+        {
+            "name": row.name,
+            "state": row.state.value,
+            "exit_code": row.exit_code,
+            "image": row.image,
+            "node": row.node,
+            "started_at": iso(row.started_at),
+            "finished_at": iso(row.finished_at),
+            "reason": row.reason,
+        }
+        for row in rows
+    ]
 
 
 @bp.get("/agents")
@@ -272,7 +296,9 @@ def get_log(task_id: int) -> Response:
 
     The stream sends each new chunk as an event whose ``id`` is the chunk's
     row id (a reconnecting client sends ``Last-Event-ID`` and misses nothing),
-    and an ``end`` event with the final state once the build is finished.
+    and an ``end`` event with the final state once the build is finished. A
+    step's output comes as ``step`` events whose first data line is the step's
+    name; ``?step=NAME`` gives only that step's section of the plain log.
     """
     with db.session() as session:
         status = session.get(TaskStatus, task_id)
@@ -283,11 +309,18 @@ def get_log(task_id: int) -> Response:
             if not 1 <= attempt <= status.attempt:
                 return _error(404, f"task {task_id} has no run {attempt} (runs 1 to "
                                    f"{status.attempt})")  # fmt: skip
-            chunks = session.scalars(
-                select(TaskLog.content)
-                .where(TaskLog.task_id == task_id, TaskLog.attempt == attempt)
-                .order_by(TaskLog.id)
+            query = select(TaskLog.content).where(
+                TaskLog.task_id == task_id, TaskLog.attempt == attempt
             )
+            step = request.args.get("step")
+            if step is not None:
+                known = session.scalar(
+                    select(TaskStep.name).where(TaskStep.task_id == task_id, TaskStep.name == step)
+                )
+                if known is None:
+                    return _error(404, f"task {task_id} has no step {step[:64]!r}")
+                query = query.where(TaskLog.step == step)
+            chunks = session.scalars(query.order_by(TaskLog.id))
             earlier = (
                 f"[opscd] run {attempt} of build {task_id}, replaced by run {status.attempt}: "
                 "not the build's result\n"
@@ -342,15 +375,18 @@ def _follow_rows(task_id: int, after: int, lifetime: float) -> Iterator[str]:
                 select(TaskStatus.state, TaskStatus.attempt).where(TaskStatus.task_id == task_id)
             ).one()
             rows = session.execute(  # the current run's: a rerun's log replaces the first's
-                select(TaskLog.id, TaskLog.content)
+                select(TaskLog.id, TaskLog.content, TaskLog.step)
                 .where(TaskLog.task_id == task_id, TaskLog.attempt == attempt, TaskLog.id > after)
                 .order_by(TaskLog.id)
             ).all()
-        for row_id, content in rows:
+        for row_id, content, step in rows:
             after = row_id
             # EventSource ends a line at \r too: split there, or the rest is lost.
             data = "\n".join(f"data: {line}" for line in _LINE_BREAKS.split(content))
-            yield f"id: {row_id}\n{data}\n\n"
+            if step is None:
+                yield f"id: {row_id}\n{data}\n\n"
+            else:  # a step's output: a "step" event, its first data line the step's name
+                yield f"id: {row_id}\nevent: step\ndata: {step}\n{data}\n\n"
         if rows:
             quiet_since = time.monotonic()
         elif state is not None and state.finished:

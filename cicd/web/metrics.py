@@ -23,7 +23,7 @@ from cicd import db
 from cicd.broker import BUILD_QUEUE, language_queue
 from cicd.config import Settings
 from cicd.languages import LANGUAGES
-from cicd.models import AgentState, TaskState, TaskStatus
+from cicd.models import AgentState, StepState, TaskState, TaskStatus, TaskStep
 
 __all__ = ["bp", "BUCKETS"]
 
@@ -72,12 +72,22 @@ class OpsCDCollector(Collector):
                 ).where(finished, TaskStatus.state.in_([TaskState.SUCCESS, TaskState.FAILED]))
             ).one()
             agents = session.execute(select(AgentState.online, AgentState.last_heartbeat)).all()
+            steps = dict(
+                session.execute(select(TaskStep.state, func.count()).group_by(TaskStep.state)).all()
+            )
             now = db.clock(session)
 
         builds = GaugeMetricFamily("opscd_builds", "Builds by state", labels=["state"])
         for state in TaskState:
             builds.add_metric([state.value], by_state.get(state, 0))
         yield builds
+
+        by_step = GaugeMetricFamily(
+            "opscd_steps", "Steps of the builds' current runs by state", labels=["state"]
+        )
+        for state in StepState:
+            by_step.add_metric([state.value], steps.get(state, 0))
+        yield by_step
 
         *counts, total, seconds = histogram
         buckets = [(str(b), int(c or 0)) for b, c in zip(BUCKETS, counts, strict=True)]

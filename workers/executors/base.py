@@ -33,6 +33,9 @@ class Step:
     workdir: str  # where the commands see the checkout (a container path for docker)
     environment: dict[str, str] = field(default_factory=dict)
     image: str | None = None
+    #: Where in the checkout the commands run (ci.yaml's ``directory``, checked to be a
+    #: relative path inside it).
+    directory: str = "."
     timeout: float = 3600
     #: Asked about once a second; True stops the step (a user canceled the build).
     canceled: Callable[[], bool] = field(default=lambda: False, compare=False)
@@ -118,9 +121,12 @@ class Watchdog:
         return StepResult(exit_code, self.timed_out, self.canceled, self.fenced)
 
 
-def shell_script(commands: list[str]) -> str:
-    """A POSIX sh script that echoes each command, runs it, and stops at the first failure."""
+def shell_script(commands: list[str], directory: str = ".") -> str:
+    """A POSIX sh script that echoes each command, runs it, and stops at the first failure;
+    in ``directory`` of the checkout, when it is not the checkout itself."""
     lines = ["set -e"]
+    if directory not in ("", "."):
+        lines.append(f"cd -- {shlex.quote(directory)}")
     for command in commands:
         lines.append(f"printf '%s\\n' {shlex.quote('$ ' + command)}")
         lines.append(command)

@@ -31,7 +31,7 @@ def container_options(
     options: dict[str, Any] = {
         "image": step.image,
         "name": name,
-        "command": ["/bin/sh", "-c", shell_script(step.commands)],
+        "command": ["/bin/sh", "-c", shell_script(step.commands, step.directory)],
         "working_dir": step.workdir,
         "environment": dict(step.environment),
         "volumes": volumes,

@@ -47,7 +47,7 @@ class ShellExecutor(Executor):
             as_user = {"user": entry.pw_uid, "group": entry.pw_gid, "extra_groups": [],
                        "umask": 0o077}  # fmt: skip
         process = subprocess.Popen(
-            ["/bin/sh", "-c", shell_script(step.commands)],
+            ["/bin/sh", "-c", shell_script(step.commands, step.directory)],
             cwd=step.workspace,
             env=environment,
             **as_user,

@@ -29,7 +29,8 @@ from workers.workspace import checkout_dir, remove_workspace, workspace_of
 
 __all__ = [
     "StageTask", "masker", "describe_error", "current_run", "is_canceled", "is_stale",
-    "build_variables", "TaskRecord", "task_record", "task_workspace",
+    "build_variables", "TaskRecord", "task_record", "task_workspace", "write_changed_files",
+    "read_changed_files",
 ]  # fmt: skip
 
 log = logging.getLogger(__name__)
@@ -120,6 +121,29 @@ def task_record(task_id: int) -> TaskRecord:
             )
 
     return db.retrying(read, f"task {task_id}: reading the build")
+
+
+#: The clone stage's list of the files the push changed, beside the checkout (NUL-separated).
+CHANGED_FILES = "changed-files"
+
+
+def write_changed_files(workspace: Path, paths: list[str] | None) -> None:
+    """Keep what the push changed for the build stage on this node (None: unknown)."""
+    target = workspace / CHANGED_FILES
+    if paths is None:
+        target.unlink(missing_ok=True)
+    else:
+        target.write_bytes(b"\0".join(path.encode() for path in paths))
+
+
+def read_changed_files(workspace: Path) -> tuple[str, ...] | None:
+    """The files the push changed, as the clone stage found them; None when unknown (then
+    every ``when.path`` condition holds)."""
+    try:
+        data = (workspace / CHANGED_FILES).read_bytes()
+    except FileNotFoundError:
+        return None
+    return tuple(path.decode("utf-8", "surrogateescape") for path in data.split(b"\0") if path)
 
 
 def task_workspace(ctx: dict[str, Any]) -> tuple[Path, Path]:

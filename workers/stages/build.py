@@ -1,7 +1,9 @@
-"""Stage 2, build: read ``ci.yaml`` from the checkout and run its script with the executor.
+"""Stage 2, build: read ``ci.yaml`` from the checkout and run its steps with the executor
+(:mod:`workers.steps`; a ``build:`` file is one step named ``build``).
 
-The exit code decides: non-zero, or killed at the timeout, fails the task with
-that code (:class:`~cicd.errors.BuildFailed`); the log keeps the output.
+The exit code decides: a step's non-zero one, or one killed at its timeout, fails the
+task with that code (:class:`~cicd.errors.BuildFailed`); the log keeps each step's
+output in its own section.
 """
 
 from __future__ import annotations
@@ -14,25 +16,23 @@ from typing import Any
 
 from cicd import db, lifecycle
 from cicd.broker import STAGE_TASKS, app
-from cicd.ciyaml import BuildSpec, Pipeline, load_pipeline
-from cicd.config import Settings, load_settings
-from cicd.errors import BuildCanceled, BuildFailed, LeaseLost
-from cicd.languages import LANGUAGES
+from cicd.ciyaml import Pipeline, StepContext, load_pipeline
+from cicd.config import load_settings
+from cicd.errors import PipelineError
 from cicd.models import Stage, StageState, TaskApproval, TaskStage, utcnow
 from cicd.secrets import secret_values
-from workers.executors import Executor, Step, get_executor
+from workers.executors import Executor, get_executor
 from workers.logs import LogWriter
-from workers.stages import StageTask, is_canceled, task_record, task_workspace
+from workers.stages import (
+    StageTask,
+    is_canceled,
+    read_changed_files,
+    task_record,
+    task_workspace,
+)
+from workers.steps import BuildRun, StepRecords, TaskStepRecords, database_step_log, run_steps
 
-__all__ = ["build", "build_image", "run_build"]
-
-
-def build_image(spec: BuildSpec, settings: Settings) -> str | None:
-    """The image to build in: ci.yaml's, else this agent's or OpsCD's default for the language."""
-    if spec.image:
-        return spec.image
-    defaults = LANGUAGES.get(spec.language or "")
-    return settings.language_image(spec.language) or (defaults.image if defaults else None)
+__all__ = ["build", "run_build", "step_context"]
 
 
 def run_build(
@@ -44,70 +44,88 @@ def run_build(
     node: str | None = None,
     secrets: Callable[[list[str]], dict[str, str]] | None = None,
     withheld: str | None = None,
+    records: StepRecords | None = None,
+    step_log: Callable[[str], LogWriter] | None = None,
+    changed_files: tuple[str, ...] | None = None,
 ) -> Pipeline:
-    """Read ci.yaml, run its script, raise unless it succeeded; return the pipeline.
+    """Read ci.yaml, run its steps (a ``build:`` file: its one step), raise unless the build
+    succeeded; return the pipeline.
 
-    ``secrets`` looks up the secret variables ci.yaml names; by default the
+    ``secrets`` looks up the secret variables the steps name; by default the
     project's, stored encrypted on the server. ``withheld`` is why this build
-    gets none (its ref is not protected), which the log then says.
+    gets none (its ref is not protected), which the log then says. ``records``
+    and ``step_log`` take each step's state and output (default: none, and the
+    stage's own log); ``changed_files`` are what ``when.path`` is decided on.
     """
     settings = load_settings()
     pipeline = load_pipeline(checkout)
-    spec = pipeline.build
-    timeout = min(spec.timeout or settings.build_timeout, settings.max_build_timeout)
+    if pipeline.services:  # parsed already, so that a file using them is checked whole
+        raise PipelineError("ci.yaml: services: are not run by this version of OpsCD yet; "
+                            "start what the steps need in a step of their own for now")  # fmt: skip
+    steps = pipeline.steps_to_run
     project = variables.get("CI_PROJECT_PATH", "")
     lookup = secrets or (lambda names: secret_values(project, names, settings.secrets_key))
+    names = list(dict.fromkeys(name for spec in steps for name in spec.secrets))
     secret_env = {}
-    if spec.secrets and withheld:
-        log.line(f"Secret variables withheld: {', '.join(spec.secrets)} ({withheld})")
-    elif spec.secrets:
-        secret_env = lookup(spec.secrets)
+    if names and withheld:
+        log.line(f"Secret variables withheld: {', '.join(names)} ({withheld})")
+    elif names:
+        secret_env = lookup(names)
     log.mask = log.mask.with_secrets(secret_env.values())
-    step = Step(
-        name=f"{variables.get('CI_TASK_ID', 'local')}-build",
-        commands=spec.commands,
-        workspace=checkout,
-        workdir=spec.workdir,  # where a container sees the checkout; the shell runs in it
-        environment={**spec.env, **secret_env, **variables},
-        image=build_image(spec, settings),
-        timeout=timeout,
-        canceled=canceled,
-    )
-    on = f" on {node}" if node else ""
-    log.line(
-        f"Running {len(step.commands)} command(s) with {executor.describe(step)}{on}, "
-        f"timeout {timeout}s"
-    )
-    result = executor.run(step, log.write)
-    if result.fenced:
-        raise LeaseLost("this agent could not reach the database; its build script was stopped")
-    if result.canceled:
-        raise BuildCanceled("canceled while the build script ran")
-    if result.timed_out:
-        log.line(f"Build timed out after {timeout}s; its processes were killed")
-        raise BuildFailed(result.exit_code, f"build timed out after {timeout}s")
-    if not result.ok:
-        raise BuildFailed(result.exit_code, f"build script exited with code {result.exit_code}")
-    log.line("Build succeeded")
+    if len(steps) > 1:
+        log.line(f"Running {len(steps)} steps, at most {settings.step_concurrency} at once")
+
+    def same_log(name: str) -> LogWriter:  # without sections: the stage's own writer
+        return log  # (closing a writer only stores what it holds; it goes on writing)
+
+    def masked(name: str) -> LogWriter:
+        writer = step_log(name)
+        writer.mask = log.mask
+        return writer
+
+    run_steps(
+        pipeline,
+        BuildRun(
+            checkout=checkout, variables=variables, executor=executor, settings=settings,
+            log=log, step_log=masked if step_log else same_log, context=step_context(
+                variables, changed_files), records=records or StepRecords(), canceled=canceled,
+            node=node, secret_values=secret_env,
+        ),
+    )  # fmt: skip
     return pipeline
+
+
+def step_context(variables: dict[str, str], changed_files: tuple[str, ...] | None) -> StepContext:
+    """What the steps' ``when`` is decided on, from the build's own variables."""
+    if variables.get("CI_PIPELINE_SOURCE") == "merge_request_event":
+        event = "merge_request"
+    else:
+        event = "tag" if "CI_COMMIT_TAG" in variables else "push"
+    return StepContext(event=event, branch=variables.get("CI_COMMIT_BRANCH"),
+                       tag=variables.get("CI_COMMIT_TAG"), changed_files=changed_files,
+                       failed=False)  # fmt: skip
 
 
 @app.task(name=STAGE_TASKS["build"], base=StageTask, bind=True, stage=Stage.BUILD)
 def build(self: StageTask, ctx: dict[str, Any]) -> dict[str, Any]:
-    """Run the build script on this node; pass the parsed pipeline on to publish."""
+    """Run the build's steps on this node; pass the parsed pipeline on to publish."""
     node, run = self.request.hostname, int(ctx.get("attempt", 1))
-    record = task_record(int(ctx["task_id"]))  # the database's, not the message's
+    task_id = int(ctx["task_id"])
+    record = task_record(task_id)  # the database's, not the message's
     variables = record.variables
-    _, checkout = task_workspace(ctx)
+    workspace, checkout = task_workspace(ctx)
     with self.log_writer(ctx) as log:
         pipeline = run_build(
             checkout,
             variables,
             get_executor(load_settings(), node),
             log,
-            canceled=functools.partial(is_canceled, int(ctx["task_id"]), run),
+            canceled=functools.partial(is_canceled, task_id, run),
             node=node,
             withheld=record.secrets_withheld,
+            records=TaskStepRecords(task_id, run),
+            step_log=database_step_log(task_id, run, log.mask, log.budget),
+            changed_files=read_changed_files(workspace),
         )
         # The message carries ids only: ci.yaml's env values (and the rest) stay out of the
         # broker, Flower and task_approvals.context; publish reads ci.yaml again.

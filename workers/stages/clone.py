@@ -28,13 +28,13 @@ from sqlalchemy import delete
 
 from cicd import db, lifecycle, projects
 from cicd.broker import STAGE_TASKS, app, language_queue
-from cicd.ciyaml import load_pipeline
+from cicd.ciyaml import StepSpec, load_pipeline
 from cicd.config import basic_authorization, load_settings
 from cicd.errors import PipelineError, StageError
 from cicd.languages import LANGUAGES
 from cicd.models import Stage, TaskDetail, TaskStage
 from workers.logs import LogWriter
-from workers.stages import StageTask
+from workers.stages import StageTask, write_changed_files
 from workers.workspace import checkout_dir, create_workspace, remove_workspace
 
 __all__ = ["clone", "fetch_commit"]
@@ -57,6 +57,7 @@ def clone(self: StageTask, ctx: dict[str, Any]) -> dict[str, Any]:
         if task is None:
             raise StageError("clone", f"task {task_id} is not in the database")
         url, sha, ref = task.clone_url, task.commit_sha, task.fetch_ref
+        before = task.before_sha if task.merge_request_iid is None else None
         registration = projects.governing(session, task.project)
         if registration is None:
             raise StageError("clone", f"project {task.project} is not registered any more",
@@ -78,7 +79,11 @@ def clone(self: StageTask, ctx: dict[str, Any]) -> dict[str, Any]:
         log.line(f"Cloning {url} at {sha[:12]} ({ref}) on {self.request.hostname}")
         fetch_commit(Path(ctx["checkout"]), url, ref, sha, log, authorization)
         log.line(f"Checked out {sha}")
-        language = _language_to_hand_on(Path(ctx["checkout"]))
+        steps = _steps(Path(ctx["checkout"]))
+        if any(condition.path is not None for step in steps for condition in step.when or ()):
+            write_changed_files(workspace, changed_paths(Path(ctx["checkout"]), url, before,
+                                                         sha, log, authorization))  # fmt: skip
+        language = _language_to_hand_on(steps)
         if language and not received.get("handed_on"):
             queue = language_queue(language)
             log.line(f"This agent does not build {language}; handing the build to one that does")
@@ -102,16 +107,44 @@ def clone(self: StageTask, ctx: dict[str, Any]) -> dict[str, Any]:
     return ctx
 
 
-def _language_to_hand_on(checkout: Path) -> str | None:
-    """The ci.yaml language, if this agent does not build it (``CICD_WORKER_LANGUAGES``)."""
+def _steps(checkout: Path) -> tuple[StepSpec, ...]:
+    """ci.yaml's steps, or none when it is invalid (the build stage reports that)."""
+    try:
+        return load_pipeline(checkout).steps_to_run
+    except PipelineError:
+        return ()
+
+
+def _language_to_hand_on(steps: tuple[StepSpec, ...]) -> str | None:
+    """The first language of ci.yaml's steps this agent does not build
+    (``CICD_WORKER_LANGUAGES``), if any: the build goes to that language's agents."""
     served = load_settings().languages
     if not served:
         return None
+    missing = [s.language for s in steps if s.language in LANGUAGES and s.language not in served]
+    return missing[0] if missing else None
+
+
+def changed_paths(
+    checkout: Path, url: str, before: str | None, sha: str, log: LogWriter,
+    authorization: str | None,
+) -> list[str] | None:  # fmt: skip
+    """The files the push changed (``before``..``sha``), for ``when.path``; None when they
+    cannot be known: a new branch, a tag, a merge request, or a ``before`` commit the
+    registered repository no longer has (a force-push). Both commits come from the
+    registered repository, never from the payload's lists."""
+    if before is None or not before.strip("0") or before == sha:
+        return None
+    env = _git_environment(checkout.parent / "home", url, authorization)
     try:
-        language = load_pipeline(checkout).build.language
-    except PipelineError:
-        return None  # the build stage reports it
-    return language if language in LANGUAGES and language not in served else None
+        _git(["fetch", "-q", "--no-tags", "--depth=1", url, before], checkout, env, log,
+             quiet=True)  # fmt: skip
+        names = _git(["diff", "--name-only", "-z", "--no-renames", before, sha], checkout, env,
+                     log, quiet=True)  # fmt: skip
+    except StageError:
+        log.line(f"The files changed since {before[:12]} are unknown: every when.path holds")
+        return None
+    return [name for name in names.split("\0") if name]
 
 
 def _back_to_queued(task_id: int, attempt: int) -> None:

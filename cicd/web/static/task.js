@@ -118,6 +118,8 @@ function followLog() {
     status.textContent = FINISHED.has(root.dataset.state) ? "loading…" : "live";
   };
   source.onmessage = (event) => view.push(event.data);
+  // A step's output: its first data line names the step (the text shows its own header).
+  source.addEventListener("step", (event) => view.push(event.data.slice(event.data.indexOf("\n") + 1)));
   source.addEventListener("end", (event) => {
     source.close(); // else EventSource would reconnect and read it all again
     view.end();
