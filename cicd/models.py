@@ -147,6 +147,11 @@ class TaskDetail(Base):
     retry_of: Mapped[int | None] = mapped_column(
         Id, ForeignKey("task_details.id", ondelete="SET NULL")
     )
+    #: A retry from the failed step: the build whose succeeded steps this one does not run
+    #: again (they show as reused).
+    reuse_steps_of: Mapped[int | None] = mapped_column(
+        Id, ForeignKey("task_details.id", ondelete="SET NULL")
+    )
     #: A merge request build: the request's iid (GitHub, Gitea: its number).
     merge_request_iid: Mapped[int | None] = mapped_column(BigInteger)
     #: A merge request build: the project it is into, whose webhook delivered it. When that is

@@ -225,5 +225,9 @@ CREATE TABLE task_steps (
 
 ALTER TABLE task_logs ADD COLUMN step VARCHAR(64);
 
+ALTER TABLE task_details ADD COLUMN reuse_steps_of BIGINT;
+
+ALTER TABLE task_details ADD CONSTRAINT fk_task_details_reuse_steps_of FOREIGN KEY(reuse_steps_of) REFERENCES task_details (id) ON DELETE SET NULL;
+
 UPDATE alembic_version SET version_num='0007' WHERE alembic_version.version_num = '0006';
 

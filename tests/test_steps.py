@@ -11,7 +11,7 @@ import sys
 
 import pytest
 import requests
-from conftest import ROOT, gitlab_payload, post_gitlab, task_log, wait_for_task
+from conftest import ROOT, change, gitlab_payload, post_gitlab, task_log, wait_for_task
 from test_trust import new_repo
 
 pytestmark = pytest.mark.usefixtures("workers")
@@ -186,3 +186,35 @@ def test_services_are_refused_saying_so_not_ignored(web, git_server):
     done = wait_for_task(web, task_id)
     assert done["state"] == "failed" and "echo hi" not in task_log(web, task_id)
     assert "services: are not run by this version of OpsCD yet" in task_log(web, task_id)
+
+
+def test_a_retry_from_the_failed_step_reuses_the_steps_that_succeeded(web, git_server, tmp_path):
+    repo = new_repo(git_server, "steps")
+    flag = tmp_path / "second-try"
+    ci = f"""\
+steps:
+  - name: prepare
+    commands: [echo prepared in $CI_TASK_ID]
+  - name: flaky
+    commands: ['if [ -e {flag} ]; then echo passed; else touch {flag}; exit 7; fi']
+  - name: after
+    commands: [echo after in $CI_TASK_ID]
+"""
+    first = push(web, repo, {"ci.yaml": ci})
+    assert wait_for_task(web, first)["exit_code"] == 7
+    url = f"{web}/api/tasks/{first}/retry"
+    assert change("post", url, params={"from": "everything"}, timeout=10).status_code == 400
+    answer = change("post", url, params={"from": "failed"}, timeout=10)
+    assert answer.status_code == 202, answer.text
+    retry = answer.json()
+    assert (retry["retry_of"], retry["reuse_steps_of"]) == (first, first)
+    done = wait_for_task(web, retry["task_id"])
+    log = task_log(web, retry["task_id"])
+    assert done["state"] == "success", log
+    prepare, flaky, after = task(web, retry["task_id"])["steps"]
+    assert prepare["state"] == "skipped" and prepare["reason"].startswith("reused: ")
+    assert f"build #{first}" in prepare["reason"] and "prepared" not in log
+    assert flaky["state"] == "success" and after["state"] == "success"
+    again = change("post", f"{web}/api/tasks/{retry['task_id']}/retry", params={"from": "failed"},
+                   timeout=10)  # fmt: skip
+    assert again.status_code == 409  # it succeeded: nothing failed to start from

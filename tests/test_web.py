@@ -10,6 +10,7 @@ screenshots of every page to ``docs/screenshots/`` (else to a temporary folder).
 from __future__ import annotations
 
 import os
+import re
 import time
 import uuid
 import xml.etree.ElementTree as ET
@@ -571,3 +572,50 @@ def test_pages_need_the_login_when_a_password_is_set(start_web, repo, pages):
     page.goto(f"{base}/tasks/{task_id}")
     expect(page.locator("#log")).to_contain_text("line 2", timeout=30_000)  # the stream too
     expect(page.locator('[data-field="state"]')).to_have_text("success", timeout=30_000)
+
+
+STEPS_CI = """\
+steps:
+  - name: compile
+    commands: [echo compiling, sleep 1, echo compiled]
+  - name: lint
+    depends_on: [compile]
+    commands: [echo no lint problems]
+  - name: test
+    depends_on: [compile]
+    commands: ['echo "test_checkout: expected 2 charges, got 3"', exit 1]
+  - name: package
+    depends_on: [lint, test]
+    commands: [echo packaging]
+  - name: notify
+    depends_on: [package]
+    commands: [echo tell the team]
+    when:
+      status: failure
+"""
+
+
+def test_the_build_page_shows_each_step_its_log_and_retries_from_the_failed_one(
+    web, git_server, pages, tmp_path
+):
+    repo = new_repo(git_server, f"acme/checkout-{uuid.uuid4().hex[:4]}")
+    task_id = push(web, repo, {"ci.yaml": STEPS_CI}, message="Charge saved cards once")
+    wait_state(web, task_id, "failed")
+    page = pages.open(f"{web}/tasks/{task_id}")
+    steps = page.locator('[data-field="steps"] li')
+    expect(steps).to_have_count(5)
+    expect(page.locator('[data-step="compile"]')).to_have_class(re.compile("step-success"))
+    expect(page.locator('[data-step="test"] [data-step-field="state"]')).to_have_text("failed (1)")
+    expect(page.locator('[data-step="package"]')).to_have_class(re.compile("step-skipped"))
+    expect(page.locator('[data-step="package"] [data-step-field="reason"]')).not_to_be_empty()
+    expect(page.locator('[data-step="notify"]')).to_have_class(re.compile("step-success"))
+    page.locator('[data-step="test"] summary').click()  # its own section of the log
+    section = page.locator('[data-step="test"] .step-log')
+    expect(section).to_contain_text("expected 2 charges, got 3")
+    expect(section).not_to_contain_text("compiling")
+    screenshots(tmp_path)(page, "build-steps")
+    page.click('[data-action="retry-failed"]')
+    page.wait_for_url(re.compile(rf"/tasks/(?!{task_id}$)\d+$"))
+    expect(page.locator('[data-step="compile"] [data-step-field="reason"]')).to_contain_text(
+        "reused"
+    )

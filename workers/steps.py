@@ -138,6 +138,8 @@ class BuildRun:
     node: str | None = None
     #: The secret variables of every step, looked up once (empty when withheld).
     secret_values: dict[str, str] = field(default_factory=dict)
+    #: A retry from the failed step: the steps not run again, with the reason shown.
+    reused: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -172,7 +174,7 @@ def run_steps(pipeline: Pipeline, run: BuildRun) -> None:
                         continue
                     pending.remove(name)
                     context = replace(run.context, failed=failure is not None)
-                    reason = steps[name].skip_reason(context)
+                    reason = run.reused.get(name) or steps[name].skip_reason(context)
                     if reason is not None:
                         states[name] = StepState.SKIPPED
                         run.records.finish(name, StepState.SKIPPED, reason=reason)

@@ -90,6 +90,7 @@ def task_to_dict(
         "image": status.image,
         "image_digest": status.image_digest,
         "retry_of": task.retry_of,
+        "reuse_steps_of": task.reuse_steps_of,
         "created_at": iso(task.created_at),
         "queued_at": iso(status.queued_at),
         "enqueued_at": iso(status.enqueued_at),
@@ -430,14 +431,27 @@ def cancel_task(task_id: int) -> Response:
 
 @bp.post("/tasks/<int:task_id>/retry")
 def retry_task(task_id: int) -> Response:
-    """Run the same commit again as a new task (``retry_of`` points back)."""
+    """Run the same commit again as a new task (``retry_of`` points back); ``?from=failed``
+    skips the steps that succeeded in it (they show as reused; the checkout is made again,
+    so nothing they wrote is there)."""
+    reuse = request.args.get("from")
+    if reuse not in (None, "failed"):
+        return _error(400, f"from must be 'failed' (or absent), not {reuse[:32]!r}")
     with db.session() as session:
         task = session.get(TaskDetail, task_id)
         if task is None:
             return _error(404, f"no task {task_id}")
+        reused = None
+        if reuse == "failed":
+            if task.status.state is not TaskState.FAILED:
+                return _error(409, f"task {task_id} is {task.status.state.value}: only a "
+                                   "failed build is retried from its failed step")  # fmt: skip
+            reused = task.id
         copy = lifecycle.accept(
             TaskDetail(
-                **{column: getattr(task, column) for column in RETRY_COPIES}, retry_of=task.id
+                **{column: getattr(task, column) for column in RETRY_COPIES},
+                retry_of=task.id,
+                reuse_steps_of=reused,
             ),
             statuses.reports(projects.governing(session, task.project)),
         )

@@ -106,8 +106,8 @@ def task_page(task_id: int) -> str | tuple[str, int]:
         return render_template("not_found.html", what=f"build #{task_id}"), 404
     now = utcnow()
     data["elapsed"] = _elapsed(data, now)
-    for stage in data["stages"]:
-        stage["elapsed"] = _elapsed(stage, now)
+    for item in [*data["stages"], *data["steps"]]:
+        item["elapsed"] = _elapsed(item, now)
     return render_template("task.html", task=data, log_max_lines=LOG_MAX_LINES)
 
 

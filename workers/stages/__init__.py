@@ -11,18 +11,28 @@ from __future__ import annotations
 
 import functools
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from celery import Task
 from celery.exceptions import Ignore, Reject
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from cicd import db, projects
 from cicd.config import load_settings
 from cicd.errors import BuildCanceled, LeaseLost, OpsCDError, StageError
-from cicd.models import Stage, StageState, TaskDetail, TaskStage, TaskState, TaskStatus
+from cicd.models import (
+    Stage,
+    StageState,
+    StepState,
+    TaskDetail,
+    TaskStage,
+    TaskState,
+    TaskStatus,
+    TaskStep,
+)
 from workers import capacity, lease, reaper
 from workers.logs import LogWriter, Masker, record_superseded, stored_log_bytes, task_log_store
 from workers.workspace import checkout_dir, remove_workspace, workspace_of
@@ -30,7 +40,7 @@ from workers.workspace import checkout_dir, remove_workspace, workspace_of
 __all__ = [
     "StageTask", "masker", "describe_error", "current_run", "is_canceled", "is_stale",
     "build_variables", "TaskRecord", "task_record", "task_workspace", "write_changed_files",
-    "read_changed_files",
+    "read_changed_files", "reused_steps", "REUSED",
 ]  # fmt: skip
 
 log = logging.getLogger(__name__)
@@ -81,6 +91,8 @@ class TaskRecord:
     #: Why this build publishes no image whatever its ci.yaml says (a merge request's), or
     #: None.
     no_publish: str | None = None
+    #: A retry from the failed step: the steps not run again, each with why.
+    reused_steps: dict[str, str] = field(default_factory=dict)
 
 
 def task_record(task_id: int) -> TaskRecord:
@@ -113,6 +125,7 @@ def task_record(task_id: int) -> TaskRecord:
                 no_publish = ("a merge request build publishes nothing (the push of its "
                               "branch does)")  # fmt: skip
             return TaskRecord(
+                reused_steps=reused_steps(session, task.reuse_steps_of),
                 variables=build_variables(task),
                 protected=protected,
                 approval_required=projects.needs_approval(registration, ref_type, task.ref_name),
@@ -144,6 +157,29 @@ def read_changed_files(workspace: Path) -> tuple[str, ...] | None:
     except FileNotFoundError:
         return None
     return tuple(path.decode("utf-8", "surrogateescape") for path in data.split(b"\0") if path)
+
+
+#: How a reused step's reason starts (a retry of a retry reuses them too).
+REUSED = "reused: "
+
+
+def reused_steps(session: Session, task_id: int | None) -> dict[str, str]:
+    """The steps that succeeded in build ``task_id`` (or were reused there), by name, with the
+    reason a retry from its failed step shows for each."""
+    if task_id is None:
+        return {}
+    attempt = select(TaskStatus.attempt).where(TaskStatus.task_id == task_id).scalar_subquery()
+    rows = session.execute(
+        select(TaskStep.name, TaskStep.state, TaskStep.reason).where(
+            TaskStep.task_id == task_id, TaskStep.attempt == attempt
+        )
+    ).all()
+    return {
+        name: reason if state is StepState.SKIPPED else f"{REUSED}it succeeded in build #{task_id}"
+        for name, state, reason in rows
+        if state is StepState.SUCCESS or (state is StepState.SKIPPED
+                                          and (reason or "").startswith(REUSED))
+    }  # fmt: skip
 
 
 def task_workspace(ctx: dict[str, Any]) -> tuple[Path, Path]:

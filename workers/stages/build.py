@@ -47,6 +47,7 @@ def run_build(
     records: StepRecords | None = None,
     step_log: Callable[[str], LogWriter] | None = None,
     changed_files: tuple[str, ...] | None = None,
+    reused: dict[str, str] | None = None,
 ) -> Pipeline:
     """Read ci.yaml, run its steps (a ``build:`` file: its one step), raise unless the build
     succeeded; return the pipeline.
@@ -55,7 +56,8 @@ def run_build(
     project's, stored encrypted on the server. ``withheld`` is why this build
     gets none (its ref is not protected), which the log then says. ``records``
     and ``step_log`` take each step's state and output (default: none, and the
-    stage's own log); ``changed_files`` are what ``when.path`` is decided on.
+    stage's own log); ``changed_files`` are what ``when.path`` is decided on;
+    ``reused`` the steps a retry from the failed step does not run again.
     """
     settings = load_settings()
     pipeline = load_pipeline(checkout)
@@ -89,7 +91,7 @@ def run_build(
             checkout=checkout, variables=variables, executor=executor, settings=settings,
             log=log, step_log=masked if step_log else same_log, context=step_context(
                 variables, changed_files), records=records or StepRecords(), canceled=canceled,
-            node=node, secret_values=secret_env,
+            node=node, secret_values=secret_env, reused=reused or {},
         ),
     )  # fmt: skip
     return pipeline
@@ -126,6 +128,7 @@ def build(self: StageTask, ctx: dict[str, Any]) -> dict[str, Any]:
             records=TaskStepRecords(task_id, run),
             step_log=database_step_log(task_id, run, log.mask, log.budget),
             changed_files=read_changed_files(workspace),
+            reused=record.reused_steps,
         )
         # The message carries ids only: ci.yaml's env values (and the rest) stay out of the
         # broker, Flower and task_approvals.context; publish reads ci.yaml again.

@@ -1,5 +1,6 @@
-"""Pipelines of steps: one ``task_steps`` row per step of a build's current run, and the step
-each log chunk belongs to (``task_logs.step``).
+"""Pipelines of steps: one ``task_steps`` row per step of a build's current run, the step
+each log chunk belongs to (``task_logs.step``), and the build whose succeeded steps a retry
+from the failed step reuses (``task_details.reuse_steps_of``).
 
 Revision ID: 0007
 Revises: 0006
@@ -42,8 +43,15 @@ def upgrade() -> None:
         **TABLE,
     )
     op.add_column("task_logs", sa.Column("step", sa.String(length=64), nullable=True))
+    op.add_column("task_details", sa.Column("reuse_steps_of", ID, nullable=True))
+    op.create_foreign_key(
+        "fk_task_details_reuse_steps_of", "task_details", "task_details",
+        ["reuse_steps_of"], ["id"], ondelete="SET NULL",
+    )  # fmt: skip
 
 
 def downgrade() -> None:
+    op.drop_constraint("fk_task_details_reuse_steps_of", "task_details", type_="foreignkey")
+    op.drop_column("task_details", "reuse_steps_of")
     op.drop_column("task_logs", "step")
     op.drop_table("task_steps")

@@ -178,7 +178,52 @@ function drawDurations() {
     if (item) item.querySelector('[data-stage-field="duration"]').textContent =
       formatDuration(elapsed(stage));
   }
+  for (const step of task.steps || []) {
+    const item = root.querySelector(`[data-step="${CSS.escape(step.name)}"]`);
+    if (item) item.querySelector('[data-step-field="duration"]').textContent =
+      formatDuration(elapsed(step));
+  }
 }
+
+function drawSteps() {
+  const list = field("steps");
+  list.hidden = !(task.steps || []).length;
+  for (const step of task.steps || []) {
+    let item = list.querySelector(`[data-step="${CSS.escape(step.name)}"]`);
+    if (!item) {
+      item = document.createElement("li");
+      item.dataset.step = step.name;
+      item.innerHTML = `<details><summary><span class="dot" aria-hidden="true"></span>
+        <span class="step-name"></span> <span class="step-state" data-step-field="state"></span>
+        <span class="step-duration" data-step-field="duration"></span>
+        <span class="step-reason muted" data-step-field="reason"></span></summary>
+        <pre class="log step-log"></pre></details>`;
+      item.querySelector(".step-name").textContent = step.name;
+      const url = new URL(root.dataset.log, window.location.href);
+      url.searchParams.set("step", step.name);
+      item.querySelector(".step-log").dataset.stepLog = url.pathname + url.search;
+      list.append(item);
+    }
+    item.className = `step step-${step.state}`;
+    item.querySelector('[data-step-field="state"]').textContent =
+      step.exit_code ? `${step.state} (${step.exit_code})` : step.state;
+    item.querySelector('[data-step-field="reason"]').textContent = step.reason || "";
+  }
+}
+
+// A step's own section of the log, read when its row is opened (and again when reopened).
+root.addEventListener(
+  "toggle",
+  async (event) => {
+    const details = event.target;
+    if (!(details instanceof HTMLDetailsElement) || !details.open) return;
+    const pre = details.querySelector("[data-step-log]");
+    if (!pre) return;
+    const response = await fetch(pre.dataset.stepLog, { headers: { Accept: "text/plain" } });
+    pre.textContent = response.ok ? await response.text() : `HTTP ${response.status}`;
+  },
+  true,
+);
 
 function render(data) {
   task = data;
@@ -214,6 +259,9 @@ function render(data) {
   show("approval-row", Boolean(approval && approval.decision));
   root.querySelector('[data-action="cancel"]').hidden = finished;
   root.querySelector('[data-action="retry"]').hidden = !finished;
+  root.querySelector('[data-action="retry-failed"]').hidden =
+    task.state !== "failed" || !(task.steps || []).length;
+  drawSteps();
   drawDurations();
 }
 
@@ -259,12 +307,13 @@ root.addEventListener("click", async (event) => {
   if (CONFIRM[action] && !window.confirm(CONFIRM[action])) return;
   button.disabled = true;
   try {
-    const [response, body] = await post(`${root.dataset.api}/${action}`);
+    const endpoint = action === "retry-failed" ? "retry?from=failed" : action;
+    const [response, body] = await post(`${root.dataset.api}/${endpoint}`);
     if (!response.ok) {
       toast(body.error || `${action} failed: HTTP ${response.status}`, "error");
       return;
     }
-    if (action === "retry") {
+    if (action === "retry" || action === "retry-failed") {
       window.location.href = root.dataset.page.replace(/0$/, String(body.task_id));
       return;
     }
