@@ -349,6 +349,7 @@ def docker_env(podman, registry, hosttools_image, busybox_image, tmp_path_factor
         "CICD_REGISTRY_PASSWORD": REGISTRY_PASSWORD,
         "CICD_IMAGE_JAVA": hosttools_image,
         "CICD_IMAGE_PYTHON": hosttools_image,
+        "CICD_IMAGE_GO": hosttools_image,  # Debian's golang-go, lent from the host's /usr/lib
         "OPSCD_TEST_MAVEN_REPOSITORY": str(maven / "repository"),
     }
 

@@ -231,6 +231,50 @@ def test_language_default_builds_a_python_project(agent, project):
     assert "Ran 1 test" in log and "OK" in log
 
 
+GO_MODULE = {
+    "go.mod": "module example.com/hello\n\ngo 1.19\n",
+    "hello.go": "package hello\n\n// Greeting is what the build checks.\n"
+    'func Greeting() string { return "Hello from Go" }\n',
+    "hello_test.go": 'package hello\n\nimport "testing"\n\nfunc TestGreeting(t *testing.T) {\n'
+    '\tif Greeting() != "Hello from Go" {\n\t\tt.Fatal(Greeting())\n\t}\n}\n',
+}
+
+
+def test_language_default_builds_a_go_module(agent, project):
+    task = push(agent.web, project, {"ci.yaml": "build:\n  language: go\n", **GO_MODULE})
+    log = task_log(agent.web, task["task_id"])
+    assert task["state"] == "success", log
+    assert "$ go build ./..." in log and "$ go test ./..." in log
+    assert "ok  \texample.com/hello" in log
+
+
+MAVEN_AND_GO = """\
+steps:
+  - name: maven
+    language: java
+  - name: go
+    language: go
+    directory: go
+"""
+
+
+def test_one_pipeline_builds_a_maven_step_and_a_go_step(start_stack, docker_env, project):
+    """On an agent that builds both languages (and says so): each step in its own container."""
+    stack = start_stack("polyglot", CICD_WORKER_LANGUAGES="java,go", **docker_env)
+    files = {**hello_maven(), "ci.yaml": MAVEN_AND_GO}
+    files.update({f"go/{name}": text for name, text in GO_MODULE.items()})
+    task = push(stack.web, project, files)
+    log = task_log(stack.web, task["task_id"])
+    assert task["state"] == "success", log
+    steps = {s["name"]: s for s in requests.get(f"{stack.web}/api/tasks/{task['task_id']}",
+                                               timeout=10).json()["steps"]}  # fmt: skip
+    assert {name: s["state"] for name, s in steps.items()} == {"maven": "success", "go": "success"}
+    assert "BUILD SUCCESS" in log and "ok  \texample.com/hello" in log
+    go_log = requests.get(f"{stack.web}/api/tasks/{task['task_id']}/log", params={"step": "go"},
+                          timeout=10).text  # fmt: skip
+    assert "$ go test ./..." in go_log and "BUILD SUCCESS" not in go_log
+
+
 def test_missing_dockerfile_fails_the_publish(agent, project, busybox_image):
     ci = f"build:\n  image: {busybox_image}\n  script: 'true'\npublish: true\n"
     task = push(agent.web, project, {"ci.yaml": ci})

@@ -96,7 +96,7 @@ MANIFEST_MEDIA_TYPES = (
 _HOST_TOOL_PATHS = (
     "/usr/bin",  # sh, coreutils, java, javac, mvn (via /etc/alternatives)
     "/usr/sbin",
-    "/usr/lib",  # libc, the JDK (/usr/lib/jvm)
+    "/usr/lib",  # libc, the JDK (/usr/lib/jvm), Go (/usr/lib/go-*)
     "/usr/lib64",  # the dynamic loader
     "/usr/libexec",
     "/usr/share",  # Maven (/usr/share/maven) and Debian's Maven repository
@@ -513,8 +513,9 @@ def make_host_tools_image(
 ) -> str:
     """Import an image that is only a skeleton for the host's ``/usr``; return ``name``.
 
-    Run it with ``HOST_TOOL_MOUNTS`` as volumes: it then has the host's sh, coreutils, Java 17 and
-    Maven (with Debian's repository at ``/usr/share/maven-repo``), the way CI agents mount host
+    Run it with ``HOST_TOOL_MOUNTS`` as volumes: it then has the host's sh, coreutils, Java 17,
+    Maven (with Debian's repository at ``/usr/share/maven-repo``) and Go (Debian's golang-go,
+    ``/usr/lib/go-*``), the way CI agents mount host
     tool volumes. Its own ``/usr/src`` and ``/usr/local`` stay writable (e.g. for a workdir
     ``/usr/src/mymaven``).
     """
