@@ -231,6 +231,49 @@ def test_language_default_builds_a_python_project(agent, project):
     assert "Ran 1 test" in log and "OK" in log
 
 
+SERVICE_CI = """\
+services:
+  - name: web
+    image: {image}
+    commands:
+      - mkdir -p /www
+      - echo hello-from-the-service > /www/index.html
+      - httpd -f -p 8080 -h /www
+steps:
+  - name: fetch
+    image: {image}
+    commands:
+      - n=0; until wget -qO- http://web:8080/; do n=$((n+1)); [ $n -lt 20 ]; sleep 0.5; done
+  - name: hold
+    image: {image}
+    commands: ['{hold}']
+"""
+
+
+def test_a_service_is_reachable_from_the_steps_by_its_name_and_removed_after(
+    agent, project, busybox_image, docker_client
+):
+    task = push(agent.web, project, {"ci.yaml": SERVICE_CI.format(image=busybox_image,
+                                                                  hold="true")})  # fmt: skip
+    log = task_log(agent.web, task["task_id"])
+    assert task["state"] == "success", log
+    assert "Services web are up" in log and "hello-from-the-service" in log
+    assert build_containers(docker_client) == []  # the service went with the build
+
+
+def test_a_canceled_build_removes_its_services(agent, project, busybox_image, docker_client):
+    ci = SERVICE_CI.format(image=busybox_image, hold="sleep 120")
+    sha = project.commit({"ci.yaml": ci}, message="hold")
+    answer = post_gitlab(agent.web, gitlab_payload("push-event.json", project, "refs/heads/main",
+                                                   sha))  # fmt: skip
+    task_id = answer.json()["task_id"]
+    wait_until(lambda: "$ sleep 120" in task_log(agent.web, task_id), 60, "the hold step")
+    assert len(build_containers(docker_client)) == 2  # the service and the step
+    assert change("post", f"{agent.web}/api/tasks/{task_id}/cancel", timeout=10).status_code == 200
+    wait_until(lambda: build_containers(docker_client) == [], 30, "the containers to go")
+    assert wait_for_task(agent.web, task_id)["state"] == "canceled"
+
+
 GO_MODULE = {
     "go.mod": "module example.com/hello\n\ngo 1.19\n",
     "hello.go": "package hello\n\n// Greeting is what the build checks.\n"

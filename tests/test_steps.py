@@ -178,14 +178,14 @@ def test_a_graph_error_fails_the_build_naming_the_line(web, git_server):
     assert "ci.yaml line 4: steps.depends_on: a cycle: a → b → a" in log
 
 
-def test_services_are_refused_saying_so_not_ignored(web, git_server):
+def test_services_need_the_docker_executor_and_say_so(web, git_server):
     repo = new_repo(git_server, "steps")
     ci = "services:\n  - name: db\n    image: mariadb\n"
     ci += "steps:\n  - name: a\n    commands: [echo hi]\n"
     task_id = push(web, repo, {"ci.yaml": ci})
     done = wait_for_task(web, task_id)
     assert done["state"] == "failed" and "echo hi" not in task_log(web, task_id)
-    assert "services: are not run by this version of OpsCD yet" in task_log(web, task_id)
+    assert "ci.yaml's services need the docker executor" in done["error"]
 
 
 def test_a_retry_from_the_failed_step_reuses_the_steps_that_succeeded(web, git_server, tmp_path):

@@ -33,7 +33,7 @@ from cicd.config import Settings
 from cicd.errors import BuildCanceled, BuildFailed, LeaseLost, OpsCDError
 from cicd.languages import LANGUAGES
 from cicd.models import Stage, StepState, TaskStatus, TaskStep, utcnow
-from workers.executors import Executor, Step
+from workers.executors import Executor, Services, Step
 from workers.logs import LogBudget, LogWriter, Masker, task_log_store
 
 __all__ = ["StepRecords", "TaskStepRecords", "BuildRun", "run_steps", "step_image"]
@@ -140,6 +140,8 @@ class BuildRun:
     secret_values: dict[str, str] = field(default_factory=dict)
     #: A retry from the failed step: the steps not run again, with the reason shown.
     reused: dict[str, str] = field(default_factory=dict)
+    #: The build's running services, which every step joins.
+    services: Services | None = None
 
 
 @dataclass
@@ -230,6 +232,7 @@ def _run_one(
         timeout=timeout,
         canceled=run.canceled,
         directory=spec.directory,
+        services=run.services,
     )
     with _step_log(run, spec.name) as log:
         on = f" on {run.node}" if run.node else ""

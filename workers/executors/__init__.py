@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from cicd.config import Settings
-from workers.executors.base import Executor, Step, StepResult
+from workers.executors.base import Executor, Service, Services, Step, StepResult
 from workers.executors.docker import DockerExecutor
 from workers.executors.shell import ShellExecutor
 
-__all__ = ["Executor", "Step", "StepResult", "get_executor"]
+__all__ = ["Executor", "Service", "Services", "Step", "StepResult", "get_executor"]
 
 
 def get_executor(settings: Settings, node: str | None) -> Executor:

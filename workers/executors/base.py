@@ -11,16 +11,41 @@ import shlex
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from cicd.errors import StageError
 from workers import lease
 
-__all__ = ["Step", "StepResult", "Executor", "OutputSink", "Watchdog", "shell_script"]
+__all__ = [
+    "Step", "StepResult", "Service", "Services", "Executor", "OutputSink", "Watchdog",
+    "shell_script",
+]  # fmt: skip
 
 #: Receives output as it arrives; called often, also with ``b""`` as a clock tick.
 OutputSink = Callable[[bytes], None]
+
+
+@dataclass(frozen=True)
+class Service:
+    """A container the steps of one build reach by its name (ci.yaml's ``services:``)."""
+
+    name: str
+    image: str
+    environment: dict[str, str] = field(default_factory=dict)
+    #: Run instead of the image's own command, by ``sh -e``.
+    commands: list[str] | None = None
+
+
+@dataclass(frozen=True)
+class Services:
+    """A build's running services as its steps join them: one network namespace (every
+    service and step reaches the others on localhost) and a hosts file that names them."""
+
+    network_mode: str
+    hosts_file: Path
+    names: tuple[str, ...]
 
 
 @dataclass(frozen=True)
@@ -36,6 +61,8 @@ class Step:
     #: Where in the checkout the commands run (ci.yaml's ``directory``, checked to be a
     #: relative path inside it).
     directory: str = "."
+    #: The build's services, which the step joins (docker executor).
+    services: Services | None = None
     timeout: float = 3600
     #: Asked about once a second; True stops the step (a user canceled the build).
     canceled: Callable[[], bool] = field(default=lambda: False, compare=False)
@@ -71,6 +98,19 @@ class Executor(ABC):
     def describe(self, step: Step) -> str:
         """How ``step`` runs, for the build log: "the shell executor"."""
         return f"the {self.name} executor"
+
+    def services(
+        self, build: str, services: list[Service], workspace: Path, output: OutputSink
+    ) -> AbstractContextManager[Services]:
+        """Start ``services`` for the steps of build ``build`` (a name for labels); they are
+        stopped and removed when the context ends, whatever ends it."""
+        raise StageError(
+            "services",
+            f"ci.yaml's services need the docker executor; this agent runs builds with the "
+            f"{self.name} executor",
+            "run the build on an agent with CICD_EXECUTOR=docker, or start what the steps "
+            "need in a step of their own",
+        )
 
 
 class Watchdog:

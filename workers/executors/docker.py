@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import threading
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
 import docker
 import requests
@@ -19,8 +22,16 @@ from docker.models.containers import Container
 from cicd.config import Settings, load_settings
 from cicd.errors import StageError
 from workers.engine import API_TIMEOUT, docker_client
-from workers.executors.base import Executor, OutputSink, Step, StepResult, Watchdog
-from workers.executors.convert import LABEL_NODE, LABEL_TASK, container_options
+from workers.executors.base import (
+    Executor,
+    OutputSink,
+    Service,
+    Services,
+    Step,
+    StepResult,
+    Watchdog,
+)
+from workers.executors.convert import LABEL_NODE, LABEL_TASK, container_options, service_options
 
 __all__ = ["DockerExecutor", "remove_node_containers"]
 
@@ -65,6 +76,41 @@ class DockerExecutor(Executor):
             finally:
                 _remove(container)
         finally:
+            client.close()
+
+    @contextmanager
+    def services(
+        self, build: str, services: list[Service], workspace: Path, output: OutputSink
+    ) -> Iterator[Services]:
+        """Start each service in one network namespace (the first one's, in the agent's
+        network), with a hosts file that names them all 127.0.0.1, and remove them when the
+        build's steps are done. A node that dies meanwhile removes them when it starts again,
+        as its step containers (by their labels)."""
+        names = tuple(service.name for service in services)
+        hosts = workspace / "hosts"
+        hosts.write_text(f"127.0.0.1\tlocalhost {' '.join(names)}\n::1\tlocalhost ip6-localhost\n")
+        client = docker_client(self.settings)
+        started: list[Container] = []
+        try:
+            for service in services:
+                self._ensure_image(client, service.image, output)
+                network = f"container:{started[0].id}" if started else self.settings.docker_network
+                labels = {LABEL_TASK: f"{build}-{service.name}", LABEL_NODE: self.node}
+                name = f"opscd-{build}-{service.name}-{uuid.uuid4().hex[:8]}"
+                try:
+                    container = client.containers.create(
+                        **service_options(service, self.settings, name, labels, network, hosts)
+                    )
+                    started.append(container)
+                    container.start()
+                except APIError as error:
+                    raise StageError(f"service {service.name}", _explain(error)) from None
+                output(f"Started service {service.name} ({service.image})\n".encode())
+            yield Services(network_mode=f"container:{started[0].id}", hosts_file=hosts,
+                           names=names)  # fmt: skip
+        finally:
+            for container in reversed(started):  # the namespace's holder last
+                _remove(container)
             client.close()
 
     def _ensure_image(self, client: docker.DockerClient, image: str, output: OutputSink) -> None:

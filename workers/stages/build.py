@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import json
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -18,10 +19,9 @@ from cicd import db, lifecycle
 from cicd.broker import STAGE_TASKS, app
 from cicd.ciyaml import Pipeline, StepContext, load_pipeline
 from cicd.config import load_settings
-from cicd.errors import PipelineError
 from cicd.models import Stage, StageState, TaskApproval, TaskStage, utcnow
 from cicd.secrets import secret_values
-from workers.executors import Executor, get_executor
+from workers.executors import Executor, Service, get_executor
 from workers.logs import LogWriter
 from workers.stages import (
     StageTask,
@@ -61,9 +61,6 @@ def run_build(
     """
     settings = load_settings()
     pipeline = load_pipeline(checkout)
-    if pipeline.services:  # parsed already, so that a file using them is checked whole
-        raise PipelineError("ci.yaml: services: are not run by this version of OpsCD yet; "
-                            "start what the steps need in a step of their own for now")  # fmt: skip
     steps = pipeline.steps_to_run
     project = variables.get("CI_PROJECT_PATH", "")
     lookup = secrets or (lambda names: secret_values(project, names, settings.secrets_key))
@@ -85,15 +82,22 @@ def run_build(
         writer.mask = log.mask
         return writer
 
-    run_steps(
-        pipeline,
-        BuildRun(
-            checkout=checkout, variables=variables, executor=executor, settings=settings,
-            log=log, step_log=masked if step_log else same_log, context=step_context(
-                variables, changed_files), records=records or StepRecords(), canceled=canceled,
-            node=node, secret_values=secret_env, reused=reused or {},
-        ),
+    run = BuildRun(
+        checkout=checkout, variables=variables, executor=executor, settings=settings,
+        log=log, step_log=masked if step_log else same_log, context=step_context(
+            variables, changed_files), records=records or StepRecords(), canceled=canceled,
+        node=node, secret_values=secret_env, reused=reused or {},
     )  # fmt: skip
+    if not pipeline.services:
+        run_steps(pipeline, run)
+        return pipeline
+    services = [Service(name=s.name, image=s.image, environment=dict(s.environment),
+                        commands=list(s.commands) if s.commands else None)
+                for s in pipeline.services]  # fmt: skip
+    build = f"{variables.get('CI_TASK_ID', 'local')}"
+    with executor.services(build, services, checkout.parent, log.write) as started:
+        log.line(f"Services {', '.join(started.names)} are up; the steps reach them by name")
+        run_steps(pipeline, replace(run, services=started))
     return pipeline
 
 
