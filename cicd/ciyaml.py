@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
+import itertools
 import os
 import re
 from collections.abc import Iterable
@@ -91,6 +92,7 @@ _VERBATIM = (
     ("publish", "build_args"),
     ("steps", "*", "environment"),
     ("services", "*", "environment"),
+    ("matrix", "*"),
 )
 _STEP_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
 _HOST_LABEL_RE = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
@@ -312,6 +314,17 @@ def _timeout_seconds(value: object) -> int:
     if not 1 <= seconds <= _MAX_TIMEOUT:
         raise ValueError(f'must be between 1 second and 24 hours ("24h"), not {value}')
     return seconds
+
+
+#: A matrix expands every step once per combination: a few dozen builds' worth at most.
+MAX_COMBINATIONS = 16
+#: A step's name, with a matrix combination's label, is at most this long (its row's key).
+MAX_STEP_NAME = 64
+
+
+def combination_label(combination: dict[str, str]) -> str:
+    """How a matrix combination is named in step names and statuses: ``GO=1.19, DB=mariadb``."""
+    return ", ".join(f"{name}={value}" for name, value in combination.items())
 
 
 # --- the models -----------------------------------------------------------------------------
@@ -826,6 +839,9 @@ class Pipeline(_Spec):
     build: BuildSpec | None = None
     steps: tuple[StepSpec, ...] | None = None
     services: tuple[ServiceSpec, ...] = ()
+    #: Axes (a variable name each) and their values: the steps run once per combination.
+    matrix: dict[Annotated[str, AfterValidator(_env_name)], list[Annotated[str, BeforeValidator(
+        _env_value)]]] | None = None  # fmt: skip
     publish: PublishSpec | None = None
 
     @model_validator(mode="before")
@@ -873,6 +889,28 @@ class Pipeline(_Spec):
             f"to service, not {describe(value)}"
         )
 
+    @field_validator("matrix", mode="before")
+    @classmethod
+    def _axes(cls, value: object) -> object:
+        """A mapping of axis name to a list of its values, a few combinations at most."""
+        if value is None:
+            return None
+        if not isinstance(value, dict) or not value:
+            example = "{GO_VERSION: ['1.19', '1.21']}"
+            raise ValueError("must be a mapping of variable names to lists of values, such "
+                             f"as {example}, not {describe(value)}")  # fmt: skip
+        combinations = 1
+        for name, values in value.items():
+            if not isinstance(values, list) or not values:
+                raise ValueError(f"{quote(str(name))} must be a list of one or more values, "
+                                 f"not {describe(values)}")  # fmt: skip
+            if len(set(map(str, values))) != len(values):
+                raise ValueError(f"{quote(str(name))} lists a value twice")
+            combinations *= len(values)
+        if combinations > MAX_COMBINATIONS:
+            raise ValueError(f"makes {combinations} combinations; at most {MAX_COMBINATIONS}")
+        return value
+
     @field_validator("publish", mode="before")
     @classmethod
     def _publish_shorthand(cls, value: object) -> object:
@@ -906,11 +944,53 @@ class Pipeline(_Spec):
         problems += _graph_problems(steps, self.services)
         if problems:
             raise _Problems(problems)
+        longest = max((len(step.name) for step in self.steps_to_run), default=0)
+        if self.matrix and longest > MAX_STEP_NAME:
+            raise ValueError(
+                f"matrix: its values make step names of {longest} characters (step "
+                f"[axis=value, …]); at most {MAX_STEP_NAME}: use shorter step names or values"
+            )
         return self
 
     @property
+    def combinations(self) -> tuple[dict[str, str], ...]:
+        """The matrix's combinations of axis values, first axis slowest; one empty one
+        without a matrix."""
+        if not self.matrix:
+            return ({},)
+        names = list(self.matrix)
+        return tuple(dict(zip(names, values, strict=True))
+                     for values in itertools.product(*self.matrix.values()))  # fmt: skip
+
+    @property
     def steps_to_run(self) -> tuple[StepSpec, ...]:
-        """The steps in file order; a ``build:`` file is one step named ``build``."""
+        """The steps in file order (with a matrix: each combination's, one after the other,
+        named ``step [AXIS=value, …]`` and with the axis values in their environment); a
+        ``build:`` file is one step named ``build``."""
+        steps = self._written_steps
+        if not self.matrix:
+            return steps
+        expanded = []
+        for combination in self.combinations:
+            label = combination_label(combination)
+            for step in steps:
+                fields = {
+                    "name": f"{step.name} [{label}]",
+                    "environment": {**step.environment, **combination},
+                }
+                if step.depends_on is not None:
+                    fields["depends_on"] = [f"{name} [{label}]" for name in step.depends_on]
+                expanded.append(step.model_copy(update=fields))
+        return tuple(expanded)
+
+    def combination_of(self, step_name: str) -> str | None:
+        """The label of the matrix combination a step of :attr:`steps_to_run` belongs to."""
+        if not self.matrix or not step_name.endswith("]") or " [" not in step_name:
+            return None
+        return step_name[step_name.rindex(" [") + 2 : -1]
+
+    @property
+    def _written_steps(self) -> tuple[StepSpec, ...]:
         if self.steps is not None:
             return self.steps
         if self.build is None:
@@ -938,8 +1018,13 @@ class Pipeline(_Spec):
         exactly its own ``depends_on``, and a step without one starts at once.
         """
         steps = self.steps_to_run
-        if all(step.depends_on is None for step in steps):
-            return {step.name: (steps[i - 1].name,) if i else () for i, step in enumerate(steps)}
+        if all(step.depends_on is None for step in steps):  # in file order, per combination
+            return {
+                step.name: (steps[i - 1].name,)
+                if i and self.combination_of(steps[i - 1].name) == self.combination_of(step.name)
+                else ()
+                for i, step in enumerate(steps)
+            }
         return {step.name: tuple(step.depends_on or ()) for step in steps}
 
     def to_dict(self) -> dict[str, Any]:
@@ -948,7 +1033,7 @@ class Pipeline(_Spec):
         Sections the file does not use (``build`` or ``steps``, no ``services``) are left
         out, so a ``build:`` file gives the same data as before ``steps:`` existed.
         """
-        unused = {name for name in ("build", "steps") if getattr(self, name) is None}
+        unused = {name for name in ("build", "steps", "matrix") if getattr(self, name) is None}
         if not self.services:
             unused.add("services")
         return self.model_dump(mode="json", exclude=unused)

@@ -27,6 +27,7 @@ few seconds, so a lost wake-up only delays a status.
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import logging
 from collections.abc import Iterable
 from typing import Any
@@ -55,6 +56,7 @@ __all__ = [
     "publishing",
     "api_url_of",
     "reports",
+    "matrix_unit",
     "deliver_due",
     "delivery_of",
 ]
@@ -82,6 +84,15 @@ _WAKE = "opscd.statuses.wake"
 def reports(registration: Project | None) -> bool:
     """Whether builds of this registration post commit statuses (it has an API token)."""
     return registration is not None and registration.api_token_ciphertext is not None
+
+
+def matrix_unit(label: str) -> str:
+    """The status name of one matrix combination: ``opscd/build [GO=1.19]`` (a digest of the
+    label when that is too long for a status name)."""
+    unit = f"{BUILD} [{label}]"
+    if len(unit) <= 64:
+        return unit
+    return f"{BUILD} [{hashlib.sha256(label.encode()).hexdigest()[:12]}]"
 
 
 def first(detail: TaskDetail) -> TaskDetail:

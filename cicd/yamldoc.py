@@ -37,7 +37,7 @@ def compose(
 ) -> tuple[Node, Any] | None:
     """The document's root node and its data, or None for an empty document.
 
-    Mappings at the ``verbatim`` key paths keep plain numbers as written text
+    Mappings (or lists) at the ``verbatim`` key paths keep plain numbers as written text
     (``3.10`` stays "3.10"): they are environment values, not numbers. A ``*`` in a
     path stands for every item of a list or every value of a mapping, as in
     ``("steps", "*", "environment")`` for steps written either way.
@@ -185,6 +185,10 @@ def _keep_verbatim(node: Node, path: tuple[str, ...]) -> None:
     if not path:
         if isinstance(node, MappingNode):
             _plain_numbers_as_text(node)
+        elif isinstance(node, SequenceNode):  # a list of values (a matrix axis)
+            for item in node.value:
+                if isinstance(item, ScalarNode) and item.style is None and item.tag in _NUMBER_TAGS:
+                    item.tag = _STR_TAG
         return
     name, rest = path[0], path[1:]
     if name == "*":

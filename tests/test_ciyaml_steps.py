@@ -879,3 +879,56 @@ def test_conditions_with_the_same_reason_give_it_once() -> None:
 def test_context_refuses_an_unknown_event() -> None:
     with pytest.raises(ValueError, match="event must be push, tag or merge_request, not 'pull'"):
         context(event="pull")
+
+
+# --- matrix ---------------------------------------------------------------------------------
+
+MATRIX = """\
+matrix:
+  GO: [1.19, "1.20"]
+  DB: [mariadb, postgres]
+steps:
+  - name: test
+    commands: [echo $GO $DB]
+  - name: report
+    commands: [echo done]
+"""
+
+
+def test_a_matrix_runs_every_step_once_per_combination():
+    pipeline = parse_pipeline(MATRIX)
+    names = [step.name for step in pipeline.steps_to_run]
+    assert names[:2] == ["test [GO=1.19, DB=mariadb]", "report [GO=1.19, DB=mariadb]"]
+    assert len(names) == 8 and len(set(names)) == 8
+    assert pipeline.steps_to_run[2].environment == {"GO": "1.19", "DB": "postgres"}  # verbatim
+    # In file order within each combination; the combinations side by side.
+    deps = pipeline.dependencies
+    assert deps["test [GO=1.20, DB=mariadb]"] == ()
+    assert deps["report [GO=1.20, DB=mariadb]"] == ("test [GO=1.20, DB=mariadb]",)
+    assert pipeline.combination_of("report [GO=1.20, DB=postgres]") == "GO=1.20, DB=postgres"
+    assert pipeline.to_dict()["matrix"] == {"GO": ["1.19", "1.20"], "DB": ["mariadb", "postgres"]}
+
+
+def test_a_matrix_keeps_depends_on_inside_each_combination():
+    pipeline = parse_pipeline(
+        "matrix:\n  V: [a, b]\nsteps:\n  - name: one\n    commands: [x]\n"
+        "  - name: two\n    commands: [y]\n    depends_on: [one]\n"
+    )
+    assert pipeline.dependencies["two [V=b]"] == ("one [V=b]",)
+
+
+@pytest.mark.parametrize(
+    ("matrix", "message"),
+    [
+        ("matrix: [a, b]", "must be a mapping of variable names to lists of values"),
+        ("matrix:\n  V: []", '"V" must be a list of one or more values'),
+        ("matrix:\n  V: [a, a]", '"V" lists a value twice'),
+        ("matrix:\n  1V: [a]", "is not a valid name"),
+        ("matrix:\n  A: [1, 2, 3, 4, 5]\n  B: [1, 2, 3, 4]", "makes 20 combinations; at most 16"),
+        ("matrix:\n  V: [" + "x" * 60 + "]", "matrix: its values make step names of"),
+    ],
+)
+def test_matrix_mistakes_are_named(matrix, message):
+    with pytest.raises(PipelineError) as error:
+        parse_pipeline(matrix + "\nsteps:\n  - name: test\n    commands: [x]\n")
+    assert message in str(error.value)

@@ -272,3 +272,44 @@ def test_undelivered_statuses_outlive_a_reporter_kill_and_a_broker_restart(
         if reporter is not None:
             reporter.stop()
         broker.stop()
+
+
+MATRIX_CI = """\
+matrix:
+  VERSION: ["1.0", "2.0"]
+steps:
+  - name: test
+    commands: ['echo "testing $VERSION"', '[ "$VERSION" = "1.0" ]']
+  - name: package
+    commands: ['echo "packaged $VERSION"']
+"""
+
+
+def test_each_matrix_combination_runs_on_its_own_with_its_own_status(
+    web, git_server, gitlab_api, reporter
+):
+    repo, secret = reporting_project(web, git_server, gitlab_api)
+    payload = push_payload(repo, {"ci.yaml": MATRIX_CI})
+    sha = payload["checkout_sha"]
+    task_id = deliver(web, payload, secret).json()["task_id"]
+    done = wait_for_task(web, task_id)
+    log = task_log(web, task_id)
+    assert done["state"] == "failed" and done["exit_code"] == 1, log
+    steps = {s["name"]: s for s in requests.get(f"{web}/api/tasks/{task_id}",
+                                               timeout=10).json()["steps"]}  # fmt: skip
+    assert steps["test [VERSION=1.0]"]["state"] == "success"
+    assert steps["package [VERSION=1.0]"]["state"] == "success"  # the other one failed
+    assert steps["test [VERSION=2.0]"]["state"] == "failed"
+    assert steps["package [VERSION=2.0]"]["state"] == "skipped"
+    assert "packaged 1.0" in log and "packaged 2.0" not in log
+    recorded = requests.get(f"{web}/api/tasks/{task_id}", timeout=10).json()["commit_statuses"]
+    assert {"opscd/build [VERSION=1.0]", "opscd/build [VERSION=2.0]"} <= {
+        r["name"] for r in recorded
+    }, recorded
+    # (GitLab enqueues a new status it is told is running: pending first)
+    states_become(gitlab_api, repo, sha, "opscd/build [VERSION=1.0]",
+                  ["pending", "running", "success"])  # fmt: skip
+    states_become(gitlab_api, repo, sha, "opscd/build [VERSION=2.0]",
+                  ["pending", "running", "failed"])  # fmt: skip
+    states_become(gitlab_api, repo, sha, BUILD, ["pending", "running", "failed"])
+    assert refusals_for(gitlab_api, sha) == []

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from sqlalchemy import delete, select, update
 
-from cicd import db
+from cicd import db, statuses
 from cicd.ciyaml import Pipeline, StepContext, StepSpec
 from cicd.config import Settings
 from cicd.errors import BuildCanceled, BuildFailed, LeaseLost, OpsCDError
@@ -66,6 +66,9 @@ class StepRecords:
                reason: str | None = None) -> None:  # fmt: skip
         """The step ended (or was skipped or canceled before it ran)."""
 
+    def combination(self, label: str, state: str, description: str) -> None:
+        """A matrix combination runs (``running``) or ended (``success``, ``failed``)."""
+
 
 class TaskStepRecords(StepRecords):
     """``task_steps`` rows of one run of a build. Fenced by the run: rows are replaced only
@@ -99,6 +102,25 @@ class TaskStepRecords(StepRecords):
     def finish(self, name: str, state: StepState, exit_code: int | None = None,
                reason: str | None = None) -> None:  # fmt: skip
         self._set(name, state=state, exit_code=exit_code, reason=reason, finished_at=utcnow())
+
+    def combination(self, label: str, state: str, description: str) -> None:
+        """Each matrix combination has its own commit status (if the project reports them),
+        recorded while this run is the current one."""
+
+        def write() -> None:
+            with db.session() as session:
+                current = session.scalar(
+                    select(TaskStatus.attempt).where(TaskStatus.task_id == self.task_id)
+                )
+                if current == self.attempt:
+                    statuses.report(session, self.task_id, statuses.matrix_unit(label), state,
+                                    description)  # fmt: skip
+                    session.commit()
+
+        try:
+            db.retrying(write, f"task {self.task_id}: recording combination {label}")
+        except Exception:  # a status never changes the build
+            log.exception("task %s: status of combination %s not recorded", self.task_id, label)
 
     def _set(self, name: str, **values: object) -> None:
         def write() -> None:
@@ -156,6 +178,10 @@ def run_steps(pipeline: Pipeline, run: BuildRun) -> None:
     or :class:`LeaseLost` when the build was stopped."""
     steps = {spec.name: spec for spec in pipeline.steps_to_run}
     waits_for = pipeline.dependencies
+    # With a matrix each combination is a build of its own: a failure skips only its steps.
+    combination_of = {name: pipeline.combination_of(name) for name in steps}
+    failed_in: set[str | None] = set()
+    reported: set[str] = set()
     pending = list(steps)  # file order: of the ready steps, the first written starts first
     states: dict[str, StepState] = {}
     failure: _Failure | None = None
@@ -175,15 +201,21 @@ def run_steps(pipeline: Pipeline, run: BuildRun) -> None:
                     if any(states.get(dep) not in FINISHED for dep in waits_for[name]):
                         continue
                     pending.remove(name)
-                    context = replace(run.context, failed=failure is not None)
+                    combination = combination_of[name]
+                    failed = combination in failed_in if pipeline.matrix else failure is not None
+                    context = replace(run.context, failed=failed)
                     reason = run.reused.get(name) or steps[name].skip_reason(context)
                     if reason is not None:
                         states[name] = StepState.SKIPPED
                         run.records.finish(name, StepState.SKIPPED, reason=reason)
                         run.log.line(f"Step {name} skipped: {reason}")
+                        _combination_done(combination_of, name, states, failed_in, run.records)
                         started_any = True
                         continue
                     states[name] = StepState.RUNNING
+                    if combination is not None and combination not in reported:
+                        reported.add(combination)
+                        run.records.combination(combination, "running", "running")
                     image = step_image(steps[name], run.settings)
                     run.records.start(name, image, run.node)
                     remaining = deadline - time.monotonic()
@@ -200,8 +232,13 @@ def run_steps(pipeline: Pipeline, run: BuildRun) -> None:
                 run.records.finish(name, state, exit_code, reason)
                 if isinstance(error, BuildCanceled | LeaseLost):
                     stopped = stopped or error
-                elif error is not None and failure is None:
-                    failure = _Failure(name, error)
+                elif error is not None:
+                    failed_in.add(combination_of[name])
+                    failure = failure or _Failure(name, error)
+                    if combination_of[name] is not None and stopped is None:
+                        run.records.combination(combination_of[name], "failed",
+                                                f"failed at step {name}")  # fmt: skip
+                _combination_done(combination_of, name, states, failed_in, run.records)
             if stopped is not None:
                 pending.clear()  # running steps see the cancel (or the lease) themselves
     for name in steps:
@@ -212,6 +249,20 @@ def run_steps(pipeline: Pipeline, run: BuildRun) -> None:
     if failure is not None:
         raise failure.error
     run.log.line("All steps succeeded" if len(steps) > 1 else "Build succeeded")
+
+
+def _combination_done(
+    combination_of: dict[str, str | None], name: str, states: dict[str, StepState],
+    failed_in: set[str | None], records: StepRecords,
+) -> None:  # fmt: skip
+    """Once every step of a matrix combination ended, its status is ``success`` (a failure
+    was recorded when it happened)."""
+    combination = combination_of[name]
+    if combination is None or combination in failed_in:
+        return
+    own = [step for step, other in combination_of.items() if other == combination]
+    if all(states.get(step) in FINISHED for step in own):
+        records.combination(combination, "success", "built")
 
 
 def _run_one(

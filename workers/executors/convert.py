@@ -42,17 +42,8 @@ def container_options(
         "volumes": volumes,
         "network_mode": network,
         "labels": labels,
-        "privileged": False,
-        "security_opt": ["no-new-privileges"],
-        "pids_limit": settings.docker_pids_limit,
-        "stdin_open": False,
-        "tty": False,
-        "detach": True,
+        **_locked_down(settings),
     }
-    if settings.docker_memory:
-        options["mem_limit"] = settings.docker_memory
-    if settings.docker_cpus:
-        options["nano_cpus"] = int(settings.docker_cpus * 1_000_000_000)
     return options
 
 
@@ -69,6 +60,16 @@ def service_options(
         "volumes": [f"{hosts_file}:/etc/hosts:ro"],
         "network_mode": network,
         "labels": labels,
+        **_locked_down(settings),
+    }
+    if service.commands:
+        options["command"] = ["/bin/sh", "-c", shell_script(service.commands)]
+    return options
+
+
+def _locked_down(settings: Settings) -> dict[str, Any]:
+    """What every build container gets: no privileges, and the agent's limits."""
+    options: dict[str, Any] = {
         "privileged": False,
         "security_opt": ["no-new-privileges"],
         "pids_limit": settings.docker_pids_limit,
@@ -76,8 +77,6 @@ def service_options(
         "tty": False,
         "detach": True,
     }
-    if service.commands:
-        options["command"] = ["/bin/sh", "-c", shell_script(service.commands)]
     if settings.docker_memory:
         options["mem_limit"] = settings.docker_memory
     if settings.docker_cpus:

@@ -8,6 +8,7 @@ behind are removed when the node starts or stops (found by their labels).
 
 from __future__ import annotations
 
+import re
 import threading
 import uuid
 from collections.abc import Iterator
@@ -64,7 +65,7 @@ class DockerExecutor(Executor):
         try:
             self._ensure_image(client, step.image, output)
             labels = {LABEL_TASK: step.name, LABEL_NODE: self.node}
-            name = f"opscd-{step.name}-{uuid.uuid4().hex[:8]}"
+            name = f"opscd-{container_safe(step.name)}-{uuid.uuid4().hex[:8]}"
             try:
                 container = client.containers.create(
                     **container_options(step, self.settings, name, labels)
@@ -96,7 +97,7 @@ class DockerExecutor(Executor):
                 self._ensure_image(client, service.image, output)
                 network = f"container:{started[0].id}" if started else self.settings.docker_network
                 labels = {LABEL_TASK: f"{build}-{service.name}", LABEL_NODE: self.node}
-                name = f"opscd-{build}-{service.name}-{uuid.uuid4().hex[:8]}"
+                name = f"opscd-{container_safe(build)}-{service.name}-{uuid.uuid4().hex[:8]}"
                 try:
                     container = client.containers.create(
                         **service_options(service, self.settings, name, labels, network, hosts)
@@ -158,6 +159,11 @@ def _copy_logs(container: Container, output: OutputSink) -> None:
             output(chunk)
     except (APIError, requests.RequestException) as error:
         output(f"\n[opscd] log stream interrupted: {error}\n".encode())
+
+
+def container_safe(name: str) -> str:
+    """A step's name as a container name may hold it (a matrix step's has spaces, ``=``)."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-.")[:100] or "step"
 
 
 def _kill(container: Container) -> None:
