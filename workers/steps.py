@@ -164,6 +164,8 @@ class BuildRun:
     reused: dict[str, str] = field(default_factory=dict)
     #: The build's running services, which every step joins.
     services: Services | None = None
+    #: A ``build:`` file's one step: its errors read as they did before steps existed.
+    shorthand: bool = False
 
 
 @dataclass
@@ -310,11 +312,13 @@ def _run_one(
             )
         if result.timed_out:
             log.line(f"Step {spec.name} timed out after {timeout}s; its processes were killed")
-            why = f"step {spec.name} timed out after {timeout}s"
+            # (a build: file's one step says it as before steps existed)
+            why = f"{'build' if run.shorthand else f'step {spec.name}'} timed out after {timeout}s"
             return _failed(spec, result.exit_code, why, BuildFailed(result.exit_code, why))
         if not result.ok:
             log.line(f"Step {spec.name} failed with exit code {result.exit_code}")
-            why = f"step {spec.name} exited with code {result.exit_code}"
+            script = "build script" if run.shorthand else f"step {spec.name}"
+            why = f"{script} exited with code {result.exit_code}"
             return _failed(spec, result.exit_code, why, BuildFailed(result.exit_code, why))
         log.line(f"Step {spec.name} succeeded")
         return StepState.SUCCESS, 0, None, None

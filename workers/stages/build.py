@@ -87,6 +87,7 @@ def run_build(
         log=log, step_log=masked if step_log else same_log, context=step_context(
             variables, changed_files), records=records or StepRecords(), canceled=canceled,
         node=node, secret_values=secret_env, reused=reused or {},
+        shorthand=pipeline.steps is None,
     )  # fmt: skip
     if not pipeline.services:
         run_steps(pipeline, run)
