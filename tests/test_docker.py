@@ -274,6 +274,29 @@ def test_a_canceled_build_removes_its_services(agent, project, busybox_image, do
     assert wait_for_task(agent.web, task_id)["state"] == "canceled"
 
 
+def test_independent_steps_run_in_containers_at_the_same_time(agent, project, busybox_image):
+    ci = f"""\
+steps:
+  - name: left
+    image: {busybox_image}
+    commands: [sleep 2, echo left]
+  - name: right
+    image: {busybox_image}
+    commands: [sleep 2, echo right]
+  - name: join
+    image: {busybox_image}
+    depends_on: [left, right]
+    commands: [echo joined]
+"""
+    task = push(agent.web, project, {"ci.yaml": ci})
+    assert task["state"] == "success", task_log(agent.web, task["task_id"])
+    left, right, join = requests.get(f"{agent.web}/api/tasks/{task['task_id']}",
+                                     timeout=10).json()["steps"]  # fmt: skip
+    assert left["started_at"] < right["finished_at"] and right["started_at"] < left["finished_at"]
+    assert join["started_at"] >= max(left["finished_at"], right["finished_at"])
+    assert {step["image"] for step in (left, right, join)} == {busybox_image}
+
+
 GO_MODULE = {
     "go.mod": "module example.com/hello\n\ngo 1.19\n",
     "hello.go": "package hello\n\n// Greeting is what the build checks.\n"
