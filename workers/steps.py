@@ -229,7 +229,12 @@ def run_steps(pipeline: Pipeline, run: BuildRun) -> None:
             done, _ = concurrent.futures.wait(running, return_when="FIRST_COMPLETED")
             for future in done:
                 name = running.pop(future)
-                state, exit_code, reason, error = future.result()
+                try:
+                    state, exit_code, reason, error = future.result()
+                except Exception as unexpected:  # e.g. the engine's API broke: the step failed
+                    log.exception("step %s could not run", name)
+                    state, exit_code, error = StepState.FAILED, None, unexpected
+                    reason = f"could not run: {type(unexpected).__name__}: {unexpected}"[:500]
                 states[name] = state
                 run.records.finish(name, state, exit_code, reason)
                 if isinstance(error, BuildCanceled | LeaseLost):
