@@ -47,6 +47,7 @@ __all__ = [
     "CI_FILENAME",
     "MAX_CI_YAML_BYTES",
     "BuildSpec",
+    "CloneSpec",
     "StepSpec",
     "ServiceSpec",
     "WhenCondition",
@@ -318,6 +319,8 @@ def _timeout_seconds(value: object) -> int:
 
 #: A matrix expands every step once per combination: a few dozen builds' worth at most.
 MAX_COMBINATIONS = 16
+#: The deepest numbered checkout (beyond it, say ``full``).
+MAX_DEPTH = 1_000_000
 #: A step's name, with a matrix combination's label, is at most this long (its row's key).
 MAX_STEP_NAME = 64
 
@@ -829,6 +832,24 @@ def _cycle_problems(steps: tuple[StepSpec, ...], index: dict[str, int]) -> list[
     return problems
 
 
+class CloneSpec(_Spec):
+    """How much history the checkout has: the pushed commit alone (``depth: 1``, the
+    default), that many commits, or all of it (``depth: full``, from the agent's mirror)."""
+
+    depth: int | Literal["full"] = 1
+
+    @field_validator("depth", mode="before")
+    @classmethod
+    def _depth(cls, value: object) -> object:
+        if value == "full" or (
+            isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= MAX_DEPTH
+        ):
+            return value
+        shown = value if isinstance(value, int) and not isinstance(value, bool) else None
+        raise ValueError(f'must be "full" or a number of commits from 1 to {MAX_DEPTH}, '
+                         f"not {shown if shown is not None else describe(value)}")  # fmt: skip
+
+
 class Pipeline(_Spec):
     """A whole ``ci.yaml``: a build or steps, services beside them, an image to publish.
 
@@ -839,6 +860,7 @@ class Pipeline(_Spec):
     build: BuildSpec | None = None
     steps: tuple[StepSpec, ...] | None = None
     services: tuple[ServiceSpec, ...] = ()
+    clone: CloneSpec = Field(default_factory=CloneSpec)
     #: Axes (a variable name each) and their values: the steps run once per combination.
     matrix: dict[Annotated[str, AfterValidator(_env_name)], list[Annotated[str, BeforeValidator(
         _env_value)]]] | None = None  # fmt: skip
@@ -1034,6 +1056,8 @@ class Pipeline(_Spec):
         out, so a ``build:`` file gives the same data as before ``steps:`` existed.
         """
         unused = {name for name in ("build", "steps", "matrix") if getattr(self, name) is None}
+        if self.clone == CloneSpec():
+            unused.add("clone")
         if not self.services:
             unused.add("services")
         return self.model_dump(mode="json", exclude=unused)
@@ -1047,6 +1071,7 @@ _MODELS: dict[tuple[str, ...], type[_Spec]] = {
     ("publish",): PublishSpec,
     ("steps", "*"): StepSpec,
     ("services", "*"): ServiceSpec,
+    ("clone",): CloneSpec,
     ("steps", "*", "when", "*"): WhenCondition,
     ("steps", "*", "when", "*", "path"): PathFilter,
 }

@@ -53,6 +53,11 @@ class Settings(BaseSettings):
         default=Path(tempfile.gettempdir()) / "opscd-workspaces",
         description="Where each build gets its own folder, removed when the build ends",
     )
+    cache_dir: Path = Field(
+        default=Path(tempfile.gettempdir()) / "opscd-cache",
+        description="What this agent keeps between builds: git mirrors of the repositories it "
+        "builds (git/), which full-history checkouts fetch from",
+    )
     executor: Literal["docker", "shell"] = Field(
         default="docker",
         description="How build scripts run: docker (in a container of build.image) or shell "

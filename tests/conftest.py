@@ -136,6 +136,7 @@ def opscd_env(database_url: str, broker_url: str, tmp_path_factory) -> dict[str,
         CICD_GIT_USERNAME=GIT_USER,
         CICD_GIT_PASSWORD=GIT_PASSWORD,
         CICD_WORKSPACE_DIR=str(tmp_path_factory.mktemp("workspaces")),
+        CICD_CACHE_DIR=str(tmp_path_factory.mktemp("cache")),
         CICD_EXECUTOR="shell",
         # The tests run as root; builds as root read the worker's settings. The stacks here
         # hold no secret worth that; tests/test_security.py runs builds as CICD_SHELL_USER.

@@ -932,3 +932,16 @@ def test_matrix_mistakes_are_named(matrix, message):
     with pytest.raises(PipelineError) as error:
         parse_pipeline(matrix + "\nsteps:\n  - name: test\n    commands: [x]\n")
     assert message in str(error.value)
+
+
+@pytest.mark.parametrize(
+    ("clone", "depth"), [("", 1), ("clone:\n  depth: full\n", "full"), ("clone: {depth: 50}\n", 50)]
+)
+def test_clone_depth(clone, depth):
+    assert parse_pipeline(clone + "build:\n  script: x\n").clone.depth == depth
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "deep", "true", "2000000"])
+def test_a_bad_clone_depth_is_named(value):
+    with pytest.raises(PipelineError, match=r'clone\.depth: must be "full" or a number'):
+        parse_pipeline(f"clone:\n  depth: {value}\nbuild:\n  script: x\n")

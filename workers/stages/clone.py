@@ -28,11 +28,12 @@ from sqlalchemy import delete
 
 from cicd import db, lifecycle, projects
 from cicd.broker import STAGE_TASKS, app, language_queue
-from cicd.ciyaml import StepSpec, load_pipeline
+from cicd.ciyaml import Pipeline, StepSpec, load_pipeline
 from cicd.config import basic_authorization, load_settings
 from cicd.errors import PipelineError, StageError
 from cicd.languages import LANGUAGES
 from cicd.models import Stage, TaskDetail, TaskStage
+from workers import mirrors
 from workers.logs import LogWriter
 from workers.stages import StageTask, write_changed_files
 from workers.workspace import checkout_dir, create_workspace, remove_workspace
@@ -79,7 +80,10 @@ def clone(self: StageTask, ctx: dict[str, Any]) -> dict[str, Any]:
         log.line(f"Cloning {url} at {sha[:12]} ({ref}) on {self.request.hostname}")
         fetch_commit(Path(ctx["checkout"]), url, ref, sha, log, authorization)
         log.line(f"Checked out {sha}")
-        steps = _steps(Path(ctx["checkout"]))
+        pipeline = _pipeline(Path(ctx["checkout"]))
+        steps = pipeline.steps_to_run if pipeline else ()
+        if pipeline is not None and pipeline.clone.depth != 1:
+            deepen(Path(ctx["checkout"]), url, ref, pipeline.clone.depth, log, authorization)
         if any(condition.path is not None for step in steps for condition in step.when or ()):
             write_changed_files(workspace, changed_paths(Path(ctx["checkout"]), url, before,
                                                          sha, log, authorization))  # fmt: skip
@@ -107,12 +111,12 @@ def clone(self: StageTask, ctx: dict[str, Any]) -> dict[str, Any]:
     return ctx
 
 
-def _steps(checkout: Path) -> tuple[StepSpec, ...]:
-    """ci.yaml's steps, or none when it is invalid (the build stage reports that)."""
+def _pipeline(checkout: Path) -> Pipeline | None:
+    """ci.yaml, or None when it is invalid (the build stage reports that)."""
     try:
-        return load_pipeline(checkout).steps_to_run
+        return load_pipeline(checkout)
     except PipelineError:
-        return ()
+        return None
 
 
 def _language_to_hand_on(steps: tuple[StepSpec, ...]) -> str | None:
@@ -123,6 +127,55 @@ def _language_to_hand_on(steps: tuple[StepSpec, ...]) -> str | None:
         return None
     missing = [s.language for s in steps if s.language in LANGUAGES and s.language not in served]
     return missing[0] if missing else None
+
+
+def deepen(
+    checkout: Path, url: str, ref: str, depth: int | str, log: LogWriter,
+    authorization: str | None,
+) -> None:  # fmt: skip
+    """Give the one-commit checkout the history ci.yaml asks for (``depth``: a number of
+    commits, or ``full``), copied from this agent's mirror of the repository
+    (:mod:`workers.mirrors`), which fetches from the forge only what is new. A mirror that
+    cannot be used is made again; failing that, the history comes from the forge."""
+    env = _git_environment(checkout.parent / "home", url, authorization)
+    depth_args = ["--unshallow"] if depth == "full" else [f"--depth={depth}"]
+    fetched = f"+{ref}:refs/opscd/ref"
+    mirror = mirrors.mirror_path(load_settings(), url)
+    with mirrors.locked(mirror):
+        usable = _refresh_mirror(mirror, url, ref, env, log)
+        if usable:
+            local = {**env, "GIT_ALLOW_PROTOCOL": "file"}  # the mirror is this agent's own
+            try:
+                _git(["fetch", "-q", "--no-tags", *depth_args, f"file://{mirror}", fetched],
+                     checkout, local, log, quiet=True)  # fmt: skip
+                log.line(f"History to depth {depth} copied from this agent's mirror")
+                return
+            except StageError:
+                log.line("The mirror's history could not be copied; fetching it from the forge")
+    _git(["fetch", "-q", "--no-tags", *depth_args, url, fetched], checkout, env, log)
+    log.line(f"History to depth {depth} fetched from the forge")
+
+
+def _refresh_mirror(mirror: Path, url: str, ref: str, env: dict[str, str],
+                    log: LogWriter) -> bool:  # fmt: skip
+    """Bring the mirror's ``ref`` up to date with the forge (making the mirror if there is
+    none, again if git cannot use it); False if it cannot be made usable."""
+    for attempt in (1, 2):
+        try:
+            if not (mirror / "HEAD").is_file():
+                mirrors.remove(mirror)
+                _git(["init", "-q", "--bare", "--template=", str(mirror)], mirror.parent, env,
+                     log, quiet=True)  # fmt: skip
+            _git(["fetch", "-q", "--no-tags", url, f"+{ref}:{ref}"], mirror, env, log,
+                 quiet=True)  # fmt: skip
+            _git(["fsck", "--connectivity-only", "--no-dangling"], mirror, env, log,
+                 quiet=True)  # fmt: skip
+            return True
+        except StageError:
+            mirrors.remove(mirror)
+            if attempt == 1:
+                log.line("This agent's mirror of the repository was unusable; making it again")
+    return False
 
 
 def changed_paths(
