@@ -95,7 +95,7 @@ def run_build(
     services = [Service(name=s.name, image=s.image, environment=dict(s.environment),
                         commands=list(s.commands) if s.commands else None)
                 for s in pipeline.services]  # fmt: skip
-    build = f"{variables.get('CI_TASK_ID', 'local')}"
+    build = variables.get("CI_TASK_ID", "local")
     with executor.services(build, services, checkout.parent, log.write) as started:
         log.line(f"Services {', '.join(started.names)} are up; the steps reach them by name")
         run_steps(pipeline, replace(run, services=started))
