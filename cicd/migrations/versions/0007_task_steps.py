@@ -43,15 +43,18 @@ def upgrade() -> None:
         **TABLE,
     )
     op.add_column("task_logs", sa.Column("step", sa.String(length=64), nullable=True))
-    op.add_column("task_details", sa.Column("reuse_steps_of", ID, nullable=True))
-    op.create_foreign_key(
-        "fk_task_details_reuse_steps_of", "task_details", "task_details",
-        ["reuse_steps_of"], ["id"], ondelete="SET NULL",
-    )  # fmt: skip
+    # In a batch: SQLite (``cicd up``) adds a foreign key only by copying the table.
+    with op.batch_alter_table("task_details") as table:
+        table.add_column(sa.Column("reuse_steps_of", ID, nullable=True))
+        table.create_foreign_key(
+            "fk_task_details_reuse_steps_of", "task_details", ["reuse_steps_of"], ["id"],
+            ondelete="SET NULL",
+        )  # fmt: skip
 
 
 def downgrade() -> None:
-    op.drop_constraint("fk_task_details_reuse_steps_of", "task_details", type_="foreignkey")
-    op.drop_column("task_details", "reuse_steps_of")
+    with op.batch_alter_table("task_details") as table:
+        table.drop_constraint("fk_task_details_reuse_steps_of", type_="foreignkey")
+        table.drop_column("reuse_steps_of")
     op.drop_column("task_logs", "step")
     op.drop_table("task_steps")
