@@ -34,6 +34,7 @@ from support.containers import (
 )
 from support.git import GitHttpServer, GitRepo
 from support.gitlab import gitlab_headers, project_of, register_project
+from support.gitlab_api import GitLabAPI
 from support.processes import ROOT, Process, free_port, procfile_command, wait_until
 
 from cicd import processes
@@ -353,6 +354,36 @@ def docker_env(podman, registry, hosttools_image, busybox_image, tmp_path_factor
         "CICD_IMAGE_GO": hosttools_image,  # Debian's golang-go, lent from the host's /usr/lib
         "OPSCD_TEST_MAVEN_REPOSITORY": str(maven / "repository"),
     }
+
+
+# --- commit statuses: the stand-in GitLab API and the Procfile's reporter ------------------
+
+
+@pytest.fixture(scope="module")
+def gitlab_api():
+    """A stand-in GitLab API (commit statuses), one per test module."""
+    with GitLabAPI() as api:
+        yield api
+
+
+def start_reporter(env: dict[str, str], web: str, log_dir: Path) -> Process:
+    """The Procfile's reporter, with the web's address as CICD_PUBLIC_URL."""
+    command = procfile_command("reporter")
+    assert shlex.split(command)[:3] == ["celery", "-A", "cicd.reporter"]
+    path = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '/usr/bin:/bin')}"
+    node = Process("reporter", ["sh", "-c", "exec " + command],
+                   {**env, "PATH": path, "CICD_PUBLIC_URL": web}, log_dir)  # fmt: skip
+    wait_until(lambda: "ready." in node.output() or node.popen.poll() is not None, 60,
+               "the reporter to be ready")  # fmt: skip
+    assert node.popen.poll() is None, node.output()
+    return node
+
+
+@pytest.fixture(scope="module")
+def reporter(web, workers, opscd_env, tmp_path_factory):
+    node = start_reporter(opscd_env, web, tmp_path_factory.mktemp("reporter"))
+    yield node
+    node.stop()
 
 
 # --- webhooks -------------------------------------------------------------------------------

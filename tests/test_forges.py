@@ -22,7 +22,7 @@ from support.gitea_api import GiteaAPI
 from support.github_api import GitHubAPI
 from support.gitlab import FIXTURES, forge_project_id, gitlab_headers, register_project
 from support.processes import wait_until
-from test_statuses import BUILD, start_reporter
+from test_statuses import BUILD
 from test_trust import SECRET_CI, count_tasks, new_repo
 
 ECHO = "build:\n  script: [echo built $CI_PIPELINE_SOURCE]\n"
@@ -38,13 +38,6 @@ def github_api():
 def gitea_api():
     with GiteaAPI() as api:
         yield api
-
-
-@pytest.fixture(scope="module")
-def reporter(web, workers, opscd_env, tmp_path_factory):
-    node = start_reporter(opscd_env, web, tmp_path_factory.mktemp("forges-reporter"))
-    yield node
-    node.stop()
 
 
 @cache

@@ -17,24 +17,10 @@ import pytest
 import requests
 from conftest import change, gitlab_payload, post_gitlab, task_log, wait_for_task
 from support.gitlab import forge_project_id, register_project
-from support.gitlab_api import GitLabAPI
-from test_statuses import BUILD, start_reporter, states_become
+from test_statuses import BUILD, states_become
 from test_trust import SECRET_CI, count_tasks, new_repo, push_payload
 
 MR_CI = "build:\n  script:\n    - echo merge request !$CI_MERGE_REQUEST_IID from $CI_MERGE_REQUEST_SOURCE_PROJECT_PATH $CI_PIPELINE_SOURCE\n"  # noqa: E501
-
-
-@pytest.fixture(scope="module")
-def gitlab_api():
-    with GitLabAPI() as api:
-        yield api
-
-
-@pytest.fixture(scope="module")
-def reporter(web, workers, opscd_env, tmp_path_factory):
-    node = start_reporter(opscd_env, web, tmp_path_factory.mktemp("mr-reporter"))
-    yield node
-    node.stop()
 
 
 def mr_payload(target, source, branch: str, sha: str, iid: int = 1, action: str = "open",

@@ -6,20 +6,24 @@ commit is refused there as GitLab refuses it, so posting one fails these tests.
 
 from __future__ import annotations
 
-import os
-import shlex
 import signal
 import subprocess
 import sys
 import uuid
-from pathlib import Path
 
 import pytest
 import requests
-from conftest import ROOT, change, task_log, wait_for_task, wait_ready, worker_args
+from conftest import (
+    ROOT,
+    change,
+    start_reporter,
+    task_log,
+    wait_for_task,
+    wait_ready,
+    worker_args,
+)
 from support.gitlab import forge_project_id, register_project
-from support.gitlab_api import GitLabAPI
-from support.processes import Process, procfile_command, wait_until
+from support.processes import Process, wait_until
 from support.services import PrivateRedis
 from test_trust import deliver, new_repo, push_payload
 
@@ -27,32 +31,6 @@ from cicd.forges import StatusRefused, gitlab
 
 BUILD, PUBLISH = "opscd/build", "opscd/publish"
 ECHO = "build:\n  script: [echo built]\n"
-
-
-@pytest.fixture(scope="module")
-def gitlab_api():
-    with GitLabAPI() as api:
-        yield api
-
-
-def start_reporter(env: dict[str, str], web: str, log_dir: Path) -> Process:
-    """The Procfile's reporter, with the web's address as CICD_PUBLIC_URL."""
-    command = procfile_command("reporter")
-    assert shlex.split(command)[:3] == ["celery", "-A", "cicd.reporter"]
-    path = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '/usr/bin:/bin')}"
-    node = Process("reporter", ["sh", "-c", "exec " + command],
-                   {**env, "PATH": path, "CICD_PUBLIC_URL": web}, log_dir)  # fmt: skip
-    wait_until(lambda: "ready." in node.output() or node.popen.poll() is not None, 60,
-               "the reporter to be ready")  # fmt: skip
-    assert node.popen.poll() is None, node.output()
-    return node
-
-
-@pytest.fixture(scope="module")
-def reporter(web, workers, opscd_env, tmp_path_factory):
-    node = start_reporter(opscd_env, web, tmp_path_factory.mktemp("reporter"))
-    yield node
-    node.stop()
 
 
 def reporting_project(web, git_server, gitlab_api, **fields):

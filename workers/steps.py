@@ -34,7 +34,7 @@ from cicd.errors import BuildCanceled, BuildFailed, LeaseLost, OpsCDError
 from cicd.languages import LANGUAGES
 from cicd.models import Stage, StepState, TaskStatus, TaskStep, utcnow
 from workers.executors import Executor, Services, Step
-from workers.logs import LogBudget, LogWriter, Masker, task_log_store
+from workers.logs import LogWriter, task_log_store
 
 __all__ = ["StepRecords", "TaskStepRecords", "BuildRun", "run_steps", "step_image"]
 
@@ -347,12 +347,13 @@ def _step_log(run: BuildRun, name: str) -> Iterator[LogWriter]:
 
 
 def database_step_log(
-    task_id: int, attempt: int, masker: Masker, budget: LogBudget
+    task_id: int, attempt: int, stage_log: LogWriter
 ) -> Callable[[str], LogWriter]:
-    """Writers of steps' sections of a build's log in ``task_logs``, sharing the run's room."""
+    """Writers of steps' sections of a build's log in ``task_logs``: masked as the stage's
+    writer is when the step starts (its secrets included), sharing the run's room."""
 
     def writer(name: str) -> LogWriter:
-        return LogWriter(task_log_store(task_id, Stage.BUILD, attempt, step=name), masker,
-                         max_bytes=budget)  # fmt: skip
+        return LogWriter(task_log_store(task_id, Stage.BUILD, attempt, step=name),
+                         stage_log.mask, max_bytes=stage_log.budget)  # fmt: skip
 
     return writer

@@ -72,8 +72,8 @@ PROJECT_PATH = re.compile(rf"\A(?:{SEGMENT}/){{0,19}}{SEGMENT}\Z")
 
 
 @dataclass(frozen=True)
-class PushEvent:
-    """A push that should be built: the exact commit of one branch or tag of one project."""
+class _Delivery:
+    """What every delivery that builds says of the project it comes from."""
 
     forge: str
     delivery_id: str | None
@@ -82,6 +82,15 @@ class PushEvent:
     forge_project_id: int | None
     clone_url: str
     web_url: str | None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class PushEvent(_Delivery):
+    """A push that should be built: the exact commit of one branch or tag of one project."""
+
     ref_type: str  # "branch" or "tag"
     ref_name: str  # full name after refs/heads/ or refs/tags/, slashes kept
     commit_sha: str
@@ -90,12 +99,9 @@ class PushEvent:
     commit_author: str | None
     pusher: str | None
 
-    def to_dict(self) -> dict:
-        return asdict(self)
-
 
 @dataclass(frozen=True)
-class MergeRequestEvent:
+class MergeRequestEvent(_Delivery):
     """A merge request (GitHub, Gitea: pull request) opened, reopened or given new commits:
     build its head commit.
 
@@ -106,12 +112,6 @@ class MergeRequestEvent:
     forks too.
     """
 
-    forge: str
-    delivery_id: str | None
-    project: str
-    forge_project_id: int | None
-    clone_url: str
-    web_url: str | None
     #: GitLab's iid, GitHub's and Gitea's pull request number.
     number: int
     action: str
@@ -123,9 +123,6 @@ class MergeRequestEvent:
     commit_message: str | None
     commit_author: str | None
     pusher: str | None
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 @dataclass(frozen=True)

@@ -165,6 +165,16 @@ def status_request(
         raise StatusError(str(error), retry=False) from None
 
 
+def _repository(repo: dict[str, Any]) -> dict[str, Any]:
+    """The delivering repository's fields of an event, checked."""
+    return {
+        "project": validate_project_path(repo.get("full_name"), "repository.full_name"),
+        "forge_project_id": validate_project_id(repo.get("id"), "repository.id"),
+        "clone_url": validate_clone_url(repo.get("clone_url"), "repository.clone_url"),
+        "web_url": optional_text(repo.get("html_url"), 1024),
+    }
+
+
 def github_style_push(
     forge: str, delivery: str | None, payload: dict[str, Any], login_keys: tuple[str, ...]
 ) -> PushEvent | Ignored:
@@ -189,10 +199,7 @@ def github_style_push(
     return PushEvent(
         forge=forge,
         delivery_id=delivery,
-        project=validate_project_path(repo.get("full_name"), "repository.full_name"),
-        forge_project_id=validate_project_id(repo.get("id"), "repository.id"),
-        clone_url=validate_clone_url(repo.get("clone_url"), "repository.clone_url"),
-        web_url=optional_text(repo.get("html_url"), 1024),
+        **_repository(repo),
         ref_type=ref_type,
         ref_name=ref_name,
         commit_sha=sha,
@@ -224,10 +231,7 @@ def github_style_pull_request(
     return MergeRequestEvent(
         forge=forge,
         delivery_id=delivery,
-        project=validate_project_path(repo.get("full_name"), "repository.full_name"),
-        forge_project_id=validate_project_id(repo.get("id"), "repository.id"),
-        clone_url=validate_clone_url(repo.get("clone_url"), "repository.clone_url"),
-        web_url=optional_text(repo.get("html_url"), 1024),
+        **_repository(repo),
         number=number,
         action=action,
         source_project=validate_project_path(

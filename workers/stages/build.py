@@ -77,14 +77,9 @@ def run_build(
     def same_log(name: str) -> LogWriter:  # without sections: the stage's own writer
         return log  # (closing a writer only stores what it holds; it goes on writing)
 
-    def masked(name: str) -> LogWriter:
-        writer = step_log(name)
-        writer.mask = log.mask
-        return writer
-
     run = BuildRun(
         checkout=checkout, variables=variables, executor=executor, settings=settings,
-        log=log, step_log=masked if step_log else same_log, context=step_context(
+        log=log, step_log=step_log or same_log, context=step_context(
             variables, changed_files), records=records or StepRecords(), canceled=canceled,
         node=node, secret_values=secret_env, reused=reused or {},
         shorthand=pipeline.steps is None,
@@ -131,7 +126,7 @@ def build(self: StageTask, ctx: dict[str, Any]) -> dict[str, Any]:
             node=node,
             withheld=record.secrets_withheld,
             records=TaskStepRecords(task_id, run),
-            step_log=database_step_log(task_id, run, log.mask, log.budget),
+            step_log=database_step_log(task_id, run, log),
             changed_files=read_changed_files(workspace),
             reused=record.reused_steps,
         )
