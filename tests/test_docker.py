@@ -297,6 +297,29 @@ steps:
     assert {step["image"] for step in (left, right, join)} == {busybox_image}
 
 
+def test_a_killed_nodes_services_are_removed_when_it_starts_again(
+    start_stack, docker_env, project, busybox_image, docker_client, tmp_path
+):
+    stack = start_stack("svckill", **docker_env)
+    ci = SERVICE_CI.format(image=busybox_image, hold="sleep 120")
+    sha = project.commit({"ci.yaml": ci}, message="hold")
+    answer = post_gitlab(stack.web, gitlab_payload("push-event.json", project, "refs/heads/main",
+                                                   sha))  # fmt: skip
+    task_id = answer.json()["task_id"]
+    wait_until(lambda: "$ sleep 120" in task_log(stack.web, task_id), 60, "the hold step")
+    assert len(build_containers(docker_client)) == 2  # the service and the step
+    stack.worker.stop(signal.SIGKILL)  # the node dies with its build's containers running
+    assert len(build_containers(docker_client)) == 2
+    # Canceled meanwhile, so that nobody runs it again; the node comes back.
+    assert change("post", f"{stack.web}/api/tasks/{task_id}/cancel", timeout=10).status_code == 200
+    again = Process("svckill-again", stack.worker.popen.args, stack.env, tmp_path)
+    try:
+        wait_ready(again)
+        wait_until(lambda: build_containers(docker_client) == [], 30, "the leftovers removed")
+    finally:
+        again.stop()
+
+
 GO_MODULE = {
     "go.mod": "module example.com/hello\n\ngo 1.19\n",
     "hello.go": "package hello\n\n// Greeting is what the build checks.\n"

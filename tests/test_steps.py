@@ -218,3 +218,20 @@ steps:
     again = change("post", f"{web}/api/tasks/{retry['task_id']}/retry", params={"from": "failed"},
                    timeout=10)  # fmt: skip
     assert again.status_code == 409  # it succeeded: nothing failed to start from
+
+
+def test_no_more_steps_run_at_once_than_the_step_concurrency(web, git_server):
+    """Three steps that could all start at once; CICD_STEP_CONCURRENCY is 2 (the default)."""
+    repo = new_repo(git_server, "steps")
+    ci = "steps:\n" + "".join(
+        f"  - name: s{n}\n    depends_on: []\n    commands: [sleep 2]\n" for n in range(3)
+    )
+    task_id = push(web, repo, {"ci.yaml": ci})
+    assert wait_for_task(web, task_id)["state"] == "success", task_log(web, task_id)
+    steps = sorted(task(web, task_id)["steps"], key=lambda s: s["started_at"])
+    first, second, third = steps
+    assert when(second["started_at"]) < when(first["finished_at"])  # two at once
+    assert when(third["started_at"]) >= min(
+        when(first["finished_at"]), when(second["finished_at"])
+    )  # never three
+    assert "at most 2 at once" in task_log(web, task_id)

@@ -8,6 +8,7 @@ behind are removed when the node starts or stops (found by their labels).
 
 from __future__ import annotations
 
+import logging
 import re
 import threading
 import uuid
@@ -37,6 +38,8 @@ from workers.executors.convert import LABEL_NODE, LABEL_TASK, container_options,
 __all__ = ["DockerExecutor", "remove_node_containers"]
 
 TICK_SECONDS = 0.25
+
+log = logging.getLogger(__name__)
 
 
 class DockerExecutor(Executor):
@@ -180,6 +183,12 @@ def _remove(container: Container) -> None:
         pass
 
 
+def _joins_another(container: Container) -> bool:
+    """Whether the container lives in another container's network namespace."""
+    mode = container.attrs.get("HostConfig", {}).get("NetworkMode") or ""
+    return str(mode).startswith("container:")
+
+
 def _explain(error: DockerException) -> str:
     return getattr(error, "explanation", None) or str(error)
 
@@ -192,8 +201,16 @@ def remove_node_containers(settings: Settings, node: str) -> int:
         return 0
     try:
         leftovers = client.containers.list(all=True, filters={"label": f"{LABEL_NODE}={node}"})
+        # Those in another's network namespace (steps, later services) first: the engine
+        # keeps a namespace's holder while containers depend on it.
+        leftovers.sort(key=lambda container: not _joins_another(container))
+        removed = 0
         for container in leftovers:
-            _remove(container)
-        return len(leftovers)
+            try:
+                _remove(container)
+                removed += 1
+            except APIError as error:  # one that cannot go must not keep the others
+                log.warning("container %s not removed: %s", container.name, _explain(error))
+        return removed
     finally:
         client.close()
