@@ -77,7 +77,7 @@ __all__ = [
 NAME = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,30}[a-z0-9])?\Z")
 #: The tables a worker node writes; it reads every table of the schema.
 WORKER_WRITES = ("task_states", "task_stages", "task_steps", "task_logs", "task_approvals",
-                 "agent_states", "commit_statuses")  # fmt: skip
+                 "agent_states", "commit_statuses", "project_caches")  # fmt: skip
 #: A broker prefix usable in an ACL key pattern as it is (no glob characters).
 _PREFIX = re.compile(r"[A-Za-z0-9._:/-]+\Z")
 #: Redis refuses these to an agent: no server administration, nothing that scans or wipes.

@@ -48,6 +48,7 @@ __all__ = [
     "MAX_CI_YAML_BYTES",
     "BuildSpec",
     "CloneSpec",
+    "CacheSpec",
     "StepSpec",
     "ServiceSpec",
     "WhenCondition",
@@ -323,6 +324,9 @@ MAX_COMBINATIONS = 16
 MAX_DEPTH = 1_000_000
 #: A step's name, with a matrix combination's label, is at most this long (its row's key).
 MAX_STEP_NAME = 64
+#: Directories one ``cache:`` keeps, and the length of its key.
+MAX_CACHE_PATHS = 16
+MAX_CACHE_KEY = 128
 
 
 def combination_label(combination: dict[str, str]) -> str:
@@ -850,6 +854,67 @@ class CloneSpec(_Spec):
                          f"not {shown if shown is not None else describe(value)}")  # fmt: skip
 
 
+def _cache_path(value: str) -> str:
+    """A directory of the checkout, written the one way it is stored (``./a/`` is ``a``)."""
+    parts = [part for part in value.split("/") if part not in ("", ".")]
+    if not parts:
+        raise ValueError("must name a directory inside the repository, not the whole checkout")
+    return "/".join(parts)
+
+
+def _cache_key(value: str) -> str:
+    if not value or len(value) > MAX_CACHE_KEY:
+        raise ValueError(f"must be 1 to {MAX_CACHE_KEY} characters, not {len(value)}")
+    return value
+
+
+class CacheSpec(_Spec):
+    """Directories of the checkout kept between builds of the project on each agent
+    (dependencies, e.g. ``.m2/repository``): restored before the steps, saved after a
+    successful build of a protected ref.
+
+    ``key`` names the cache; by default it is the build's branch or tag, and a build
+    whose key has no cache yet gets the one of the project's main branch. ``cache:
+    false`` keeps nothing (not even a language default's cache).
+    """
+
+    paths: tuple[Annotated[_RepoPath, AfterValidator(_cache_path)], ...]
+    key: Annotated[_Text, AfterValidator(_cache_key)] | None = None
+
+    @field_validator("paths", mode="before")
+    @classmethod
+    def _path_list(cls, value: object) -> object:
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list | tuple) or not value:
+            found = "an empty list" if isinstance(value, list | tuple) else describe(value)
+            raise ValueError("must list one or more directories of the repository, such as "
+                             f"[.m2/repository] (false keeps nothing), not {found}")  # fmt: skip
+        if len(value) > MAX_CACHE_PATHS:
+            raise ValueError(f"lists {len(value)} directories; at most {MAX_CACHE_PATHS}")
+        return value
+
+    @model_validator(mode="after")
+    def _distinct(self) -> CacheSpec:
+        """One directory inside another would be stored twice."""
+        for path in self.paths:
+            for other in self.paths:
+                if path != other and other.startswith(path + "/"):
+                    raise ValueError(f"{quote(other)} is inside {quote(path)}: list it once")
+        if len(set(self.paths)) != len(self.paths):
+            raise ValueError("paths lists a directory twice")
+        return self
+
+    @property
+    def enabled(self) -> bool:
+        """False for ``cache: false``."""
+        return bool(self.paths)
+
+
+#: ``cache: false``: nothing is kept, not even a language default's directories.
+NO_CACHE = CacheSpec.model_construct(paths=(), key=None)
+
+
 class Pipeline(_Spec):
     """A whole ``ci.yaml``: a build or steps, services beside them, an image to publish.
 
@@ -861,6 +926,8 @@ class Pipeline(_Spec):
     steps: tuple[StepSpec, ...] | None = None
     services: tuple[ServiceSpec, ...] = ()
     clone: CloneSpec = Field(default_factory=CloneSpec)
+    #: What is kept between builds; None: the language default's, if any (Java: Maven's).
+    cache: CacheSpec | None = None
     #: Axes (a variable name each) and their values: the steps run once per combination.
     matrix: dict[Annotated[str, AfterValidator(_env_name)], list[Annotated[str, BeforeValidator(
         _env_value)]]] | None = None  # fmt: skip
@@ -932,6 +999,19 @@ class Pipeline(_Spec):
         if combinations > MAX_COMBINATIONS:
             raise ValueError(f"makes {combinations} combinations; at most {MAX_COMBINATIONS}")
         return value
+
+    @field_validator("cache", mode="before")
+    @classmethod
+    def _cache_shorthand(cls, value: object) -> object:
+        """``cache: [dirs]`` is ``{paths: [dirs]}``; ``false`` keeps nothing."""
+        if value is False:
+            return NO_CACHE
+        if isinstance(value, list | str):
+            return {"paths": value}
+        if isinstance(value, dict | CacheSpec):
+            return value
+        raise ValueError("must be a list of directories, a mapping {paths, key} or false, "
+                         f"not {describe(value)}")  # fmt: skip
 
     @field_validator("publish", mode="before")
     @classmethod
@@ -1055,7 +1135,9 @@ class Pipeline(_Spec):
         Sections the file does not use (``build`` or ``steps``, no ``services``) are left
         out, so a ``build:`` file gives the same data as before ``steps:`` existed.
         """
-        unused = {name for name in ("build", "steps", "matrix") if getattr(self, name) is None}
+        unused = {
+            name for name in ("build", "steps", "matrix", "cache") if getattr(self, name) is None
+        }
         if self.clone == CloneSpec():
             unused.add("clone")
         if not self.services:
@@ -1072,6 +1154,7 @@ _MODELS: dict[tuple[str, ...], type[_Spec]] = {
     ("steps", "*"): StepSpec,
     ("services", "*"): ServiceSpec,
     ("clone",): CloneSpec,
+    ("cache",): CacheSpec,
     ("steps", "*", "when", "*"): WhenCondition,
     ("steps", "*", "when", "*", "path"): PathFilter,
 }

@@ -510,6 +510,34 @@ def secrets_rm(url: str, project: str, name: str) -> None:
     click.echo(f"removed {name} from {project}")
 
 
+@main.group(name="cache")
+def cache_group() -> None:
+    """The dependency caches agents keep per project (ci.yaml cache:, the Java default)."""
+
+
+@cache_group.command(name="list")
+@api_url_option
+@click.argument("project")
+def cache_list(url: str, project: str) -> None:
+    """List the caches of PROJECT on every agent, most recently used first."""
+    rows = _send("get", url, f"/api/projects/{project}/caches")["caches"]
+    for row in rows:
+        row["size"] = f"{row['size_bytes'] / 1024**2:.1f} MiB"
+    click.echo(_table(rows, [("KEY", "key"), ("SIZE", "size"), ("NODE", "node"),
+                             ("BUILD", "task_id"), ("SAVED", "saved_at"),
+                             ("USED", "used_at")]))  # fmt: skip
+
+
+@cache_group.command(name="clear")
+@api_url_option
+@click.argument("project")
+def cache_clear(url: str, project: str) -> None:
+    """Clear the caches of PROJECT on every agent: the next builds start cold."""
+    cleared = _send("delete", url, f"/api/projects/{project}/caches")["cleared"]
+    click.echo(f"cleared {cleared} cache(s) of {project}; agents remove the files at their "
+               "next build")  # fmt: skip
+
+
 json_option = click.option(
     "--json", "as_json", is_flag=True, help="Print {project, webhook_url, webhook_secret}."
 )

@@ -56,8 +56,14 @@ class Settings(BaseSettings):
     cache_dir: Path = Field(
         default=Path(tempfile.gettempdir()) / "opscd-cache",
         description="What this agent keeps between builds: git mirrors of the repositories it "
-        "builds (git/), which full-history checkouts fetch from",
+        "builds (git/), which full-history checkouts fetch from, and the projects' dependency "
+        "caches (deps/, ci.yaml cache:)",
     )
+    cache_max_bytes: int = Field(
+        default=5 * 1024**3, ge=1,
+        description="Bytes the dependency caches (CICD_CACHE_DIR/deps/) may take on this agent; "
+        "past it the least recently used are removed, and a bigger cache is not saved",
+    )  # fmt: skip
     executor: Literal["docker", "shell"] = Field(
         default="docker",
         description="How build scripts run: docker (in a container of build.image) or shell "

@@ -16,12 +16,20 @@ __all__ = ["LanguageDefaults", "LANGUAGES"]
 class LanguageDefaults:
     image: str
     script: tuple[str, ...]
+    #: Directories of the checkout the default script fills with downloaded dependencies,
+    #: kept between builds when ``ci.yaml`` has no ``cache:``; and the variables that make
+    #: the tool put them there (its own default is outside the checkout, ``~/.m2``).
+    cache: tuple[str, ...] = ()
+    cache_environment: tuple[tuple[str, str], ...] = ()
 
 
 LANGUAGES: dict[str, LanguageDefaults] = {
     "java": LanguageDefaults(
         image="maven:3.9-eclipse-temurin-17",
         script=("mvn -B package",),
+        cache=(".m2/repository",),
+        # Relative: Maven resolves it against the step's directory, the checkout.
+        cache_environment=(("MAVEN_OPTS", "-Dmaven.repo.local=.m2/repository"),),
     ),
     "go": LanguageDefaults(
         image="golang:1.23",

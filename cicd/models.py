@@ -41,6 +41,7 @@ __all__ = [
     "ApprovalDecision",
     "ProjectSecret",
     "CommitStatus",
+    "ProjectCache",
     "utcnow",
     "STAGES",
 ]
@@ -421,3 +422,29 @@ class CommitStatus(Base):
     delivered_at: Mapped[dt.datetime | None] = mapped_column(Timestamp)
     outcome: Mapped[str | None] = mapped_column(String(16))
     last_error: Mapped[str | None] = mapped_column(Text)
+
+
+class ProjectCache(Base):
+    """One dependency cache (``ci.yaml`` ``cache:``) kept on an agent's disk, in the cache
+    store ``store`` (one ``CICD_CACHE_DIR``, which several nodes of a host may share) as
+    the file ``digest`` names.
+
+    Written by the node that saved or restored it; the API lists and deletes them.
+    A node restores a cache only while its row exists, so deleting a project's rows
+    (``cicd cache clear``) clears its caches on every agent at once; the files go at
+    their next use or eviction.
+    """
+
+    __tablename__ = "project_caches"
+    __table_args__ = (Index("ix_project_caches_project", "project"), TABLE_ARGS)
+
+    store: Mapped[str] = mapped_column(String(64), primary_key=True)
+    digest: Mapped[str] = mapped_column(String(64), primary_key=True)
+    project: Mapped[str] = mapped_column(String(255))
+    cache_key: Mapped[str] = mapped_column(String(255))
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    #: The node that saved it last, and the build that did.
+    node: Mapped[str] = mapped_column(String(255))
+    task_id: Mapped[int | None] = mapped_column(Id)
+    saved_at: Mapped[dt.datetime] = mapped_column(Timestamp, default=utcnow)
+    used_at: Mapped[dt.datetime] = mapped_column(Timestamp, default=utcnow)

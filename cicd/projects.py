@@ -40,8 +40,8 @@ from cicd.secrets import decrypt, encrypt
 __all__ = [
     "ProjectError", "Registered", "PATH", "register", "update", "rotate_secret", "remove",
     "get", "list_projects", "secret_matches", "parse_patterns", "patterns", "PROJECT_PATH",
-    "governing", "clone_url_of", "same_url", "matches", "is_protected", "needs_approval",
-    "git_credentials", "record_forge_id", "any_secret_matches", "webhook_secret",
+    "governing", "clone_url_of", "same_url", "matches", "is_protected", "main_branch",
+    "needs_approval", "git_credentials", "record_forge_id", "any_secret_matches", "webhook_secret",
 ]  # fmt: skip
 
 #: A registration's path: a project's (:data:`~cicd.forges.PROJECT_PATH`), or a namespace's
@@ -328,6 +328,15 @@ def matches(stored: str, ref_type: str, ref_name: str) -> bool:
 def is_protected(registration: Project, ref_type: str, ref_name: str) -> bool:
     """Builds of protected refs get the project's secret variables and may overwrite images."""
     return matches(registration.protected_refs, ref_type, ref_name)
+
+
+def main_branch(registration: Project) -> str | None:
+    """The project's main branch: its first protected pattern that names one branch
+    (``main`` of ``main,release/*``), or None."""
+    for pattern in patterns(registration.protected_refs):
+        if not pattern.startswith("refs/") and not any(c in pattern for c in "*?["):
+            return pattern
+    return None
 
 
 def needs_approval(registration: Project, ref_type: str, ref_name: str) -> bool:

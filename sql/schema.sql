@@ -231,3 +231,22 @@ ALTER TABLE task_details ADD CONSTRAINT fk_task_details_reuse_steps_of FOREIGN K
 
 UPDATE alembic_version SET version_num='0007' WHERE alembic_version.version_num = '0006';
 
+-- Running upgrade 0007 -> 0008
+
+CREATE TABLE project_caches (
+    store VARCHAR(64) NOT NULL,
+    digest VARCHAR(64) NOT NULL,
+    project VARCHAR(255) NOT NULL,
+    cache_key VARCHAR(255) NOT NULL,
+    size_bytes BIGINT NOT NULL,
+    node VARCHAR(255) NOT NULL,
+    task_id BIGINT,
+    saved_at DATETIME(6) NOT NULL,
+    used_at DATETIME(6) NOT NULL,
+    PRIMARY KEY (store, digest)
+)ENGINE=InnoDB CHARSET=utf8mb4 COLLATE utf8mb4_bin;
+
+CREATE INDEX ix_project_caches_project ON project_caches (project);
+
+UPDATE alembic_version SET version_num='0008' WHERE alembic_version.version_num = '0007';
+

@@ -166,6 +166,9 @@ class BuildRun:
     services: Services | None = None
     #: A ``build:`` file's one step: its errors read as they did before steps existed.
     shorthand: bool = False
+    #: Variables that point a language default's tool at the cached directories
+    #: (``MAVEN_OPTS``); a step's own environment overrides them.
+    tool_environment: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -277,7 +280,7 @@ def _run_one(
 ) -> tuple[StepState, int | None, str | None, Exception | None]:
     """Run one step to its end: (state, exit code, reason, the error that fails the build)."""
     timeout = max(1, int(min(spec.timeout or run.settings.build_timeout, remaining)))
-    environment = {**spec.environment,
+    environment = {**run.tool_environment, **spec.environment,
                    **{n: run.secret_values[n] for n in spec.secrets if n in run.secret_values},
                    **run.variables}  # fmt: skip
     step = Step(

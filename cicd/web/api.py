@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from flask import Blueprint, Response, current_app, g, jsonify, request, url_for
-from sqlalchemy import select
+from sqlalchemy import delete, select
 from sqlalchemy.orm import Session, contains_eager
 
 from cicd import agents, db, lifecycle, projects, secrets, statuses
@@ -23,6 +23,7 @@ from cicd.models import (
     AgentState,
     ApprovalDecision,
     Project,
+    ProjectCache,
     TaskApproval,
     TaskDetail,
     TaskLog,
@@ -667,6 +668,41 @@ def delete_project_secret(project: str, name: str) -> Response:
     if not secrets.delete_secret(project, name):
         return _error(404, f"no secret {name} in {project}")
     return Response(status=204)
+
+
+# --- dependency caches: kept on the agents' disks, listed and cleared through their rows ---
+
+
+def cache_to_dict(row: ProjectCache) -> dict[str, Any]:
+    return {
+        "key": row.cache_key, "size_bytes": row.size_bytes, "node": row.node,
+        "store": row.store, "task_id": row.task_id, "saved_at": iso(row.saved_at),
+        "used_at": iso(row.used_at),
+    }  # fmt: skip
+
+
+@bp.get("/projects/<path:project>/caches")
+def list_project_caches(project: str) -> Response:
+    """The dependency caches the agents keep for ``project``, most recently used first."""
+    with db.session() as session:
+        rows = session.scalars(
+            select(ProjectCache)
+            .where(ProjectCache.project == project)
+            .order_by(ProjectCache.used_at.desc(), ProjectCache.cache_key)
+        ).all()
+        return jsonify(project=project, caches=[cache_to_dict(row) for row in rows])
+
+
+@bp.delete("/projects/<path:project>/caches")
+def clear_project_caches(project: str) -> Response:
+    """Clear ``project``'s caches on every agent: an agent restores a cache only while its row
+    exists, and removes the file at its next use or eviction."""
+    with db.session() as session:
+        cleared = session.execute(
+            delete(ProjectCache).where(ProjectCache.project == project)
+        ).rowcount
+        session.commit()
+    return jsonify(project=project, cleared=cleared)
 
 
 #: What a retry copies from the task it runs again; the delivery id stays with the first.

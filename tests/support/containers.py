@@ -550,8 +550,7 @@ MAVEN_SETTINGS_TEMPLATE = """\
           xmlns:xsi="http://www.w3.org/2001/XMLSchema-instance"
           xsi:schemaLocation="http://maven.apache.org/SETTINGS/1.0.0
                               https://maven.apache.org/xsd/settings-1.0.0.xsd">
-  <localRepository>{local_repository}</localRepository>
-  <interactiveMode>false</interactiveMode>
+{local_repository}  <interactiveMode>false</interactiveMode>
   <mirrors>
     <mirror>
       <id>debian</id>
@@ -589,13 +588,17 @@ MAVEN_SETTINGS_TEMPLATE = """\
 """
 
 
-def write_maven_settings(path: Path, local_repository: str) -> Path:
-    """Write a settings.xml using ``local_repository`` and mirroring ``*`` to Debian's repo."""
+def write_maven_settings(path: Path, local_repository: str | None) -> Path:
+    """Write a settings.xml using ``local_repository`` (None: Maven's default, or what the
+    build says) and mirroring ``*`` to Debian's repo."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    element = (
+        f"  <localRepository>{escape(local_repository)}</localRepository>\n"
+        if local_repository is not None
+        else ""
+    )
     path.write_text(
-        MAVEN_SETTINGS_TEMPLATE.format(
-            local_repository=escape(local_repository), maven_repository=MAVEN_REPOSITORY
-        )
+        MAVEN_SETTINGS_TEMPLATE.format(local_repository=element, maven_repository=MAVEN_REPOSITORY)
     )
     return path

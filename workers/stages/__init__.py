@@ -93,6 +93,10 @@ class TaskRecord:
     no_publish: str | None = None
     #: A retry from the failed step: the steps not run again, each with why.
     reused_steps: dict[str, str] = field(default_factory=dict)
+    #: The project's main branch, whose dependency cache a build reads when its own key
+    #: has none; and why this build writes no cache (None: it does, a protected ref's).
+    cache_fallback: str | None = None
+    cache_read_only: str | None = None
 
 
 def task_record(task_id: int) -> TaskRecord:
@@ -124,7 +128,14 @@ def task_record(task_id: int) -> TaskRecord:
             if task.merge_request_iid is not None and no_publish is None:
                 no_publish = ("a merge request build publishes nothing (the push of its "
                               "branch does)")  # fmt: skip
+            read_only = None
+            if task.merge_request_iid is not None:
+                read_only = "a merge request's build"
+            elif not protected:
+                read_only = withheld or f"{task.ref_name} is not a protected ref"
             return TaskRecord(
+                cache_fallback=projects.main_branch(registration),
+                cache_read_only=read_only,
                 reused_steps=reused_steps(session, task.reuse_steps_of),
                 variables=build_variables(task),
                 protected=protected,

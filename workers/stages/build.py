@@ -21,6 +21,7 @@ from cicd.ciyaml import Pipeline, StepContext, load_pipeline
 from cicd.config import load_settings
 from cicd.models import Stage, StageState, TaskApproval, TaskStage, utcnow
 from cicd.secrets import secret_values
+from workers.caches import BuildCache
 from workers.executors import Executor, Service, get_executor
 from workers.logs import LogWriter
 from workers.stages import (
@@ -48,6 +49,7 @@ def run_build(
     step_log: Callable[[str], LogWriter] | None = None,
     changed_files: tuple[str, ...] | None = None,
     reused: dict[str, str] | None = None,
+    cache: BuildCache | None = None,
 ) -> Pipeline:
     """Read ci.yaml, run its steps (a ``build:`` file: its one step), raise unless the build
     succeeded; return the pipeline.
@@ -57,10 +59,12 @@ def run_build(
     gets none (its ref is not protected), which the log then says. ``records``
     and ``step_log`` take each step's state and output (default: none, and the
     stage's own log); ``changed_files`` are what ``when.path`` is decided on;
-    ``reused`` the steps a retry from the failed step does not run again.
+    ``reused`` the steps a retry from the failed step does not run again; ``cache``
+    restores the dependency cache before the steps and saves it once they succeeded.
     """
     settings = load_settings()
     pipeline = load_pipeline(checkout)
+    tool_environment = cache.restore(pipeline, checkout, log) if cache is not None else {}
     steps = pipeline.steps_to_run
     project = variables.get("CI_PROJECT_PATH", "")
     lookup = secrets or (lambda names: secret_values(project, names, settings.secrets_key))
@@ -82,18 +86,20 @@ def run_build(
         log=log, step_log=step_log or same_log, context=step_context(
             variables, changed_files), records=records or StepRecords(), canceled=canceled,
         node=node, secret_values=secret_env, reused=reused or {},
-        shorthand=pipeline.steps is None,
+        shorthand=pipeline.steps is None, tool_environment=tool_environment,
     )  # fmt: skip
     if not pipeline.services:
         run_steps(pipeline, run)
-        return pipeline
-    services = [Service(name=s.name, image=s.image, environment=dict(s.environment),
-                        commands=list(s.commands) if s.commands else None)
-                for s in pipeline.services]  # fmt: skip
-    build = variables.get("CI_TASK_ID", "local")
-    with executor.services(build, services, checkout.parent, log.write) as started:
-        log.line(f"Services {', '.join(started.names)} are up; the steps reach them by name")
-        run_steps(pipeline, replace(run, services=started))
+    else:
+        services = [Service(name=s.name, image=s.image, environment=dict(s.environment),
+                            commands=list(s.commands) if s.commands else None)
+                    for s in pipeline.services]  # fmt: skip
+        build = variables.get("CI_TASK_ID", "local")
+        with executor.services(build, services, checkout.parent, log.write) as started:
+            log.line(f"Services {', '.join(started.names)} are up; the steps reach them by name")
+            run_steps(pipeline, replace(run, services=started))
+    if cache is not None:  # run_steps raised unless the build succeeded
+        cache.save(checkout, log)
     return pipeline
 
 
@@ -129,6 +135,15 @@ def build(self: StageTask, ctx: dict[str, Any]) -> dict[str, Any]:
             step_log=database_step_log(task_id, run, log),
             changed_files=read_changed_files(workspace),
             reused=record.reused_steps,
+            cache=BuildCache(
+                settings=load_settings(),
+                project=variables["CI_PROJECT_PATH"],
+                ref_name=variables["CI_COMMIT_REF_NAME"],
+                fallback=record.cache_fallback,
+                read_only=record.cache_read_only,
+                node=node,
+                task_id=task_id,
+            ),
         )
         # The message carries ids only: ci.yaml's env values (and the rest) stay out of the
         # broker, Flower and task_approvals.context; publish reads ci.yaml again.
