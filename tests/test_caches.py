@@ -258,3 +258,4 @@ def test_the_java_default_keeps_mavens_downloads_with_no_configuration(
     assert "BUILD SUCCESS" in warm
     assert 'Cache restored (the java default): key "main", .m2/repository' in warm
     assert "Downloaded from" not in warm and "Downloading from" not in warm
+    assert 'Cache unchanged since it was restored: key "main" kept as it is' in warm

@@ -400,7 +400,7 @@ def test_several_problems_are_listed_in_file_order() -> None:
     assert message.splitlines() == [
         "ci.yaml is invalid (3 problems):",
         "  ci.yaml line 1: stages: unknown field (did you mean steps?); "
-        "allowed fields: build, steps, services, clone, matrix, publish",
+        "allowed fields: build, steps, services, clone, cache, matrix, publish",
         "  ci.yaml line 3: build.scirpt: unknown field (did you mean script?); "
         "allowed fields: language, image, workdir, script, env, timeout, secrets",
         '  ci.yaml line 4: build.workdir: must be an absolute path such as "/workspace", not "src"',

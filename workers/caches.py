@@ -280,6 +280,24 @@ def _inside(checkout: Path, relative: str) -> Path | None:
     return path
 
 
+def _fingerprint(checkout: Path, paths: tuple[str, ...]) -> str:
+    """What the cache directories hold, by name, type, size and modification time (a
+    restore keeps each file's time): equal fingerprints need no new save."""
+    digest = hashlib.sha256()
+    for relative in paths:
+        top = _inside(checkout, relative)
+        if top is None:
+            continue
+        for folder, names, files in os.walk(top):
+            names.sort()
+            for name in sorted(files) + names:
+                status = os.lstat(os.path.join(folder, name))
+                entry = f"{os.path.relpath(os.path.join(folder, name), checkout)}\0"
+                digest.update(f"{entry}{status.st_mode}\0{status.st_size}\0"
+                              f"{status.st_mtime_ns}\n".encode())  # fmt: skip
+    return digest.hexdigest()
+
+
 @dataclass
 class BuildCache:
     """The cache of one build on this node: what the server's records decide (project, ref,
@@ -296,6 +314,8 @@ class BuildCache:
     node: str
     task_id: int | None = None
     planned: CachePlan | None = field(default=None, init=False)
+    #: What the build's own key's cache looked like once restored (None: not restored).
+    restored: str | None = field(default=None, init=False)
 
     def restore(self, pipeline: Pipeline, checkout: Path, log: LogWriter) -> dict[str, str]:
         """Put the cache of the build's key (else the fallback's) into the checkout; return
@@ -309,6 +329,8 @@ class BuildCache:
             store = store_id(root)
             for key in keys:
                 if self._restore_key(self.planned, root, store, key, checkout, log):
+                    if key == self.planned.key:
+                        self.restored = _fingerprint(checkout, self.planned.paths)
                     break
             else:
                 named = " or ".join(f'"{key}"' for key in keys)
@@ -357,6 +379,9 @@ class BuildCache:
         present = [path for path in planned.paths if _inside(checkout, path) is not None]
         if not present:
             log.line(f"Cache not saved: the build left none of {', '.join(planned.paths)}")
+            return
+        if self.restored is not None and self.restored == _fingerprint(checkout, planned.paths):
+            log.line(f'Cache unchanged since it was restored: key "{planned.key}" kept as it is')
             return
         try:
             self._save(checkout, present, planned, log)

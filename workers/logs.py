@@ -1,14 +1,17 @@
 """Build log writer: masks secrets and appends the output to ``task_logs`` while the build runs.
 
 Logs go to the database, not a local file, so a build run on host A is readable
-on host B through the API. Output is written in chunks: complete lines at most
-every :data:`FLUSH_SECONDS`, so a busy build costs a few inserts a second.
+on host B through the API. Output is written in chunks: a line is stored at most
+:data:`FLUSH_SECONDS` after it was written, together with every line written in
+between, so a busy build costs a few inserts a second and OpsCD's own lines of a
+stage (cloning, checked out, step started) share one insert where they can.
 """
 
 from __future__ import annotations
 
 import codecs
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -26,7 +29,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-FLUSH_SECONDS = 0.5
+FLUSH_SECONDS = 0.1
 #: Hold an unfinished line at most this long (or this big) waiting for its end,
 #: so a secret split across two reads is still seen whole by the masker.
 PARTIAL_LINE_SECONDS = 1.0
@@ -76,14 +79,64 @@ class LogBudget:
             return granted
 
 
+class _Flusher:
+    """One thread per process that stores each writer's pending lines when they are due, so
+    a line is stored :data:`FLUSH_SECONDS` after it was written even when nothing else is
+    (no executor ticking, a stage between two commands). Started in the process that
+    writes: a pool process forked from the worker gets its own."""
+
+    def __init__(self) -> None:
+        self._due: dict[LogWriter, float] = {}
+        self._ready = threading.Condition()
+        self._pid: int | None = None
+
+    def schedule(self, writer: LogWriter, at: float) -> None:
+        with self._ready:
+            if self._pid != os.getpid():
+                self._pid, self._due = os.getpid(), {}
+                threading.Thread(target=self._run, name="opscd-log-flusher", daemon=True).start()
+            if at < self._due.get(writer, float("inf")):
+                self._due[writer] = at
+                self._ready.notify()
+
+    def cancel(self, writer: LogWriter) -> None:
+        with self._ready:
+            self._due.pop(writer, None)
+
+    def _run(self) -> None:
+        while True:
+            with self._ready:
+                while not self._due:
+                    self._ready.wait()
+                writer, at = min(self._due.items(), key=lambda item: item[1])
+                wait = at - time.monotonic()
+                if wait > 0:
+                    self._ready.wait(wait)
+                    continue
+                del self._due[writer]
+            try:
+                writer.tick()
+            except Exception:  # a store that failed says so itself; the thread goes on
+                log.exception("log flusher: a writer failed")
+
+
+_FLUSHER = _Flusher()
+
+
 class LogWriter:
     """Collects one stage's (or one step's) output and hands it, masked, to a store in
-    line-sized chunks."""
+    line-sized chunks.
+
+    ``follows``: the writer whose lines come before this one's (a step's section follows
+    its stage's): what it holds is stored first, so the log keeps the order of writing.
+    """
 
     def __init__(
-        self, store: LogStore, masker: Masker, max_bytes: int | LogBudget | None = None
-    ) -> None:
+        self, store: LogStore, masker: Masker, max_bytes: int | LogBudget | None = None,
+        follows: LogWriter | None = None,
+    ) -> None:  # fmt: skip
         self.store = store
+        self.follows = follows
         self.mask = masker
         #: Bytes this writer may still store; past them output is dropped, once marked.
         self.budget = max_bytes if isinstance(max_bytes, LogBudget) else LogBudget(max_bytes)
@@ -91,22 +144,25 @@ class LogWriter:
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self._pending = ""
         self._partial_since: float | None = None
-        self._last_flush = time.monotonic()
+        self._pending_since = time.monotonic()
         # An executor may read output on one thread while another ticks the clock.
         self._lock = threading.RLock()
 
     def write(self, data: bytes | str) -> None:
-        """Add output; it reaches the database within about a second."""
+        """Add output; a complete line reaches the database within :data:`FLUSH_SECONDS`."""
         with self._lock:
             text = self._decoder.decode(data) if isinstance(data, bytes) else data
             if text:
+                if not self._pending:
+                    self._pending_since = time.monotonic()
                 self._pending += text
             self.tick()
 
     def line(self, text: str, always: bool = False) -> None:
-        """Add one line of OpsCD's own (not the build's) and store it now.
+        """Add one line of OpsCD's own (not the build's), stored with what follows it within
+        :data:`FLUSH_SECONDS`.
 
-        ``always`` stores it even past the size limit: the line saying how a
+        ``always`` stores it now, even past the size limit: the line saying how a
         build ended must never be the one that is cut.
         """
         if always:
@@ -114,12 +170,17 @@ class LogWriter:
             self.store(self.mask(text.rstrip("\n") + "\n"))
             return
         self.write(text.rstrip("\n") + "\n")
-        self.flush()
 
     def tick(self) -> None:
-        """Flush if due; executors call this while they wait for output."""
+        """Flush if due; executors call this while they wait for output, and the process's
+        flusher when a line's time is up."""
         with self._lock:
             self._tick()
+            if self._pending:  # what is held waits for its own time, or the line's end
+                due = self._pending_since + FLUSH_SECONDS
+                if self._partial_since is not None and "\n" not in self._pending:
+                    due = self._partial_since + PARTIAL_LINE_SECONDS
+                _FLUSHER.schedule(self, max(due, time.monotonic() + 0.01))
 
     def _tick(self) -> None:
         now = time.monotonic()
@@ -127,7 +188,8 @@ class LogWriter:
             self._partial_since = self._partial_since or now
         else:
             self._partial_since = None
-        if now - self._last_flush >= FLUSH_SECONDS or len(self._pending) > MAX_PENDING_CHARS:
+        due = self._pending and now - self._pending_since >= FLUSH_SECONDS
+        if due or len(self._pending) > MAX_PENDING_CHARS:
             force = (
                 self._partial_since is not None
                 and now - self._partial_since >= PARTIAL_LINE_SECONDS
@@ -142,7 +204,8 @@ class LogWriter:
     def _flush(self, partial: bool, hold: bool = False) -> None:
         """``hold``: an unfinished line forced out keeps back its last characters (fewer than
         the longest secret), already masked, so a secret cut there is masked once whole."""
-        self._last_flush = time.monotonic()
+        if self.follows is not None:
+            self.follows.flush(partial=False)
         if partial:
             text, self._pending = self.mask(self._pending), ""
             self._partial_since = None
@@ -152,6 +215,7 @@ class LogWriter:
         else:
             cut = self._pending.rfind("\n") + 1
             text, self._pending = self._pending[:cut], self._pending[cut:]
+        self._pending_since = time.monotonic()  # what stays is held from now on
         if text and not self.truncated:
             self._store(self.mask(text))
 
@@ -172,6 +236,7 @@ class LogWriter:
         with self._lock:
             self._pending += self._decoder.decode(b"", final=True)
             self._flush(partial=True)
+        _FLUSHER.cancel(self)
 
     def __enter__(self) -> LogWriter:
         return self

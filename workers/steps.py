@@ -357,6 +357,7 @@ def database_step_log(
 
     def writer(name: str) -> LogWriter:
         return LogWriter(task_log_store(task_id, Stage.BUILD, attempt, step=name),
-                         stage_log.mask, max_bytes=stage_log.budget)  # fmt: skip
+                         stage_log.mask, max_bytes=stage_log.budget,
+                         follows=stage_log)  # fmt: skip
 
     return writer

@@ -347,7 +347,7 @@ def get_log(task_id: int) -> Response:
     return response
 
 
-FOLLOW_POLL_SECONDS = 0.5
+FOLLOW_POLL_SECONDS = 0.1
 _LINE_BREAKS = re.compile(r"\r\n|\r|\n")
 FOLLOW_KEEPALIVE_SECONDS = 15
 #: Live streams one web process serves at once (it has 8 threads), and how long each lasts.

@@ -15,6 +15,7 @@ from __future__ import annotations
 import collections
 import os
 import re
+import shutil
 import signal
 import subprocess
 import threading
@@ -83,7 +84,8 @@ def clone(self: StageTask, ctx: dict[str, Any]) -> dict[str, Any]:
         pipeline = _pipeline(Path(ctx["checkout"]))
         steps = pipeline.steps_to_run if pipeline else ()
         if pipeline is not None and pipeline.clone.depth != 1:
-            deepen(Path(ctx["checkout"]), url, ref, pipeline.clone.depth, log, authorization)
+            deepen(Path(ctx["checkout"]), url, ref, sha, pipeline.clone.depth, log,
+                   authorization)  # fmt: skip
         if any(condition.path is not None for step in steps for condition in step.when or ()):
             write_changed_files(workspace, changed_paths(Path(ctx["checkout"]), url, before,
                                                          sha, log, authorization))  # fmt: skip
@@ -130,11 +132,11 @@ def _language_to_hand_on(steps: tuple[StepSpec, ...]) -> str | None:
 
 
 def deepen(
-    checkout: Path, url: str, ref: str, depth: int | str, log: LogWriter,
+    checkout: Path, url: str, ref: str, sha: str, depth: int | str, log: LogWriter,
     authorization: str | None,
 ) -> None:  # fmt: skip
-    """Give the one-commit checkout the history ci.yaml asks for (``depth``: a number of
-    commits, or ``full``), copied from this agent's mirror of the repository
+    """Give the one-commit checkout of ``sha`` the history ci.yaml asks for (``depth``: a
+    number of commits, or ``full``), copied from this agent's mirror of the repository
     (:mod:`workers.mirrors`), which fetches from the forge only what is new. A mirror that
     cannot be used is made again; failing that, the history comes from the forge."""
     env = _git_environment(checkout.parent / "home", url, authorization)
@@ -143,6 +145,9 @@ def deepen(
     mirror = mirrors.mirror_path(load_settings(), url)
     with mirrors.locked(mirror):
         usable = _refresh_mirror(mirror, url, ref, env, log)
+        if usable and depth == "full" and _copy_objects(mirror, checkout, sha, env, log):
+            log.line("Full history copied from this agent's mirror")
+            return
         if usable:
             local = {**env, "GIT_ALLOW_PROTOCOL": "file"}  # the mirror is this agent's own
             try:
@@ -156,6 +161,44 @@ def deepen(
     log.line(f"History to depth {depth} fetched from the forge")
 
 
+def _copy_objects(mirror: Path, checkout: Path, sha: str, env: dict[str, str],
+                  log: LogWriter) -> bool:  # fmt: skip
+    """Copy the mirror's packs and loose objects into the checkout as files (copies, not
+    links or alternates: nothing a build does to its own objects reaches the mirror, and
+    nothing the mirror does later reaches the build) and make it a full clone; True if
+    ``sha``'s whole history is then there. Far cheaper than a fetch, which packs the whole
+    history again."""
+    source, target = mirror / "objects", checkout / ".git" / "objects"
+    shallow = checkout / ".git" / "shallow"
+    boundary = shallow.read_bytes() if shallow.is_file() else None
+    copied: list[Path] = []
+
+    def copy(path: Path, to: Path) -> None:
+        if not to.exists():  # the checkout's own objects stay as they are
+            copied.append(to)
+            shutil.copyfile(path, to)
+
+    try:
+        for index in (source / "pack").glob("pack-*.idx"):
+            pack = index.with_suffix(".pack")
+            if pack.is_file():
+                copy(pack, target / "pack" / pack.name)
+                copy(index, target / "pack" / index.name)
+        for loose in source.glob("[0-9a-f][0-9a-f]/*"):
+            (target / loose.parent.name).mkdir(exist_ok=True)
+            copy(loose, target / loose.parent.name / loose.name)
+        shallow.unlink(missing_ok=True)
+        # Every object of the history is there (git reports the first one missing).
+        _git(["rev-list", "--objects", "--quiet", sha], checkout, env, log, quiet=True)
+    except (OSError, StageError):
+        for path in copied:  # as it was: one commit, for a fetch to deepen
+            path.unlink(missing_ok=True)
+        if boundary is not None:
+            shallow.write_bytes(boundary)
+        return False
+    return True
+
+
 def _refresh_mirror(mirror: Path, url: str, ref: str, env: dict[str, str],
                     log: LogWriter) -> bool:  # fmt: skip
     """Bring the mirror's ``ref`` up to date with the forge (making the mirror if there is
@@ -166,8 +209,10 @@ def _refresh_mirror(mirror: Path, url: str, ref: str, env: dict[str, str],
                 mirrors.remove(mirror)
                 _git(["init", "-q", "--bare", "--template=", str(mirror)], mirror.parent, env,
                      log, quiet=True)  # fmt: skip
-            _git(["fetch", "-q", "--no-tags", url, f"+{ref}:{ref}"], mirror, env, log,
-                 quiet=True)  # fmt: skip
+            # Any housekeeping git starts runs now, under the lock, not in the background
+            # while a checkout copies the mirror's files.
+            _git(["-c", "gc.autoDetach=false", "fetch", "-q", "--no-tags", url, f"+{ref}:{ref}"],
+                 mirror, env, log, quiet=True)  # fmt: skip
             _git(["fsck", "--connectivity-only", "--no-dangling"], mirror, env, log,
                  quiet=True)  # fmt: skip
             return True
