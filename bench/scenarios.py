@@ -1,7 +1,8 @@
 """The scenarios. Each measures OpsCD beside a baseline in the same run and returns plain data.
 
-1. :func:`webhook_throughput`: ``POST /webhooks/gitlab`` under wrk, beside a bare
-   Flask endpoint (parse JSON, one RPUSH) under the same gunicorn options.
+1. :func:`webhook_throughput`: ``POST /webhooks/gitlab`` under wrk, beside two bare
+   Flask endpoints under the same gunicorn options: parse JSON and one RPUSH, and the
+   same after one INSERT committed in MariaDB (as durable as OpsCD).
 2. :func:`dispatch_latency`: paced pushes, idle workers: from sending the
    webhook to the first stage starting on a worker and to the build script
    starting, beside Celery's own publish-to-start of a no-op task.
@@ -11,6 +12,8 @@
    OpsCD's bookkeeping.
 4. :func:`heartbeats`: 200 simulated agents writing ``agent_states`` every 2 s.
 5. Memory is sampled during 1 and 3 (``memory``, filled in place).
+7. and 8. :mod:`bench.caches`: a Maven build's dependency cache (cold, then warm) and
+   warm checkouts of a long history.
 """
 
 from __future__ import annotations
@@ -47,6 +50,7 @@ __all__ = [
 LUA_SCRIPT = Path(__file__).resolve().parent / "webhook.lua"
 OPSCD_APP = processes.WEB_APP
 BASELINE_APP = "bench.baseline_app:create_app()"
+DURABLE_APP = "bench.baseline_app:create_durable_app()"
 OPSCD_WORKER = processes.WORKER_APP
 NOOP_WORKER = "bench.noop_app"
 MIB = 1024 * 1024
@@ -71,6 +75,8 @@ class Plan:
     heartbeat_seconds: float
     heartbeat_interval: float = 2.0
     fleet_offline_after: float = 10.0  # CICD_AGENT_OFFLINE_AFTER of the host-kill fleet
+    history_commits: int = 5000  # commits of the warm-checkout scenario's repository
+    history_blob_bytes: int = 11_000  # random bytes each of them writes: ≥ 50 MB in all
 
 
 FULL = Plan(
@@ -103,6 +109,7 @@ SMOKE = Plan(
     agent_processes=2,
     heartbeat_seconds=2,
     fleet_offline_after=4.0,
+    history_commits=200,
 )
 
 
@@ -176,16 +183,23 @@ def _connections(stack: Stack) -> int:
 def webhook_throughput(stack: Stack, plan: Plan, memory: dict[str, Any]) -> dict[str, Any]:
     if shutil.which("wrk") is None:
         raise SystemExit("the webhook scenario needs wrk: apt-get install -y wrk")
-    from bench.baseline_app import QUEUE_KEY
+    from bench.baseline_app import DELIVERIES_DDL, DURABLE_QUEUE_KEY, QUEUE_KEY
     from cicd.broker import BUILD_QUEUE
 
     body = stack.tmp / "push-main.json"
     body.write_bytes(stack.payload("main"))
+    stack.sql(DELIVERIES_DDL)
     urls = {
         "opscd": stack.web("web-opscd", OPSCD_APP),
         "baseline": stack.web("web-baseline", BASELINE_APP),
+        "durable": stack.web("web-durable", DURABLE_APP),
     }
-    queues = {"opscd": BUILD_QUEUE, "baseline": QUEUE_KEY}
+    queues = {"opscd": BUILD_QUEUE, "baseline": QUEUE_KEY, "durable": DURABLE_QUEUE_KEY}
+    # The rows each durable system commits per delivery.
+    counts = {
+        "opscd": "SELECT COUNT(*) FROM task_details",
+        "durable": "SELECT COUNT(*) FROM bench_deliveries",
+    }
 
     def discard(queue: str) -> None:
         if queue == BUILD_QUEUE:
@@ -203,7 +217,7 @@ def webhook_throughput(stack: Stack, plan: Plan, memory: dict[str, Any]) -> dict
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name in urls}
     for run in range(plan.runs):
         for name in list(urls) if run % 2 == 0 else list(urls)[::-1]:
-            rows_before = stack.sql("SELECT COUNT(*) FROM task_details")[0][0]
+            rows_before = {system: stack.sql(query)[0][0] for system, query in counts.items()}
             cpu_before = {"server": tree_cpu_seconds(webs[name].pid)} | {
                 service: tree_cpu_seconds(pid) for service, pid in services.items()
             }
@@ -238,10 +252,8 @@ def webhook_throughput(stack: Stack, plan: Plan, memory: dict[str, Any]) -> dict
                 "peak_rss_mib": round(rss.peak["web"] / MIB, 1),
                 "peak_pss_mib": round(rss.peak_pss["web"] / MIB, 1),
             }
-            if name == "opscd":
-                record["rows_committed"] = (
-                    stack.sql("SELECT COUNT(*) FROM task_details")[0][0] - rows_before
-                )
+            if name in counts:
+                record["rows_committed"] = stack.sql(counts[name])[0][0] - rows_before[name]
             runs[name].append(record)
             _load_memory(memory, f"web_{name}", rss, "web")
     summary = {
@@ -251,12 +263,13 @@ def webhook_throughput(stack: Stack, plan: Plan, memory: dict[str, Any]) -> dict
         }
         for name, system_runs in runs.items()
     }
-    ratio = spread(_ratio([r["rps"] for r in runs["opscd"]], [r["rps"] for r in runs["baseline"]]))
+    opscd_rps = [r["rps"] for r in runs["opscd"]]
     return {
         "load": f"wrk -t1 -c{plan.connections} -d{plan.wrk_seconds}s, unique X-Gitlab-Event-UUID",
         "runs": runs,
         "summary": summary,
-        "ratio_rps": ratio,
+        "ratio_rps": spread(_ratio(opscd_rps, [r["rps"] for r in runs["baseline"]])),
+        "ratio_rps_durable": spread(_ratio(opscd_rps, [r["rps"] for r in runs["durable"]])),
     }
 
 

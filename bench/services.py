@@ -9,17 +9,21 @@ of its own (flushed before and after).
 
 from __future__ import annotations
 
+import functools
+import http.server
 import os
 import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Self
 
 import psutil
 import pymysql
@@ -27,7 +31,7 @@ import redis
 import requests
 
 from cicd import processes
-from tests.support.git import GitRepo
+from tests.support.git import GitHttpServer, GitRepo
 from tests.support.processes import ROOT, Process, free_port, port_open, wait_until
 
 __all__ = [
@@ -41,6 +45,8 @@ __all__ = [
     "start_web",
     "start_worker",
     "make_repo",
+    "CountingGitServer",
+    "MavenRepoServer",
     "tree_rss",
     "tree_pss",
     "tree_cpu_seconds",
@@ -262,6 +268,99 @@ def make_repo(root: Path, project: str = "bench/app") -> BenchRepo:
         for branch, ci_yaml in CI_YAML.items()
     }
     return BenchRepo(project, shas)
+
+
+class CountingGitServer(GitHttpServer):
+    """The tests' git server (OpsCD's own, :mod:`cicd.gitserve`) counting the bytes it sends.
+
+    A warm checkout is meant to fetch less from the forge: the bytes of every answer
+    body (what ``git http-backend`` streams) are the figure, read by :meth:`sent` before
+    and after a build. Only the WSGI answer is wrapped; what the server does is unchanged.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._sent = 0
+        self._count_lock = threading.Lock()
+
+    def _app(self, environ: dict[str, Any], start_response: Any) -> Iterator[bytes]:
+        answer = super()._app(environ, start_response)
+        try:
+            for block in answer:
+                with self._count_lock:
+                    self._sent += len(block)
+                yield block
+        finally:  # the backend's answer ends (and its process is waited for) now, not at GC
+            close = getattr(answer, "close", None)
+            if close is not None:
+                close()
+
+    def sent(self) -> int:
+        """Bytes of answer bodies sent since the server started."""
+        with self._count_lock:
+            return self._sent
+
+
+class MavenRepoServer:
+    """A static HTTP server over Debian's Maven repository on 127.0.0.1, counting what it serves.
+
+    A Maven repository over HTTP is what a build downloads its dependencies from; a
+    warm dependency cache should make it ask for nothing. ``counts()`` says how many
+    requests (all, and GETs of ``.jar`` and ``.pom``) it answered since the last ``reset()``.
+    """
+
+    def __init__(self, root: Path = Path("/usr/share/maven-repo")) -> None:
+        self.root = root
+        self._lock = threading.Lock()
+        self._counts = {"requests": 0, "jar": 0, "pom": 0, "not_found": 0}
+        self._jars: list[str] = []
+        counts, lock, jars = self._counts, self._lock, self._jars
+
+        class Handler(http.server.SimpleHTTPRequestHandler):
+            def log_message(self, format: str, *args: Any) -> None:
+                pass  # every artifact would be a line
+
+            def send_response(self, code: int, message: str | None = None) -> None:
+                with lock:
+                    counts["requests"] += 1
+                    counts["not_found"] += code == 404
+                    if code == 200 and self.command == "GET":
+                        suffix = self.path.rsplit(".", 1)[-1]
+                        if suffix in ("jar", "pom"):
+                            counts[suffix] += 1
+                        if suffix == "jar":
+                            jars.append(self.path)
+                super().send_response(code, message)
+
+        handler = functools.partial(Handler, directory=str(root))
+        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self._server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}/"
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+
+    def start(self) -> Self:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(timeout=5)
+
+    def reset(self) -> None:
+        with self._lock:
+            for key in self._counts:
+                self._counts[key] = 0
+            self._jars.clear()
+
+    def counts(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self._counts)
+
+    def jars(self) -> list[str]:
+        """Paths of the jars served since the last ``reset()``."""
+        with self._lock:
+            return list(self._jars)
 
 
 # --- process trees: memory and CPU ---------------------------------------------------------

@@ -26,6 +26,7 @@ import requests
 from bench.services import (
     ROOT,
     BenchRepo,
+    CountingGitServer,
     MySQL,
     Process,
     ensure_services,
@@ -122,6 +123,7 @@ class Stack:
             CICD_GIT_USERNAME=GIT_USER,
             CICD_GIT_PASSWORD=self.git_password,
             CICD_WORKSPACE_DIR=str(self.tmp / "workspaces"),
+            CICD_CACHE_DIR=str(self.tmp / "cache"),  # mirrors and dependency caches: this run's
             CICD_EXECUTOR="shell",
             CICD_SHELL_UNSAFE="1",  # the bench runs as root, with nothing worth stealing
             BENCH_REDIS_URL=self.redis_url,
@@ -140,9 +142,8 @@ class Stack:
         db.migrate()
         noop_app.app.conf.broker_url = self.redis_url
 
-        from tests.support.git import GitHttpServer
-
-        self._git_server = GitHttpServer(self.tmp / "git", GIT_USER, self.git_password).start()
+        self._git_server = CountingGitServer(self.tmp / "git", GIT_USER, self.git_password)
+        self._git_server.start()
         self.repo = make_repo(self._git_server.root)
         self.clone_url = self._git_server.repo_url(self.repo.path)
         from cicd import projects
@@ -176,11 +177,14 @@ class Stack:
             self.processes[name], self.web_urls[name] = process, url
         return self.web_urls[name]
 
-    def nodes(self, prefix: str, app: str, count: int) -> list[Process]:
-        """Worker nodes ``<prefix>1..<count>`` of ``app`` running (started if not yet)."""
+    def nodes(
+        self, prefix: str, app: str, count: int, env: dict[str, str] | None = None
+    ) -> list[Process]:
+        """Worker nodes ``<prefix>1..<count>`` of ``app`` running (started if not yet);
+        ``env``: settings of theirs on top of the bench's (an executor, a cache folder)."""
         names = [f"{prefix}{i}" for i in range(1, count + 1)]
         new = [
-            start_worker(name, app, self.env, self.log_dir)
+            start_worker(name, app, {**self.env, **(env or {})}, self.log_dir)
             for name in names
             if name not in self.processes
         ]
@@ -210,9 +214,15 @@ class Stack:
         payload = gitlab_payload(PUSH_FIXTURE, self.clone_url, self.repo.path, ref, sha)
         return json.dumps(payload).encode()
 
-    def headers(self) -> dict[str, str]:
-        """A push delivery's headers, with a delivery id never used before."""
-        return gitlab_headers(self.secret)
+    def headers(self, secret: str | None = None) -> dict[str, str]:
+        """A push delivery's headers (the bench project's secret unless another project's is
+        given), with a delivery id never used before."""
+        return gitlab_headers(secret or self.secret)
+
+    def push_body(self, project: str, clone_url: str, sha: str, branch: str = "main") -> bytes:
+        """GitLab's recorded push payload for any project's ``branch`` at ``sha``."""
+        payload = gitlab_payload(PUSH_FIXTURE, clone_url, project, f"refs/heads/{branch}", sha)
+        return json.dumps(payload).encode()
 
     def post(self, session: requests.Session, url: str, body: bytes) -> dict[str, Any]:
         response = session.post(
@@ -221,6 +231,11 @@ class Stack:
         if response.status_code != 202:
             raise RuntimeError(f"webhook answered {response.status_code}: {response.text}")
         return response.json()
+
+    @property
+    def git_server(self) -> CountingGitServer:
+        """The git server every bench project is cloned from (it counts the bytes it sends)."""
+        return self._git_server
 
     @property
     def git_authorization(self) -> str:

@@ -17,7 +17,10 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-SCENARIOS = {"webhook", "dispatch", "pipelines", "heartbeats", "host_kill", "memory"}
+SCENARIOS = {
+    "webhook", "dispatch", "pipelines", "heartbeats", "host_kill", "maven_cache", "history",
+    "memory",
+}  # fmt: skip
 BENCH_REDIS_DB = "11"  # the tests use 13 to 15; a full bench run uses 12
 
 
@@ -29,13 +32,13 @@ def smoke(tmp_path_factory) -> tuple[dict, str, subprocess.CompletedProcess]:
     done = subprocess.run(
         [sys.executable, "-m", "bench", "--smoke", "--redis-db", BENCH_REDIS_DB,
          "--output", str(output), "--doc", str(doc)],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=280,
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=420,
     )  # fmt: skip
     assert done.returncode == 0, f"bench failed:\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
     return json.loads(output.read_text()), doc.read_text(), done
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(450)
 def test_smoke_run_writes_every_scenario(smoke) -> None:
     results, doc, _ = smoke
     assert set(results["scenarios"]) == SCENARIOS
@@ -45,25 +48,31 @@ def test_smoke_run_writes_every_scenario(smoke) -> None:
     for package in ("python", "celery", "kombu", "redis_server", "mariadb", "flask", "gunicorn"):
         assert results["versions"][package]
     assert {t["target"].split(" ")[0] for t in results["targets"]} == {
-        "webhook", "dispatch", "pipelines/s",
+        "webhook", "dispatch", "builds/s", "OpsCD's", "worker", "maven", "history:",
     }  # fmt: skip
+    targets = {t["target"] for t in results["targets"]}
+    assert "webhook requests/s ≥ 0.7x the durable baseline (INSERT + RPUSH)" in targets
+    assert "webhook gunicorn CPU per delivery ≤ 1.5 ms" in targets
     for title in ("Webhook throughput", "Dispatch latency", "Pipeline throughput", "heartbeating",
-                  "Memory", "Machine and versions", "agent host killed"):  # fmt: skip
+                  "Memory", "Machine and versions", "agent host killed", "durable Flask",
+                  "Dependency cache", "Warm checkouts"):  # fmt: skip
         assert title in doc
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(450)
 def test_smoke_run_measured_the_real_path(smoke) -> None:
     """Each scenario did what it says: requests answered, builds succeeded, rows written."""
     results, _, _ = smoke
     scenarios = results["scenarios"]
     webhook = scenarios["webhook"]["runs"]
-    for system in ("opscd", "baseline"):
+    for system in ("opscd", "baseline", "durable"):
         (run,) = webhook[system]
         assert run["requests"] > 0
         assert sum(run["errors"].values()) == 0, run["errors"]
         assert run["queued_in_broker"] >= run["requests"]
-    assert webhook["opscd"][0]["rows_committed"] >= webhook["opscd"][0]["requests"]
+    for system in ("opscd", "durable"):  # each delivery committed before it was answered
+        assert webhook[system][0]["rows_committed"] >= webhook[system][0]["requests"]
+    assert scenarios["webhook"]["ratio_rps_durable"]["runs"] == 1
 
     pooled = scenarios["dispatch"]["pooled"]
     assert pooled["first_stage"]["n"] == pooled["script"]["n"] > 0
@@ -84,8 +93,31 @@ def test_smoke_run_measured_the_real_path(smoke) -> None:
     earliest = kill["offline_after_s"] * 4 / 5
     assert kill["runs"] and all(s["script_s"] > earliest for s in kill["runs"]), kill
 
+    # Maven: 30+ dependencies resolved over HTTP by the cold build; the warm one restored
+    # the cache the cold one saved. Every build succeeded (the bench raises otherwise).
+    maven = scenarios["maven_cache"]
+    assert maven["dependencies"] >= 30
+    assert set(maven["variants"]) == {"cache_section", "java_default"}
+    for variant, result in maven["variants"].items():
+        (run,) = result["runs"]
+        assert run["cold"]["state"] == run["warm"]["state"] == "success", variant
+        assert run["cold"]["served"]["declared_jars"] == maven["dependencies"], run["cold"]
+        assert run["cold"]["served"]["jar"] >= 30, run["cold"]["served"]
+        assert run["cold"]["served"]["requests"] > 0
+        assert any(line.startswith("Cache restored") for line in run["warm"]["cache_log"]), run
+
+    # History: both builds copied their history from the agent's mirror, which the git
+    # server filled (cold) and brought up to date (warm).
+    history = scenarios["history"]
+    assert history["commits"] == 200 and history["pack_bytes"] > 2_000_000
+    (run,) = history["runs"]
+    for when in ("cold", "warm"):
+        assert run[when]["state"] == "success"
+        assert run[when]["from_mirror"], run[when]
+        assert run[when]["bytes_served"] > 0
+
     memory = scenarios["memory"]
-    for key in ("web_opscd", "web_baseline", "worker_opscd", "worker_noop"):
+    for key in ("web_opscd", "web_baseline", "web_durable", "worker_opscd", "worker_noop"):
         assert memory[key]["load_rss_mib"] > 0
         assert memory[key]["load_pss_mib"] > 0
 
