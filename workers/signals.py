@@ -56,13 +56,17 @@ def _record(
     now = utcnow()
 
     def write() -> None:
-        with db.session() as session:
-            status = session.scalar(
-                select(TaskStatus).where(TaskStatus.task_id == task_id).with_for_update()
-            )
-            if status is None or status.attempt != attempt:
+        with db.session() as session:  # the build's row and the stage's, in one locking read
+            this_stage = (TaskStage.task_id == TaskStatus.task_id) & (TaskStage.stage == stage)
+            found = session.execute(
+                select(TaskStatus, TaskStage)
+                .outerjoin(TaskStage, this_stage)
+                .where(TaskStatus.task_id == task_id)
+                .with_for_update()
+            ).first()
+            if found is None or found[0].attempt != attempt:
                 return
-            row = session.get(TaskStage, (task_id, stage))
+            status, row = found
             if status.state is TaskState.CANCELED:
                 if row is not None and row.state is StageState.RUNNING:
                     row.state, row.finished_at = StageState.CANCELED, now

@@ -230,16 +230,14 @@ def is_stale(ctx: dict[str, Any], stage: Stage) -> bool:
     task_id = int(ctx["task_id"])
 
     def read() -> tuple[TaskState, int, StageState | None] | None:
-        with db.session() as session:
+        with db.session() as session:  # one query: the build's state and this stage's
+            this_stage = (TaskStage.task_id == TaskStatus.task_id) & (TaskStage.stage == stage)
             row = session.execute(
-                select(TaskStatus.state, TaskStatus.attempt).where(TaskStatus.task_id == task_id)
+                select(TaskStatus.state, TaskStatus.attempt, TaskStage.state)
+                .outerjoin(TaskStage, this_stage)
+                .where(TaskStatus.task_id == task_id)
             ).first()
-            done = session.scalar(
-                select(TaskStage.state).where(
-                    TaskStage.task_id == task_id, TaskStage.stage == stage
-                )
-            )
-            return (*row, done) if row is not None else None
+            return (row[0], row[1], row[2]) if row is not None else None
 
     found = db.retrying(read, f"task {task_id}: checking its state")
     if found is None:
