@@ -15,11 +15,15 @@ sits ``queued`` forever and a redelivery of its webhook can send it again.
 
 from __future__ import annotations
 
+import functools
+import os
 from collections.abc import Callable
 from contextlib import nullcontext
+from dataclasses import dataclass
 from typing import Any
 
-from celery import Celery, chain
+from celery import Celery
+from celery.app.amqp import task_message
 from celery.utils.nodenames import worker_direct
 from kombu.exceptions import KombuError
 from kombu.transport import TRANSPORT_ALIASES
@@ -175,16 +179,76 @@ def stage_task_id(task_id: int, stage: str) -> str:
 
 
 def enqueue_build(task_id: int, attempt: int = 1, queue: str = BUILD_QUEUE) -> None:
-    """Send the build's chain; any node consuming ``queue`` takes the clone stage."""
-    signatures = [
-        app.signature(name, task_id=stage_task_id(task_id, stage))
-        for stage, name in STAGE_TASKS.items()
-    ]
-    signatures[0].args = ({"task_id": task_id, "attempt": attempt},)
+    """Send the build's chain; any node consuming ``queue`` takes the clone stage.
+
+    The message is the one ``chain(clone, build, publish).apply_async(queue=queue)``
+    sends, filled into a template (:func:`_chain_message`) instead of built by
+    Celery's canvas for every build; it goes out through Celery's own sender
+    (routing, queue declaration, publish signals, ``FAST_FAIL_RETRY_POLICY``).
+    """
+    message = _chain_message(task_id, attempt)
     try:
-        chain(*signatures).apply_async(queue=queue, retry_policy=FAST_FAIL_RETRY_POLICY)
+        with (
+            app.producer_or_acquire() as producer,
+            producer.connection._reraise_as_library_errors(),
+        ):
+            app.amqp.send_task_message(producer, STAGE_TASKS["clone"], message, queue=queue,
+                                       retry_policy=FAST_FAIL_RETRY_POLICY)  # fmt: skip
     except (KombuError, RedisError, OSError) as error:
         raise BrokerUnavailable(f"could not send build {task_id} to the broker: {error}") from None
+
+
+@dataclass(frozen=True)
+class _Template:
+    """What every build's clone message has in common, made once per process by Celery."""
+
+    headers: dict[str, Any]
+    link: dict[str, Any]  # the message body's third part: callbacks, errbacks, chain, chord
+    later: tuple[dict[str, Any], ...]  # the signatures of the stages after clone, in order
+
+
+@functools.cache
+def _template(_pid: int) -> _Template:
+    """Celery's protocol-2 message of a clone stage and the signatures of the later stages,
+    with the build's ids left to fill in; one per process (``pid``: the ``origin`` header
+    names the sending process, and a forked child is another)."""
+    stages = list(STAGE_TASKS.items())
+    message = app.amqp.create_task_message("", stages[0][1], (), {}, chain=[], ignore_result=None)
+    later = tuple(dict(app.signature(name)) for _stage, name in stages[1:])
+    return _Template(headers=message.headers, link=message.body[2], later=later)
+
+
+def _chain_message(task_id: int, attempt: int) -> Any:
+    """The clone stage's message of one build: ids-only args, the later stages embedded in
+    reverse (the order Celery pops them in), each with its stable id and this thread's
+    ``reply_to``, as ``chain(...).apply_async`` makes it."""
+    template = _template(os.getpid())
+    reply_to = app.thread_oid
+    first = stage_task_id(task_id, "clone")
+    root_id, parent_id = first, None
+    parent = app.current_worker_task  # sent from within a stage: that stage is the parent
+    if parent is not None:
+        root_id, parent_id = parent.request.root_id or parent.request.id, parent.request.id
+    args = ({"task_id": task_id, "attempt": attempt},)
+    later = [
+        {
+            **_copied(signature),
+            "options": {"task_id": stage_task_id(task_id, stage), "reply_to": reply_to},
+        }
+        for stage, signature in zip(list(STAGE_TASKS)[1:], template.later, strict=True)
+    ]
+    headers = {**_copied(template.headers), "id": first, "root_id": root_id, "parent_id": parent_id,
+               "argsrepr": repr(args)}  # fmt: skip
+    properties = {"correlation_id": first, "reply_to": reply_to}
+    body = (args, {}, {**template.link, "chain": later[::-1]})
+    return task_message(headers=headers, properties=properties, body=body, sent_event=None)
+
+
+def _copied(mapping: dict[str, Any]) -> dict[str, Any]:
+    """A template's part for one message: its lists and dicts copied too, so that nothing
+    done to one message (a publish signal's receiver) reaches the next."""
+    return {key: value.copy() if isinstance(value, dict | list) else value
+            for key, value in mapping.items()}  # fmt: skip
 
 
 def send_task(task_id: int, attempt: int = 1, session: Session | None = None) -> None:

@@ -18,8 +18,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TypeVar
 
-from sqlalchemy import Engine, create_engine, event, text
-from sqlalchemy.exc import InterfaceError, OperationalError
+from sqlalchemy import Engine, PoolResetState, create_engine, event, text
+from sqlalchemy.exc import DisconnectionError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from cicd.config import Settings
@@ -27,8 +27,8 @@ from cicd.errors import ConfigError
 from cicd.models import utcnow
 
 __all__ = [
-    "configure", "engine", "session", "clock", "login", "retrying", "retry_conflicts", "reset",
-    "migrate",
+    "configure", "engine", "session", "held_session", "clock", "login", "retrying",
+    "retry_conflicts", "reset", "migrate",
 ]  # fmt: skip
 
 log = logging.getLogger(__name__)
@@ -47,25 +47,91 @@ def configure(settings: Settings) -> None:
 
 @functools.cache
 def engine() -> Engine:
-    """The process's engine; ``pool_pre_ping`` survives a database restart."""
+    """The process's engine; a pooled connection is pinged before use (so a database restart
+    costs no request), on MySQL/MariaDB only once it has been idle (:func:`_ping_if_idle`)."""
     url = _url
     if url is None:
         raise ConfigError("the database is not configured: the process must call db.configure()")
     options: dict = {"pool_pre_ping": True}
-    if url.startswith(("mysql", "mariadb")):
+    mysql = url.startswith(("mysql", "mariadb"))
+    if mysql:
         # As many pooled connections as a gunicorn worker has threads (8) and more:
         # a connection closed and reopened per request costs PyMySQL ~20 ms of CPU.
         options.update(pool_recycle=3600, pool_size=10, max_overflow=20)
         # A database that is down must fail a request in seconds (the webhook then
         # answers 503 while GitLab still waits), not hang it.
         options["connect_args"] = {"connect_timeout": 3, "read_timeout": 60, "write_timeout": 60}
+        # Each checkout and return cost a round trip (a ping, a ROLLBACK) that a busy
+        # webhook need not make: _ping_if_idle and _rollback_if_open do them when needed.
+        options.update(pool_pre_ping=False, pool_reset_on_return=None)
     if url.startswith("sqlite"):
         # Web threads, workers and their pool processes all write: wait for the lock.
         options["connect_args"] = {"timeout": 30}
     created = create_engine(url, **options)
     if url.startswith("sqlite"):
         event.listen(created, "connect", _sqlite_pragmas)
+    if mysql:
+        event.listen(created, "reset", _rollback_if_open)
+        event.listen(created, "connect", _mark_idle)
+        event.listen(created, "checkin", _mark_idle)
+        event.listen(created, "checkout", functools.partial(_ping_if_idle, created.dialect))
     return created
+
+
+#: A pooled connection idle for longer than this is pinged before it is used again.
+PING_IDLE_AFTER = 1.0
+
+
+def _mark_idle(_dbapi_connection, record) -> None:
+    record.info["idle_since"] = time.monotonic()
+
+
+def _ping_if_idle(dialect, dbapi_connection, record, _proxy) -> None:
+    """Ping a connection that sat in the pool for more than :data:`PING_IDLE_AFTER` seconds;
+    one that fails is replaced (the pool connects again, or raises if it cannot).
+
+    ``pool_pre_ping`` pings at every checkout: a round trip per request, ~50 µs
+    of PyMySQL's CPU, that a connection given back a moment ago does not need.
+    A restart, a failover or a cut link takes longer than that moment, and a
+    connection that was idle across it is pinged. (A connection that fails in
+    use all the same makes SQLAlchemy invalidate the whole pool, and the caller
+    sees the OperationalError it sees while the database is down: the webhook
+    answers 503.)
+    """
+    idle_since = record.info.get("idle_since")
+    if idle_since is not None and time.monotonic() - idle_since < PING_IDLE_AFTER:
+        return
+    try:
+        dialect.do_ping(dbapi_connection)
+    except dialect.loaded_dbapi.Error as error:
+        if dialect.is_disconnect(error, dbapi_connection, None):
+            raise DisconnectionError(f"connection lost while idle: {error}") from error
+        raise
+
+
+#: PyMySQL's ``server_status`` bit: the server has a transaction open on this connection.
+_SERVER_STATUS_IN_TRANS = 1
+
+
+def _rollback_if_open(dbapi_connection, _record, state: PoolResetState) -> None:
+    """Reset a connection given back to the pool: roll back only an open transaction.
+
+    The pool's default sends ROLLBACK on every return, also after a commit,
+    when nothing is open: a round trip (~50 µs of PyMySQL's CPU) per checkout,
+    as many as the webhook's own statements. SQLAlchemy itself rolls back a
+    transaction it still has open before the connection comes back
+    (``transaction_was_reset``), so this reset only meets what the driver did
+    behind SQLAlchemy's back (nothing in OpsCD runs SQL that way): a
+    transaction that wrote, which every MySQL/MariaDB reply reports and
+    PyMySQL keeps, is rolled back (a read-only one is not reported, and not
+    seen); a driver that keeps no status is rolled back as before. One being
+    discarded needs no reset.
+    """
+    if state.transaction_was_reset or state.terminate_only:
+        return
+    status = getattr(dbapi_connection, "server_status", None)
+    if status is None or status & _SERVER_STATUS_IN_TRANS:
+        dbapi_connection.rollback()
 
 
 def _sqlite_pragmas(connection, _record) -> None:
@@ -85,6 +151,24 @@ def _sessionmaker() -> sessionmaker[Session]:
 def session() -> Iterator[Session]:
     """A session that rolls back on error; callers commit explicitly."""
     with _sessionmaker()() as db:
+        try:
+            yield db
+        except BaseException:
+            db.rollback()
+            raise
+
+
+@contextmanager
+def held_session() -> Iterator[Session]:
+    """A session on one pooled connection, held until the block ends, across its commits.
+
+    A :func:`session` gives its connection back at each commit and takes one
+    again for its next statement (a checkout: a ping, and a reset at the
+    return); a request that commits, sends, then records that it sent (the
+    webhook) keeps one connection instead. For short blocks only: the
+    connection is the pool's for no one else meanwhile.
+    """
+    with engine().connect() as connection, Session(bind=connection, expire_on_commit=False) as db:
         try:
             yield db
         except BaseException:

@@ -26,7 +26,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from pydantic import SecretStr
-from sqlalchemy import delete, func, select
+from sqlalchemy import bindparam, delete, func, select
 from sqlalchemy import update as sql_update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
@@ -275,6 +275,11 @@ def patterns(stored: str) -> list[str]:
 # --- what the webhook and the stages ask of a registration -----------------------------------
 
 
+#: :func:`governing`'s query, built once: every webhook delivery runs it, and building it
+#: costs more CPU than running it.
+_GOVERNING = select(Project).where(Project.path.in_(bindparam("candidates", expanding=True)))
+
+
 def governing(session: Session, path: str) -> Project | None:
     """The registration that covers project ``path``: its own, else the nearest namespace's
     (``group/sub/*``, then ``group/*``)."""
@@ -282,7 +287,7 @@ def governing(session: Session, path: str) -> Project | None:
         return None
     parts = path.split("/")
     candidates = [path] + ["/".join(parts[:n]) + "/*" for n in range(len(parts) - 1, 0, -1)]
-    rows = session.scalars(select(Project).where(Project.path.in_(candidates)))
+    rows = session.scalars(_GOVERNING, {"candidates": candidates})
     found = {row.path: row for row in rows}
     return next((found[c] for c in candidates if c in found), None)
 

@@ -33,7 +33,7 @@ from collections.abc import Iterable
 from typing import Any
 from urllib.parse import urlsplit
 
-from sqlalchemy import event, or_, select, update
+from sqlalchemy import Connection, event, insert, or_, select, update
 from sqlalchemy.orm import Session
 
 from cicd import db, projects
@@ -51,6 +51,7 @@ __all__ = [
     "MAX_BACKOFF",
     "GIVE_UP_AFTER",
     "first",
+    "record_first",
     "report",
     "close_open",
     "publishing",
@@ -95,10 +96,21 @@ def matrix_unit(label: str) -> str:
     return f"{BUILD} [{hashlib.sha256(label.encode()).hexdigest()[:12]}]"
 
 
+#: The status a new task of a reporting project starts with, on its commit.
+_FIRST = {"unit": BUILD, "state": "pending", "description": "queued"}
+_INSERT_STATUS = insert(CommitStatus.__table__)
+
+
 def first(detail: TaskDetail) -> TaskDetail:
     """A new task of a reporting project starts ``pending`` on the forge (added with it)."""
-    detail.commit_statuses = [CommitStatus(unit=BUILD, state="pending", description="queued")]
+    detail.commit_statuses = [CommitStatus(**_FIRST)]
     return detail
+
+
+def record_first(connection: Connection, task_id: int) -> None:
+    """:func:`first` for a task inserted with SQLAlchemy Core (the webhook's), in the caller's
+    transaction: the status exists exactly when the task does."""
+    connection.execute(_INSERT_STATUS, {"task_id": task_id, **_FIRST})
 
 
 def _latest(session: Session, task_ids: Iterable[int]) -> dict[tuple[int, str], str]:

@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import datetime as dt
 import threading
+import time
 from collections.abc import Callable, Iterator
 
 import pytest
+from conftest import mysql_admin
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.orm import Session
 
 from cicd import db, lifecycle
+from cicd.config import settings_from
 from cicd.models import Base, RefType, Stage, TaskDetail, TaskState, TaskStatus, utcnow
 
 
@@ -280,3 +283,32 @@ def test_a_transaction_that_loses_a_deadlock_is_run_again(make_database):
     assert errors == []
     assert len(runs) == 3  # one transaction was the deadlock's victim and ran again
     assert counts == [2, 2]  # and each of the two landed exactly once
+
+
+def test_a_pooled_connection_comes_back_clean_and_one_dropped_while_idle_is_replaced(
+    make_database,
+):
+    """The MariaDB pool (``cicd.db``) sends no ROLLBACK after a commit and pings only a
+    connection that sat idle: a transaction that writes is still rolled back when its
+    connection comes back, and a connection the server dropped while idle is replaced
+    unseen."""
+    url = make_database("opscd_pool")[1]
+    db.configure(settings_from({"CICD_DATABASE_URL": url}))
+    try:
+        with db.engine().begin() as connection:
+            connection.exec_driver_sql("CREATE TABLE marks (id INT PRIMARY KEY)")
+        with db.engine().connect() as connection:
+            first = connection.exec_driver_sql("SELECT CONNECTION_ID()").scalar_one()
+            connection.commit()
+            # A write SQLAlchemy does not know of, left uncommitted.
+            connection.connection.driver_connection.cursor().execute("INSERT INTO marks VALUES (1)")
+        with db.engine().connect() as connection:
+            assert connection.exec_driver_sql("SELECT CONNECTION_ID()").scalar_one() == first
+            assert connection.exec_driver_sql("SELECT COUNT(*) FROM marks").scalar_one() == 0
+        mysql_admin(f"KILL {first}")
+        time.sleep(db.PING_IDLE_AFTER + 0.2)
+        with db.engine().connect() as connection:
+            assert connection.exec_driver_sql("SELECT CONNECTION_ID()").scalar_one() != first
+            assert connection.exec_driver_sql("SELECT COUNT(*) FROM marks").scalar_one() == 0
+    finally:
+        db.reset()

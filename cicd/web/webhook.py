@@ -90,7 +90,9 @@ def _receive(forge: ModuleType) -> tuple[Response, int]:
     except PayloadError as error:
         return _answer(400, error=str(error))
     try:
-        with db.session() as session:
+        # One pooled connection for the whole delivery: the lookups, the rows, the send's
+        # record and the auto-cancel (each checkout costs a ping and a reset).
+        with db.held_session() as session:
             if isinstance(event, Ignored):  # only a registered project's sender learns even that
                 if not _ignored_is_authentic(session, forge, body):
                     return _answer(401, error=f"invalid or missing {AUTH_HEADERS[forge.FORGE]}")
@@ -108,7 +110,7 @@ def _receive(forge: ModuleType) -> tuple[Response, int]:
             build = _build_of(session, registration, event)
             if not isinstance(build, Build):
                 return build
-        return _record_and_enqueue(event, build)
+            return _record_and_enqueue(session, event, build)
     except OperationalError as error:
         log.error("webhook: database unavailable: %s", error.orig)
         return _answer(503, error="database unavailable; retry later")
@@ -219,30 +221,29 @@ def _build_of(
     return Build(fields, statuses.reports(registration))
 
 
-def _record_and_enqueue(event: Event, build: Build) -> tuple[Response, int]:
-    with db.session() as session:
+def _record_and_enqueue(session: Session, event: Event, build: Build) -> tuple[Response, int]:
+    """Commit the task's rows (SQLAlchemy Core, one transaction), then send its chain."""
 
-        def record() -> int:
-            task = lifecycle.accept(TaskDetail(**build.fields), build.reports)
-            session.add(task)
-            try:
-                session.commit()
-            except BaseException:
-                session.rollback()
-                raise
-            return task.id
-
+    def record() -> int:
         try:
-            task_id = db.retry_conflicts(record, "webhook: recording the build")
-        except IntegrityError as error:
-            return _redelivery(session, event, error)
-        answer = _enqueue(task_id, status=202, session=session)
+            task_id = lifecycle.accept_rows(session.connection(), build.fields, build.reports)
+            session.commit()
+        except BaseException:
+            session.rollback()
+            raise
+        return task_id
+
+    try:
+        task_id = db.retry_conflicts(record, "webhook: recording the build")
+    except IntegrityError as error:
+        return _redelivery(session, event, error)
+    answer = _enqueue(task_id, status=202, session=session)
     if current_app.config["AUTO_CANCEL"] and build.fields["ref_type"] is RefType.BRANCH:
-        _cancel_superseded(build.fields, task_id)
+        _cancel_superseded(session, build.fields, task_id)
     return answer
 
 
-def _cancel_superseded(fields: dict[str, Any], newest: int) -> None:
+def _cancel_superseded(session: Session, fields: dict[str, Any], newest: int) -> None:
     """``CICD_AUTO_CANCEL``: older unfinished builds of the same branch (of a merge request:
     of the same request) are canceled.
 
@@ -264,7 +265,7 @@ def _cancel_superseded(fields: dict[str, Any], newest: int) -> None:
     older = select(TaskDetail.id).where(*same)
 
     def cancel() -> list[int]:
-        with db.session() as session:
+        try:
             unfinished = session.scalars(
                 select(TaskStatus.task_id)
                 .where(TaskStatus.task_id.in_(older), TaskStatus.state.in_(lifecycle.UNFINISHED))
@@ -272,6 +273,9 @@ def _cancel_superseded(fields: dict[str, Any], newest: int) -> None:
             ).all()
             lifecycle.supersede(session, list(unfinished), newest)
             session.commit()
+        except BaseException:
+            session.rollback()
+            raise
         return list(unfinished)
 
     try:
@@ -285,19 +289,19 @@ def _cancel_superseded(fields: dict[str, Any], newest: int) -> None:
 
 def _redelivery(session: Session, event: Event, error: IntegrityError) -> tuple[Response, int]:
     """A delivery id seen before: the first task stands; send it again only if it never left."""
-    task = session.scalar(
-        select(TaskDetail).where(
+    task_id = session.scalar(
+        select(TaskDetail.id).where(
             TaskDetail.forge == event.forge, TaskDetail.delivery_id == event.delivery_id
         )
     )
-    if task is None:  # the unique key is not what failed
+    if task_id is None:  # the unique key is not what failed
         raise error
     # Claim the resend: of two concurrent redeliveries (or one and the reconciler) one sends.
-    claimed = lifecycle.claim_unsent(session, task.id)
+    claimed = lifecycle.claim_unsent(session, task_id)
     session.commit()
     if claimed:
-        return _enqueue(task.id, status=202, session=session)
-    return _answer(200, task_id=task.id, url=_task_url(task.id), duplicate=True)
+        return _enqueue(task_id, status=202, session=session)
+    return _answer(200, task_id=task_id, url=_task_url(task_id), duplicate=True)
 
 
 def _enqueue(task_id: int, status: int, session: Session | None = None) -> tuple[Response, int]:
