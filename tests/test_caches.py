@@ -236,17 +236,21 @@ def test_eviction_keeps_the_total_under_the_bound(start_stack, git_server, tmp_p
 
 
 def test_the_java_default_keeps_mavens_downloads_with_no_configuration(
-    start_stack, docker_env, git_server, tmp_path
+    start_stack, docker_env, git_server, busybox_image, tmp_path
 ):
     """``build: {language: java}`` alone: the second build restores ``.m2/repository`` and
-    downloads nothing; an agent whose settings.xml names its own localRepository is left
-    to it (tests/test_docker.py)."""
+    downloads nothing, and the image is built without it; an agent whose settings.xml names
+    its own localRepository is left to it (tests/test_docker.py)."""
     settings = write_maven_settings(tmp_path / "settings.xml", None)  # no localRepository
     stack = start_stack("caches-java", **{**docker_env, "CICD_MAVEN_SETTINGS": str(settings),
                         "CICD_DOCKER_VOLUMES": ",".join(HOST_TOOL_MOUNTS),
                         "CICD_CACHE_DIR": str(tmp_path / "cache")})  # fmt: skip
     files = hello_maven()
-    files["ci.yaml"] = "build:\n  language: java\n"
+    files["ci.yaml"] = "build:\n  language: java\npublish: true\n"
+    # The image build's context is the checkout: Maven's cache must not be in it.
+    files["Dockerfile"] = (
+        f"FROM {busybox_image}\nCOPY . /ctx\nRUN if [ -d /ctx/.m2 ]; then exit 1; fi\n"
+    )
     repo = GitRepo.create(git_server.root, f"caches/maven-{uuid.uuid4().hex[:6]}")
     repo.clone_url = git_server.repo_url(repo.project_path)
 

@@ -27,6 +27,7 @@ import hashlib
 import logging
 import os
 import posixpath
+import shutil
 import tarfile
 import time
 import uuid
@@ -69,6 +70,9 @@ class CachePlan:
     fallback: str | None
     source: str
     environment: dict[str, str] = field(default_factory=dict)
+    #: A language default's directories leave the checkout once kept: the build did not
+    #: ask for them, and the image build's context (the checkout) must not carry them.
+    remove_after: bool = False
 
 
 def _keeps_own_maven_repository(settings: Settings) -> bool:
@@ -114,7 +118,8 @@ def plan(
     if not paths:
         return None
     source = f"the {', '.join(languages)} default"
-    return CachePlan(tuple(paths), ref_name, _other(fallback, ref_name), source, environment)
+    return CachePlan(tuple(paths), ref_name, _other(fallback, ref_name), source, environment,
+                     remove_after=True)  # fmt: skip
 
 
 def _other(fallback: str | None, key: str) -> str | None:
@@ -280,6 +285,21 @@ def _inside(checkout: Path, relative: str) -> Path | None:
     return path
 
 
+def _remove(checkout: Path, relative: str) -> None:
+    """Take a directory out of the checkout, and the folders it leaves empty (``.m2``)."""
+    found = _inside(checkout, relative)
+    if found is None:
+        return
+    shutil.rmtree(found, ignore_errors=True)
+    for parent in Path(relative).parents:
+        if parent == Path("."):
+            break
+        try:
+            (checkout / parent).rmdir()
+        except OSError:  # not empty: the repository's own files are in it
+            break
+
+
 def _fingerprint(checkout: Path, paths: tuple[str, ...]) -> str:
     """What the cache directories hold, by name, type, size and modification time (a
     restore keeps each file's time): equal fingerprints need no new save."""
@@ -368,10 +388,19 @@ class BuildCache:
         return True
 
     def save(self, checkout: Path, log: LogWriter) -> None:
-        """Keep the build's cache directories (the build succeeded), if it may write."""
+        """Keep the build's cache directories (the build succeeded), if it may write; then
+        take a language default's directories out of the checkout."""
         planned = self.planned
         if planned is None:
             return
+        try:
+            self._save_if_allowed(planned, checkout, log)
+        finally:
+            if planned.remove_after:
+                for path in planned.paths:
+                    _remove(checkout, path)
+
+    def _save_if_allowed(self, planned: CachePlan, checkout: Path, log: LogWriter) -> None:
         if self.read_only is not None:
             log.line(f"Cache not saved: {self.read_only}; such builds read it, only builds of "
                      "protected refs write it")  # fmt: skip
