@@ -14,6 +14,7 @@ import functools
 import logging
 import random
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TypeVar
@@ -201,14 +202,27 @@ _LOGIN = {"mysql": "SELECT SUBSTRING_INDEX(CURRENT_USER(), '@', 1)",
           "postgresql": "SELECT current_user"}  # fmt: skip
 
 
+#: Each engine's login, asked once: an engine's credentials never change in a process.
+_LOGINS: weakref.WeakKeyDictionary[Engine, str] = weakref.WeakKeyDictionary()
+
+
 def login(db: Session) -> str | None:
-    """The database account this session is logged in as, as the server knows it.
+    """The database account this session is logged in as, as the server knows it (asked
+    once per engine: every heartbeat and every clone's claim would ask again).
 
     An agent's identity is its account (:mod:`cicd.agents`): the server
     authenticated it, so no node can claim another's by saying so.
     """
-    query = _LOGIN.get(db.get_bind().dialect.name)
-    return db.execute(text(query)).scalar_one() if query else None
+    bind = db.get_bind()
+    engine_of = getattr(bind, "engine", bind)
+    if engine_of in _LOGINS:
+        return _LOGINS[engine_of]
+    query = _LOGIN.get(bind.dialect.name)
+    if not query:
+        return None
+    account = db.execute(text(query)).scalar_one()
+    _LOGINS[engine_of] = account
+    return account
 
 
 def retrying(operation: Callable[[], T], what: str, give_up_after: float = 120) -> T:

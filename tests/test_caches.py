@@ -141,6 +141,24 @@ def test_an_unprotected_branch_reads_mains_cache_but_cannot_change_it(web, git_s
     assert [row["key"] for row in caches(web, repo.project_path)] == ["main"]
 
 
+@pytest.mark.usefixtures("workers")
+def test_a_restore_never_writes_outside_the_checkout(web, git_server, tmp_path):
+    """A branch whose repository makes the cache directory a symlink out of the checkout
+    gets nothing restored through it, and its build goes on."""
+    repo = new_repo(git_server, "caches")
+    build(web, repo, {"ci.yaml": MARKING.format(mark="from main")})
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    repo.commit({"side.txt": "x"}, branch="feature/link")
+    (repo.work_path / "deps").symlink_to(outside, target_is_directory=True)
+    reading = ("cache: [deps]\nbuild:\n  script:\n"
+               "    - if [ -f deps/mark ]; then echo MARK-''THROUGH-LINK; fi\n")  # fmt: skip
+    _, log = build(web, repo, {"ci.yaml": reading}, branch="feature/link")
+    assert "MARK-THROUGH-LINK" not in log
+    assert "of its entries left out, as they would land outside the checkout" in log
+    assert list(outside.iterdir()) == []  # nothing was written through the link
+
+
 #: Each build checks that what it restored is one build's whole cache (every file has the
 #: mark of the manifest), then writes a cache of its own: 40 files of 256 KiB.
 CONSISTENT = """\

@@ -32,7 +32,7 @@ import tarfile
 import time
 import uuid
 import xml.etree.ElementTree as ElementTree
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -285,6 +285,21 @@ def _inside(checkout: Path, relative: str) -> Path | None:
     return path
 
 
+def _kept_inside(left_out: list[str]) -> Callable[[tarfile.TarInfo, str], tarfile.TarInfo | None]:
+    """Python's ``data`` filter, member by member: what would land outside the checkout (a
+    link to an absolute path, a directory the repository made a symlink) is left out (its
+    name added to ``left_out``), and the rest restored."""
+
+    def kept(member: tarfile.TarInfo, destination: str) -> tarfile.TarInfo | None:
+        try:
+            return tarfile.data_filter(member, destination)
+        except tarfile.FilterError:
+            left_out.append(member.name)
+            return None
+
+    return kept
+
+
 def _remove(checkout: Path, relative: str) -> None:
     """Take a directory out of the checkout, and the folders it leaves empty (``.m2``)."""
     found = _inside(checkout, relative)
@@ -369,12 +384,12 @@ class BuildCache:
         if row is None:  # never saved here, or cleared: its file (if any) is stale
             path.unlink(missing_ok=True)
             return False
-        started = time.monotonic()
+        started, left_out = time.monotonic(), []
         try:
             with open(path, "rb") as file:
                 os.utime(file.fileno())  # recently used: the last to be evicted
                 with tarfile.open(fileobj=file, mode="r:") as archive:
-                    archive.extractall(checkout, filter="data")
+                    archive.extractall(checkout, filter=_kept_inside(left_out))  # noqa: S202
         except FileNotFoundError:  # evicted since
             _forget(store, [digest])
             return False
@@ -385,6 +400,9 @@ class BuildCache:
         took = time.monotonic() - started
         log.line(f'Cache restored ({planned.source}): key "{key}", {", ".join(planned.paths)}, '
                  f"{_size(row.size_bytes)} saved{by}, in {took:.1f}s")  # fmt: skip
+        if left_out:
+            log.line(f"{len(left_out)} of its entries left out, as they would land outside the "
+                     f"checkout (a symlink in the repository?), e.g. {left_out[0]}")  # fmt: skip
         return True
 
     def save(self, checkout: Path, log: LogWriter) -> None:
