@@ -51,6 +51,7 @@ def test_sql_schema_matches_the_models(make_database):
         "agent_states",
         "agents",
         "commit_statuses",
+        "project_caches",
         "projects",
         "alembic_version",
     }
