@@ -70,11 +70,28 @@ class ShellExecutor(Executor):
                 else:
                     output(b"")
                     if process.poll() is not None:
-                        break  # the script ended; a background child still holds the pipe
+                        # The script ended (a background child may still hold the pipe):
+                        # what it wrote between the wait and its exit is read, not dropped.
+                        _drain(process.stdout.fileno(), output)
+                        break
         process.stdout.close()
         code = process.wait()
         _kill_leftovers(process)
         return watchdog.result(128 - code if code < 0 else code)
+
+
+def _drain(fd: int, output: OutputSink) -> None:
+    """Read what the pipe holds now, without waiting for an end a background child may keep
+    from coming."""
+    os.set_blocking(fd, False)
+    while True:
+        try:
+            chunk = os.read(fd, 65536)
+        except BlockingIOError:
+            return
+        if not chunk:
+            return
+        output(chunk)
 
 
 def _hand_over(workspace: Path, uid: int, gid: int) -> None:
