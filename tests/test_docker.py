@@ -9,6 +9,7 @@ pulled), offline Maven from Debian's plugin repository. Containers use network
 from __future__ import annotations
 
 import signal
+import time
 import uuid
 from pathlib import Path
 
@@ -30,6 +31,8 @@ from conftest import (
     worker_args,
 )
 from support.containers import HOST_TOOL_MOUNTS
+
+from workers.executors.docker import _has_ended, _LogCopy
 
 PROJECT = Path(__file__).resolve().parent / "projects" / "hello-maven"
 LABEL = "dev.opscd.node"
@@ -528,3 +531,32 @@ def test_engine_sockets_cannot_be_mounted_into_builds(opscd_env):
     result = subprocess.run([sys.executable, "-m", "cicd.cli", "init-db"], env=env,
                             capture_output=True, text=True, timeout=60)  # fmt: skip
     assert result.returncode != 0 and "owns the host" in result.stderr
+
+
+def test_a_log_stream_left_open_is_closed_and_the_engine_says_when_the_container_ended(
+    docker_client, busybox_image
+):
+    """The executor's guard against a follow stream that outlives its container (podman has
+    kept one open after the container exited, and a build hung on it): closing the stream
+    ends the read blocked on it, and the engine's state, not the stream, says "ended"."""
+    container = docker_client.containers.run(
+        busybox_image, ["sh", "-c", "echo started; sleep 60"], detach=True, network_mode="none"
+    )
+    try:
+        chunks: list[bytes] = []
+        copy = _LogCopy(container, chunks.append)
+        copy.start()
+        deadline = time.monotonic() + 10
+        while b"started" not in b"".join(chunks) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert b"started" in b"".join(chunks) and copy.is_alive()  # following, blocked
+        assert not _has_ended(container)
+        copy.close()
+        copy.join(5)
+        assert not copy.is_alive()
+        assert b"interrupted" not in b"".join(chunks)  # closed on purpose: no error line
+        container.kill()
+        container.wait(timeout=30)
+        assert _has_ended(container)
+    finally:
+        container.remove(force=True)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import re
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -38,6 +39,8 @@ from workers.executors.convert import LABEL_NODE, LABEL_TASK, container_options,
 __all__ = ["DockerExecutor", "remove_node_containers"]
 
 TICK_SECONDS = 0.25
+EXIT_CHECK_SECONDS = 1.0  # how often the engine is asked whether the container ended
+DRAIN_SECONDS = 5.0  # how long a log stream may stay open after its container ended
 
 log = logging.getLogger(__name__)
 
@@ -141,27 +144,74 @@ class DockerExecutor(Executor):
             ) from None
 
     def _run_container(self, container: Container, step: Step, output: OutputSink) -> StepResult:
-        """Start, stream the output until the container ends, kill it at the deadline."""
+        """Start, stream the output until the container ends, kill it at the deadline.
+
+        The log stream normally ends with the container, but podman's API has kept a
+        follow stream open after its container exited (podman#6627, #11461; seen here under
+        load): the engine's own state decides, and a stream still open ``DRAIN_SECONDS``
+        after the container ended is closed, so a build never hangs on it.
+        """
         container.start()
-        reader = threading.Thread(target=_copy_logs, args=(container, output), daemon=True)
-        reader.start()
+        copy = _LogCopy(container, output)
+        copy.start()
         watchdog = Watchdog(step)
+        ended_at: float | None = None
+        checked = time.monotonic()
         with watchdog.fence(lambda: _kill(container)):
-            while reader.is_alive():
-                reader.join(TICK_SECONDS)
+            while copy.is_alive():
+                copy.join(TICK_SECONDS)
                 output(b"")
                 if watchdog.should_stop():
                     _kill(container)
+                now = time.monotonic()
+                if ended_at is None and now - checked >= EXIT_CHECK_SECONDS:
+                    checked = now
+                    if _has_ended(container):
+                        ended_at = now
+                elif ended_at is not None and now - ended_at >= DRAIN_SECONDS:
+                    copy.close()
+                    output(b"\n[opscd] the engine kept the log stream open after the container "
+                           b"ended; closed it\n")  # fmt: skip
+                    break
         status = container.wait(timeout=API_TIMEOUT)
         return watchdog.result(int(status.get("StatusCode", -1)))
 
 
-def _copy_logs(container: Container, output: OutputSink) -> None:
+class _LogCopy(threading.Thread):
+    """Copies a container's output to the sink, until the stream ends or is closed."""
+
+    def __init__(self, container: Container, output: OutputSink) -> None:
+        super().__init__(daemon=True)
+        self.container = container
+        self.output = output
+        self.stream = None
+        self.closed = False
+
+    def run(self) -> None:
+        try:
+            self.stream = self.container.logs(stream=True, follow=True, stdout=True, stderr=True)
+            for chunk in self.stream:
+                self.output(chunk)
+        except (APIError, requests.RequestException, OSError, ValueError) as error:
+            if not self.closed:  # a stream closed on purpose ends with an error: expected
+                self.output(f"\n[opscd] log stream interrupted: {error}\n".encode())
+
+    def close(self) -> None:
+        """Shut the stream's socket, which ends the read blocked on it."""
+        self.closed = True
+        if self.stream is not None:
+            self.stream.close()
+
+
+def _has_ended(container: Container) -> bool:
+    """Whether the engine says the container is no longer running (it is gone, or ended)."""
     try:
-        for chunk in container.logs(stream=True, follow=True, stdout=True, stderr=True):
-            output(chunk)
-    except (APIError, requests.RequestException) as error:
-        output(f"\n[opscd] log stream interrupted: {error}\n".encode())
+        container.reload()
+    except NotFound:
+        return True
+    except (APIError, requests.RequestException):
+        return False
+    return container.status in ("exited", "dead", "stopped")
 
 
 def container_safe(name: str) -> str:
