@@ -9,9 +9,10 @@ random token for the agent, and creates with them:
 - a **Redis ACL user** confined to OpsCD's keys and channels (those under
   ``CICD_BROKER_PREFIX``), with no administrative or dangerous command
   (``CONFIG``, ``FLUSHALL``, ``KEYS``, ``ACL``, ``CLIENT KILL``, …);
-- a **MariaDB/MySQL user** that reads OpsCD's schema and writes only the
-  tables a worker writes (:data:`WORKER_WRITES`: states, stages, logs,
-  approval requests, heartbeats), never projects, secrets or agents.
+- a **database user** (MariaDB/MySQL; a login role on PostgreSQL) that reads
+  OpsCD's schema and writes only the tables a worker writes
+  (:data:`WORKER_WRITES`: states, stages, logs, approval requests, heartbeats),
+  never projects, secrets or agents.
 
 Only the token's SHA-256 is kept; Redis takes that hash as the password
 itself (``#<sha256>``), so ``cicd agents sync`` can make a broker user again
@@ -34,7 +35,7 @@ login (the shared credentials) takes no builds (:func:`refusal`).
 
 What this does not do: an enabled agent holds ``CICD_SECRETS_KEY`` and reads
 every project's encrypted secrets and every build's rows, as any worker does;
-the MySQL grants are per table, not per row, so it can write another build's
+the database grants are per table, not per row, so it can write another build's
 state. An agent's identity stops work and shows who did what; it is no
 sandbox against a malicious enabled agent.
 """
@@ -45,11 +46,12 @@ import dataclasses
 import hashlib
 import re
 import secrets
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import quote, urlsplit, urlunsplit
 
 import redis
-from sqlalchemy import select, text
+from sqlalchemy import String, bindparam, select, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session
 
@@ -151,7 +153,8 @@ def add(session: Session, settings: Settings, name: str) -> tuple[Issued, list[s
     token = secrets.token_urlsafe(32)
     # A new account each time: a revoked agent's old token must never work again.
     issued = Issued(name=name, account=f"opscd-{name}-{secrets.token_hex(3)}", token=token)
-    # CREATE USER commits implicitly (MySQL), so the users come first and the row last.
+    # CREATE USER commits implicitly (MySQL), so the users come first and the row last
+    # (PostgreSQL's CREATE ROLE is part of the transaction).
     _create_database_user(session, issued.account, token)
     try:
         warnings = _set_broker_user(settings, issued.account, _digest(token))
@@ -165,8 +168,9 @@ def add(session: Session, settings: Settings, name: str) -> tuple[Issued, list[s
                           enabled=True, created_at=utcnow()))  # fmt: skip
         session.commit()
     except BaseException:
-        session.rollback()
+        session.rollback()  # on PostgreSQL, the new role with it
         _drop_database_user(session, issued.account)
+        session.commit()
         try:
             _delete_broker_user(settings, issued.account)
         except AgentError:
@@ -191,6 +195,8 @@ def revoke(session: Session, settings: Settings, name: str) -> tuple[Agent, list
     agent.disabled_at = agent.disabled_at or agent.revoked_at
     warnings = _delete_broker_user(settings, agent.account)
     _drop_database_user(session, agent.account)
+    session.commit()
+    _cut_connections(session, agent.account)
     session.commit()
     return agent, warnings
 
@@ -233,20 +239,35 @@ def refusal(session: Session, agent: Agent | None) -> str | None:
 
 def _dialect(session: Session) -> str:
     name = session.get_bind().dialect.name
-    if name not in ("mysql", "mariadb"):
-        raise AgentError(f"agent database users are made on MariaDB/MySQL only, not {name}")
+    if name not in ("mysql", "mariadb", "postgresql"):
+        raise AgentError(
+            f"agent database users are made on MariaDB/MySQL and PostgreSQL only, not {name}"
+        )
     return name
 
 
+def _quote(session: Session) -> Callable[[str], str]:
+    return session.get_bind().dialect.identifier_preparer.quote
+
+
 def _create_database_user(session: Session, account: str, token: str) -> None:
-    _dialect(session)
-    session.execute(text("CREATE USER :account@'%' IDENTIFIED BY :token"),
-                    {"account": account, "token": token})  # fmt: skip
+    if _dialect(session) == "postgresql":
+        # DDL takes no bound parameters on PostgreSQL: the token (URL-safe base64 from
+        # secrets.token_urlsafe) goes in as a quoted literal, the account as an identifier.
+        literal = String().literal_processor(session.get_bind().dialect)
+        session.execute(text(f"CREATE ROLE {_quote(session)(account)} LOGIN "
+                             f"PASSWORD {literal(token)}"))  # fmt: skip
+    else:
+        session.execute(text("CREATE USER :account@'%' IDENTIFIED BY :token"),
+                        {"account": account, "token": token})  # fmt: skip
     _grant(session, account)
 
 
 def _grant(session: Session, account: str) -> None:
-    quote_name = session.get_bind().dialect.identifier_preparer.quote
+    quote_name = _quote(session)
+    if _dialect(session) == "postgresql":
+        _grant_postgresql(session, quote_name(account))
+        return
     schema = quote_name(session.get_bind().url.database or "")
     who = {"account": account}
     session.execute(text(f"GRANT SELECT ON {schema}.* TO :account@'%'"), who)
@@ -257,9 +278,50 @@ def _grant(session: Session, account: str) -> None:
         )
 
 
+def _grant_postgresql(session: Session, role: str) -> None:
+    """The same rights on PostgreSQL: read every table of OpsCD's schema, write the workers'
+    tables, and draw ids from those tables' own sequences (an INSERT needs them)."""
+    quote_name = _quote(session)
+    database = quote_name(session.get_bind().url.database or "")
+    schema = quote_name(session.execute(text("SELECT current_schema()")).scalar_one())
+    session.execute(text(f"GRANT CONNECT ON DATABASE {database} TO {role}"))
+    session.execute(text(f"GRANT USAGE ON SCHEMA {schema} TO {role}"))
+    session.execute(text(f"GRANT SELECT ON ALL TABLES IN SCHEMA {schema} TO {role}"))
+    tables = ", ".join(quote_name(table) for table in WORKER_WRITES)
+    session.execute(text(f"GRANT INSERT, UPDATE, DELETE ON {tables} TO {role}"))
+    sequences = session.scalars(
+        text("SELECT sequence.relname FROM pg_class sequence"
+             " JOIN pg_depend owned ON owned.objid = sequence.oid AND owned.deptype = 'a'"
+             " JOIN pg_class owner ON owner.oid = owned.refobjid"
+             " WHERE sequence.relkind = 'S' AND owner.relname IN :tables"
+             " AND owner.relnamespace = current_schema()::regnamespace")
+        .bindparams(bindparam("tables", expanding=True)),
+        {"tables": list(WORKER_WRITES)},
+    ).all()  # fmt: skip
+    if sequences:
+        names = ", ".join(quote_name(sequence) for sequence in sequences)
+        session.execute(text(f"GRANT USAGE, SELECT ON SEQUENCE {names} TO {role}"))
+
+
 def _drop_database_user(session: Session, account: str) -> None:
-    _dialect(session)
+    """Delete the account, its grants with it (:func:`_cut_connections` after the commit)."""
+    if _dialect(session) == "postgresql":
+        if session.scalar(text("SELECT 1 FROM pg_roles WHERE rolname = :account"),
+                          {"account": account}):  # fmt: skip
+            role = _quote(session)(account)
+            session.execute(text(f"DROP OWNED BY {role}"))  # its grants, so that it can go
+            session.execute(text(f"DROP ROLE {role}"))
+        return
     session.execute(text("DROP USER IF EXISTS :account@'%'"), {"account": account})
+
+
+def _cut_connections(session: Session, account: str) -> None:
+    """End the sessions the (dropped and committed) account still has open: they would go
+    on with the rights they had."""
+    if _dialect(session) == "postgresql":
+        session.execute(text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                             " WHERE usename = :account"), {"account": account})  # fmt: skip
+        return
     sessions = session.scalars(
         text("SELECT id FROM information_schema.processlist WHERE user = :account"),
         {"account": account},

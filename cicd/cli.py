@@ -41,14 +41,21 @@ def _settings():
     "--sql",
     "as_sql",
     is_flag=True,
-    help="Print the migrations as SQL for MariaDB/MySQL instead (for a DBA).",
+    help="Print the migrations as SQL instead (for a DBA); see --dialect.",
 )
-def migrate(as_sql: bool) -> None:
+@click.option(
+    "--dialect",
+    type=click.Choice(["mysql", "postgresql"]),
+    default="mysql",
+    show_default=True,
+    help="The SQL of --sql: MariaDB/MySQL or PostgreSQL.",
+)
+def migrate(as_sql: bool, dialect: str = "mysql") -> None:
     """Create the schema in CICD_DATABASE_URL, or upgrade it in place to this version's."""
     if as_sql:
         from cicd import migrations
 
-        click.echo(migrations.sql("mysql"), nl=False)
+        click.echo(migrations.sql(dialect), nl=False)
         return
     from cicd import db
 

@@ -65,6 +65,10 @@ def engine() -> Engine:
         # Each checkout and return cost a round trip (a ping, a ROLLBACK) that a busy
         # webhook need not make: _ping_if_idle and _rollback_if_open do them when needed.
         options.update(pool_pre_ping=False, pool_reset_on_return=None)
+    if url.startswith("postgresql"):
+        # As on MariaDB: a database that is down fails a request in seconds.
+        options.update(pool_size=10, max_overflow=20)
+        options["connect_args"] = {"connect_timeout": 3}
     if url.startswith("sqlite"):
         # Web threads, workers and their pool processes all write: wait for the lock.
         options["connect_args"] = {"timeout": 30}
@@ -244,26 +248,35 @@ def retrying(operation: Callable[[], T], what: str, give_up_after: float = 120) 
             delay = min(delay * 2, 5.0)
 
 
-#: MySQL/MariaDB errors that mean two transactions collided, not that the database is
-#: down: a deadlock (InnoDB rolled this one back) and a lock wait timeout.
+#: Errors that mean two transactions collided, not that the database is down: on
+#: MySQL/MariaDB a deadlock (InnoDB rolled this one back) and a lock wait timeout, by error
+#: number; on PostgreSQL a deadlock, a serialization failure and a lock timeout, by SQLSTATE.
 CONFLICTS = frozenset({1205, 1213})
+CONFLICT_STATES = frozenset({"40P01", "40001", "55P03"})
+
+
+def _conflict(error: OperationalError) -> bool:
+    cause = error.orig
+    if getattr(cause, "sqlstate", None) in CONFLICT_STATES:  # psycopg
+        return True
+    return bool(cause is not None and cause.args and cause.args[0] in CONFLICTS)
 
 
 def retry_conflicts(operation: Callable[[], T], what: str, attempts: int = 5) -> T:
     """Run ``operation`` (one whole transaction) again when it lost a lock conflict.
 
-    InnoDB picks a victim when, say, a webhook's insert and an auto-cancel's
-    range update wait on each other, and asks it to "try restarting
-    transaction"; that is a normal answer under concurrency, not an outage, so
-    the caller should not see it. Anything else, and the last conflict, is raised.
+    InnoDB (and PostgreSQL's deadlock detector) picks a victim when, say, a
+    webhook's insert and an auto-cancel's range update wait on each other, and
+    asks it to "try restarting transaction"; that is a normal answer under
+    concurrency, not an outage, so the caller should not see it. Anything else,
+    and the last conflict, is raised.
     """
     attempt = 1
     while True:
         try:
             return operation()
         except OperationalError as error:
-            code = error.orig.args[0] if error.orig is not None and error.orig.args else None
-            if code not in CONFLICTS or attempt >= attempts:
+            if not _conflict(error) or attempt >= attempts:
                 raise
             log.info("%s: %s; running it again", what, error.orig)
             time.sleep(random.uniform(0, 0.02 * attempt))  # noqa: S311 (jitter, not a secret)

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import docker
+import psycopg
 import pymysql
 import pytest
 import redis
@@ -43,6 +44,12 @@ MYSQL_HOST = os.environ.get("OPSCD_TEST_MYSQL_HOST", "127.0.0.1")
 MYSQL_PORT = int(os.environ.get("OPSCD_TEST_MYSQL_PORT", "3306"))
 MYSQL_USER = os.environ.get("OPSCD_TEST_MYSQL_USER", "root")
 MYSQL_PASSWORD = os.environ.get("OPSCD_TEST_MYSQL_PASSWORD", "")
+PG_HOST = os.environ.get("OPSCD_TEST_PG_HOST", "127.0.0.1")
+PG_PORT = int(os.environ.get("OPSCD_TEST_PG_PORT", "5432"))
+PG_USER = os.environ.get("OPSCD_TEST_PG_USER", "postgres")
+PG_PASSWORD = os.environ.get("OPSCD_TEST_PG_PASSWORD", "")
+#: The databases OpsCD supports in production; the tests that touch the database run on each.
+DATABASES = ("mariadb", "postgresql")
 REDIS_URL = os.environ.get("OPSCD_TEST_REDIS_URL", "redis://127.0.0.1:6379/13")
 #: ``post_gitlab``'s default token: the secret of the project the payload names, which it
 #: registers first if it must.
@@ -73,22 +80,46 @@ def mysql_admin(sql: str, database: str | None = None) -> list[tuple]:
         return list(cursor.fetchall())
 
 
+def pg_admin(sql: str, database: str = "postgres") -> list[tuple]:
+    """Run one statement on the test PostgreSQL server as its administrator (autocommit)."""
+    with psycopg.connect(host=PG_HOST, port=PG_PORT, user=PG_USER, password=PG_PASSWORD or None,
+                         dbname=database, autocommit=True) as connection:  # fmt: skip
+        cursor = connection.execute(sql)
+        return list(cursor.fetchall()) if cursor.description else []
+
+
+def admin_sql(url: str, sql: str) -> list[tuple]:
+    """Run one statement as the administrator on the test database ``url`` names."""
+    database = url.rsplit("/", 1)[1].split("?")[0]
+    if url.startswith("postgresql"):
+        return pg_admin(sql, database)
+    return mysql_admin(sql, database)
+
+
 @pytest.fixture(scope="session")
 def make_database() -> Iterator:
-    """Factory of fresh MariaDB databases, all dropped at the end of the session."""
-    created: list[str] = []
+    """Factory of fresh databases on MariaDB or PostgreSQL, all dropped at the end."""
+    created: list[tuple[str, str]] = []
 
-    def make(prefix: str = "opscd_test") -> tuple[str, str]:
+    def make(prefix: str = "opscd_test", dialect: str = "mariadb") -> tuple[str, str]:
         name = f"{prefix}_{uuid.uuid4().hex[:10]}"
+        created.append((dialect, name))
+        if dialect == "postgresql":
+            pg_admin(f"CREATE DATABASE {name} ENCODING 'UTF8' TEMPLATE template0")
+            credentials = PG_USER + (f":{PG_PASSWORD}" if PG_PASSWORD else "")
+            return name, f"postgresql+psycopg://{credentials}@{PG_HOST}:{PG_PORT}/{name}"
+        assert dialect == "mariadb", dialect
         mysql_admin(f"CREATE DATABASE {name} CHARACTER SET utf8mb4 COLLATE utf8mb4_bin")
-        created.append(name)
         credentials = MYSQL_USER + (f":{MYSQL_PASSWORD}" if MYSQL_PASSWORD else "")
         url = f"mysql+pymysql://{credentials}@{MYSQL_HOST}:{MYSQL_PORT}/{name}?charset=utf8mb4"
         return name, url
 
     yield make
-    for name in created:
-        mysql_admin(f"DROP DATABASE IF EXISTS {name}")
+    for dialect, name in created:
+        if dialect == "postgresql":
+            pg_admin(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        else:
+            mysql_admin(f"DROP DATABASE IF EXISTS {name}")
 
 
 @pytest.fixture(scope="session")
@@ -127,9 +158,9 @@ def repo(git_server: GitHttpServer) -> GitRepo:
 # --- OpsCD processes ------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="session")
-def opscd_env(database_url: str, broker_url: str, tmp_path_factory) -> dict[str, str]:
-    """The environment of every OpsCD process the tests start; the schema is created once."""
+def opscd_environment(database_url: str, broker_url: str, tmp_path_factory,
+                      broker_prefix: str = f"opscd-test-{SESSION}:") -> dict[str, str]:  # fmt: skip
+    """The environment of an installation's OpsCD processes; its schema is created here."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("CICD_")}
     env.update(
         CICD_DATABASE_URL=database_url,
@@ -142,7 +173,7 @@ def opscd_env(database_url: str, broker_url: str, tmp_path_factory) -> dict[str,
         # The tests run as root; builds as root read the worker's settings. The stacks here
         # hold no secret worth that; tests/test_security.py runs builds as CICD_SHELL_USER.
         CICD_SHELL_UNSAFE="1",
-        CICD_BROKER_PREFIX=f"opscd-test-{SESSION}:",
+        CICD_BROKER_PREFIX=broker_prefix,
         CICD_AGENT_OFFLINE_AFTER="6",
         CICD_SECRETS_KEY="test-secrets-key-" + uuid.uuid4().hex,
         # This stack has no container engine: publishing must fail clearly.
@@ -152,6 +183,12 @@ def opscd_env(database_url: str, broker_url: str, tmp_path_factory) -> dict[str,
     )
     subprocess.run([sys.executable, "-m", "cicd.cli", "init-db"], env=env, check=True, cwd=ROOT)
     return env
+
+
+@pytest.fixture(scope="session")
+def opscd_env(database_url: str, broker_url: str, tmp_path_factory) -> dict[str, str]:
+    """The environment of every OpsCD process the tests start; the schema is created once."""
+    return opscd_environment(database_url, broker_url, tmp_path_factory)
 
 
 #: The login of each web process started with one, for the tests' API calls.
@@ -166,28 +203,38 @@ def start_web(opscd_env: dict[str, str], tmp_path_factory) -> Iterator:
 
     def start(**overrides: str) -> str:
         """A web process; its login (if ``CICD_UI_PASSWORD`` is set) is kept in WEB_LOGINS."""
-        port = free_port()
-        args = processes.with_python(processes.web(f"127.0.0.1:{port}"))
-        process = Process(f"web-{port}", args, {**opscd_env, **overrides}, log_dir)
+        process, base = serve_web({**opscd_env, **overrides}, log_dir)
         started.append(process)
-        base = f"http://127.0.0.1:{port}"
-
-        def up() -> bool:
-            if process.popen.poll() is not None:
-                raise AssertionError(f"web exited:\n{process.output()}")
-            try:
-                return requests.get(base + "/healthz", timeout=2).ok
-            except requests.RequestException:  # not listening, or still importing the app
-                return False
-
-        wait_until(up, 30, "gunicorn to answer")
-        if overrides.get("CICD_UI_PASSWORD"):
-            WEB_LOGINS[base] = ("admin", overrides["CICD_UI_PASSWORD"])
         return base
 
     yield start
     for process in started:
         process.stop()
+
+
+def serve_web(env: dict[str, str], log_dir: Path) -> tuple[Process, str]:
+    """A gunicorn serving ``cicd.web:create_app()`` with ``env``, answering; and its base URL."""
+    port = free_port()
+    args = processes.with_python(processes.web(f"127.0.0.1:{port}"))
+    process = Process(f"web-{port}", args, env, log_dir)
+    base = f"http://127.0.0.1:{port}"
+
+    def up() -> bool:
+        if process.popen.poll() is not None:
+            raise AssertionError(f"web exited:\n{process.output()}")
+        try:
+            return requests.get(base + "/healthz", timeout=2).ok
+        except requests.RequestException:  # not listening, or still importing the app
+            return False
+
+    try:
+        wait_until(up, 30, "gunicorn to answer")
+    except BaseException:
+        process.stop()
+        raise
+    if env.get("CICD_UI_PASSWORD"):
+        WEB_LOGINS[base] = ("admin", env["CICD_UI_PASSWORD"])
+    return process, base
 
 
 @pytest.fixture(scope="session")
@@ -217,13 +264,23 @@ def wait_ready(node: Process, timeout: float = 60) -> None:
     assert node.popen.poll() is None, node.output()
 
 
+def start_nodes(env: dict[str, str], log_dir: Path, names=("node1", "node2")) -> list[Process]:
+    """Real worker nodes ``<name>@t<session>``, concurrency 3 each, ready."""
+    nodes = [Process(name, worker_args(name), env, log_dir) for name in names]
+    try:
+        for node in nodes:
+            wait_ready(node)
+    except BaseException:
+        for node in nodes:
+            node.stop()
+        raise
+    return nodes
+
+
 @pytest.fixture(scope="session")
 def workers(opscd_env: dict[str, str], tmp_path_factory) -> Iterator[list[Process]]:
     """Two real worker nodes, ``node1@<host>`` and ``node2@<host>``, concurrency 3 each."""
-    log_dir = tmp_path_factory.mktemp("worker-logs")
-    nodes = [Process(name, worker_args(name), opscd_env, log_dir) for name in ("node1", "node2")]
-    for node in nodes:
-        wait_ready(node)
+    nodes = start_nodes(opscd_env, tmp_path_factory.mktemp("worker-logs"))
     yield nodes
     for node in nodes:
         node.stop()

@@ -1,5 +1,5 @@
 """Agent identity, tried from outside: `cicd agents add|disable|enable|revoke` on a real MariaDB
-and a real Redis (ACL users), Procfile workers logging in with what `add` printed.
+or PostgreSQL and a real Redis (ACL users), Procfile workers logging in with what `add` printed.
 
 One installation of its own (database, broker keys): registering agents there makes the
 nodes on shared credentials take no builds, which must not touch the session's stacks.
@@ -11,12 +11,13 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Iterator
 
-import pymysql
 import pytest
 import redis
 import requests
 from conftest import (
+    DATABASES,
     ROOT,
     GitRepo,
     gitlab_payload,
@@ -26,8 +27,12 @@ from conftest import (
     wait_for_task,
     wait_ready,
 )
+from sqlalchemy import create_engine
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DBAPIError
 from support.processes import wait_until
+from support.services import PrivatePostgreSQL
+from test_reliability import opscd_database
 
 
 def cicd(env: dict[str, str], *args: str, ok: bool = True) -> subprocess.CompletedProcess[str]:
@@ -65,10 +70,30 @@ def node(web: str, prefix: str) -> dict | None:
     return next((n for n in fleet(web)["agents"] if n["hostname"].startswith(prefix + "@")), None)
 
 
+#: What each database answers a login it refuses (a wrong token, a dropped account).
+LOGIN_REFUSED = {"mariadb": "Access denied", "postgresql": "password authentication failed"}
+
+
+@pytest.fixture(params=DATABASES)
+def agents_database(request, tmp_path) -> Iterator[dict[str, str]]:
+    """The installation's database: MariaDB (a database on the session's server), or a
+    PostgreSQL cluster of its own, whose TCP logins need a password (the session's server
+    trusts every login on loopback, so it could not refuse a wrong token)."""
+    if request.param == "mariadb":
+        yield {}
+        return
+    server = PrivatePostgreSQL().start()
+    try:
+        yield {"CICD_DATABASE_URL": opscd_database(server)}
+    finally:
+        server.remove()
+
+
 def test_registered_agents_take_builds_and_disabled_or_revoked_ones_do_not(
-    isolated_env, start_web, git_server, tmp_path
+    agents_database, isolated_env, start_web, git_server, tmp_path
 ):
-    env = isolated_env("agents", CICD_AGENT_OFFLINE_AFTER="8")
+    dialect = "postgresql" if agents_database else "mariadb"
+    env = isolated_env(f"agents-{dialect}", CICD_AGENT_OFFLINE_AFTER="8", **agents_database)
     web = start_web(**{k: v for k, v in env.items() if k.startswith("CICD_")})
     tag = uuid.uuid4().hex[:4]
     name = f"build-{tag}"
@@ -94,20 +119,22 @@ def test_registered_agents_take_builds_and_disabled_or_revoked_ones_do_not(
         with pytest.raises(redis.exceptions.NoPermissionError):
             broker.execute_command(*command)
     broker.close()
-    database = make_url(env["CICD_DATABASE_URL"]).database
-    connection = pymysql.connect(host="127.0.0.1", port=3306, user=account, password=token,
-                                 database=database, autocommit=True)  # fmt: skip
-    with connection, connection.cursor() as cursor:
-        cursor.execute("SELECT COUNT(*) FROM projects")
+    # A login of its own on the database: it reads, and writes only the workers' tables.
+    as_agent = create_engine(credentials["CICD_DATABASE_URL"])
+    with as_agent.connect() as connection:
+        connection.exec_driver_sql("SELECT COUNT(*) FROM projects")
+        connection.exec_driver_sql("SELECT COUNT(*) FROM agent_states")
+        connection.rollback()
         refused = (
             "UPDATE projects SET clone_url = 'http://evil/'",
             "DELETE FROM project_secrets",
-            "UPDATE agents SET enabled = 1",
+            "UPDATE agents SET enabled = true",
             "UPDATE task_details SET clone_url = 'x'",
         )
         for sql in refused:
-            with pytest.raises(pymysql.err.OperationalError, match="denied"):
-                cursor.execute(sql)
+            with pytest.raises(DBAPIError, match="denied"):
+                connection.exec_driver_sql(sql)
+            connection.rollback()
 
     agent_env = {**env, **credentials}
     nodes = {
@@ -166,8 +193,9 @@ def test_registered_agents_take_builds_and_disabled_or_revoked_ones_do_not(
         cicd(env, "agents", "revoke", name)
         with pytest.raises(redis.exceptions.AuthenticationError):
             redis.Redis.from_url(credentials["CICD_BROKER_URL"]).ping()
-        with pytest.raises(pymysql.err.OperationalError, match="Access denied"):
-            pymysql.connect(host="127.0.0.1", port=3306, user=account, password=token)
+        as_agent.dispose()
+        with pytest.raises(DBAPIError, match=LOGIN_REFUSED[dialect]):
+            as_agent.connect()
         after = push(web, repo, "echo after revoke")
         done = wait_for_task(web, after, 60)
         assert done["state"] == "success" and done["worker"].startswith(f"shared-{tag}@")
@@ -175,7 +203,7 @@ def test_registered_agents_take_builds_and_disabled_or_revoked_ones_do_not(
         assert name in listed and "revoked" in listed
         assert nodes["shared"].popen.poll() is None, nodes["shared"].output()
         forged = nodes["forged"].output()
-        assert "Access denied" in forged or "invalid username-password" in forged, forged
+        assert LOGIN_REFUSED[dialect] in forged or "invalid username-password" in forged, forged
     finally:
         for process in nodes.values():
             process.stop()

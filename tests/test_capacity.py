@@ -18,6 +18,7 @@ import uuid
 import pytest
 import requests
 from conftest import (
+    DATABASES,
     ROOT,
     GitRepo,
     gitlab_payload,
@@ -138,10 +139,10 @@ json.dump({"claims": sorted(results.values()), "again": again}, sys.stdout)
 """
 
 
-@pytest.mark.parametrize("backend", ["mariadb", "sqlite"])
+@pytest.mark.parametrize("backend", [*DATABASES, "sqlite"])
 def test_six_clones_claiming_three_slots_at_once_get_three(backend, make_database, tmp_path):
-    if backend == "mariadb":
-        url = make_database("opscd_claims")[1]
+    if backend != "sqlite":
+        url = make_database("opscd_claims", backend)[1]
     else:
         url = f"sqlite:///{tmp_path / 'claims.db'}"
     env = {"PATH": os.environ["PATH"], "CICD_DATABASE_URL": url}

@@ -1,4 +1,5 @@
-"""The build's lifecycle (``cicd.lifecycle``) on SQLite and MariaDB, without gunicorn or Celery.
+"""The build's lifecycle (``cicd.lifecycle``) on SQLite, MariaDB and PostgreSQL, without
+gunicorn or Celery.
 
 Every transition is a conditional UPDATE that says whether it won; the races
 run real concurrent transactions (threads, one connection each).
@@ -7,27 +8,37 @@ run real concurrent transactions (threads, one connection each).
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
 
 import pytest
-from conftest import mysql_admin
-from sqlalchemy import Engine, create_engine, event
+from conftest import DATABASES, mysql_admin
+from sqlalchemy import Engine, create_engine, event, select
 from sqlalchemy.orm import Session
 
 from cicd import db, lifecycle
 from cicd.config import settings_from
-from cicd.models import Base, RefType, Stage, TaskDetail, TaskState, TaskStatus, utcnow
+from cicd.models import (
+    Base,
+    RefType,
+    Stage,
+    TaskDetail,
+    TaskLog,
+    TaskState,
+    TaskStatus,
+    utcnow,
+)
 
 
-@pytest.fixture(params=["sqlite", "mariadb"])
+@pytest.fixture(params=["sqlite", *DATABASES])
 def engine(request, tmp_path, make_database) -> Iterator[Engine]:
     if request.param == "sqlite":
         made = create_engine(f"sqlite:///{tmp_path / 'life.db'}", connect_args={"timeout": 30})
         event.listen(made, "connect", lambda conn, _: conn.execute("PRAGMA journal_mode=WAL"))
     else:
-        made = create_engine(make_database("opscd_life")[1], pool_size=10)
+        made = create_engine(make_database("opscd_life", request.param)[1], pool_size=10)
     Base.metadata.create_all(made)
     yield made
     made.dispose()
@@ -115,6 +126,29 @@ def test_a_stage_of_another_run_changes_nothing(engine):
         TaskState.FAILED,
         "gone",
     )
+
+
+def test_a_run_given_up_for_dead_adds_nothing_to_the_log_and_says_so(engine, caplog):
+    """The log's fence (``workers.logs.task_log_store``): one INSERT … SELECT that stores a
+    line only while its run is the task's current one, and knows whether it did."""
+    from workers.logs import task_log_store
+
+    caplog.set_level(logging.INFO, "workers.logs")
+    task_id = new_task(engine)
+    assert run(engine, lifecycle.claim, task_id, 1, "a@host")
+    db.configure(settings_from({"CICD_DATABASE_URL": engine.url.render_as_string(False)}))
+    try:
+        task_log_store(task_id, Stage.BUILD, 1)("line of run 1\n")
+        assert "no longer current" not in caplog.text
+        assert run(engine, lifecycle.requeue, task_id, 1, "a@host")  # a@host taken for dead
+        task_log_store(task_id, Stage.BUILD, 1)("late line of run 1\n")
+        task_log_store(task_id, Stage.BUILD, 2)("line of run 2\n")
+    finally:
+        db.reset()
+    assert caplog.text.count(f"task {task_id}: run 1 is no longer current") == 1
+    with Session(engine) as session:
+        rows = session.execute(select(TaskLog.attempt, TaskLog.content).order_by(TaskLog.id))
+        assert [tuple(row) for row in rows] == [(1, "line of run 1\n"), (2, "line of run 2\n")]
 
 
 def test_approval_waits_and_decides_once(engine):
@@ -249,10 +283,11 @@ def test_a_newer_push_supersedes_only_unfinished_builds(engine):
     assert state(engine, queued).error == "superseded by 99"
 
 
-def test_a_transaction_that_loses_a_deadlock_is_run_again(make_database):
-    """Two transactions locking two rows in opposite orders: InnoDB rolls one back
+@pytest.mark.parametrize("dialect", DATABASES)
+def test_a_transaction_that_loses_a_deadlock_is_run_again(make_database, dialect):
+    """Two transactions locking two rows in opposite orders: the database rolls one back
     ("try restarting transaction"); ``db.retry_conflicts`` runs it again, so both land."""
-    made = create_engine(make_database("opscd_conflict")[1], pool_size=4)
+    made = create_engine(make_database("opscd_conflict", dialect)[1], pool_size=4)
     with made.begin() as connection:
         connection.exec_driver_sql("CREATE TABLE counters (id INT PRIMARY KEY, n INT)")
         connection.exec_driver_sql("INSERT INTO counters VALUES (1, 0), (2, 0)")

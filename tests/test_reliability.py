@@ -14,10 +14,12 @@ import sys
 import time
 import uuid
 
+import psycopg
 import pymysql
 import pytest
 import requests
 from conftest import (
+    DATABASES,
     GitRepo,
     Process,
     gitlab_payload,
@@ -30,7 +32,7 @@ from conftest import (
     wait_until,
     worker_args,
 )
-from support.services import PrivateMariaDB, PrivateRedis
+from support.services import PrivateMariaDB, PrivatePostgreSQL, PrivateRedis
 
 
 def new_repo(git_server, name: str) -> GitRepo:
@@ -120,26 +122,40 @@ def test_redis_restart_loses_nothing_and_runs_nothing_twice(
         broker.stop()
 
 
-def opscd_database(server: PrivateMariaDB) -> str:
+def opscd_database(server: PrivateMariaDB | PrivatePostgreSQL) -> str:
     """A database ``opscd`` with OpsCD's schema on the private server; its URL."""
-    connection = pymysql.connect(host="127.0.0.1", port=server.port, user="root")
-    with connection, connection.cursor() as cursor:
-        cursor.execute("CREATE DATABASE opscd CHARACTER SET utf8mb4")
+    if isinstance(server, PrivatePostgreSQL):
+        with psycopg.connect(server.url("postgres").replace("+psycopg", ""),
+                             autocommit=True) as connection:  # fmt: skip
+            connection.execute("CREATE DATABASE opscd ENCODING 'UTF8' TEMPLATE template0")
+    else:
+        connection = pymysql.connect(host="127.0.0.1", port=server.port, user="root")
+        with connection, connection.cursor() as cursor:
+            cursor.execute("CREATE DATABASE opscd CHARACTER SET utf8mb4")
     url = server.url("opscd")
     subprocess.run([sys.executable, "-m", "cicd.cli", "init-db"], check=True,
                    env={"PATH": "/usr/bin:/bin", "CICD_DATABASE_URL": url})  # fmt: skip
     return url
 
 
-def test_mariadb_restart_answers_503_and_keeps_every_state_and_log_line(
-    start_stack, git_server, tmp_path
+def private_database(dialect: str, tmp_path) -> PrivateMariaDB | PrivatePostgreSQL:
+    """A database server of the test's own, started."""
+    if dialect == "postgresql":
+        return PrivatePostgreSQL().start()
+    return PrivateMariaDB(tmp_path / "mariadb").start()
+
+
+@pytest.mark.parametrize("dialect", DATABASES)
+def test_a_database_restart_answers_503_and_keeps_every_state_and_log_line(
+    dialect, start_stack, git_server, tmp_path
 ):
-    server = PrivateMariaDB(tmp_path / "mariadb").start()
+    server = private_database(dialect, tmp_path)
     try:
         url = opscd_database(server)
         # An outage shorter than the node's lease (CICD_AGENT_OFFLINE_AFTER less the margin):
         # the build goes on through it, as one run.
-        stack = start_stack("dbfault", CICD_DATABASE_URL=url, CICD_AGENT_OFFLINE_AFTER="40")
+        stack = start_stack(f"dbfault-{dialect}", CICD_DATABASE_URL=url,
+                            CICD_AGENT_OFFLINE_AFTER="40")  # fmt: skip
         repo = new_repo(git_server, "db")
         ci = "build:\n  script:\n    - for i in $(seq 1 16); do echo line $i; sleep 0.5; done\n"
         task_id = push(stack.web, repo, ci).json()["task_id"]
@@ -159,6 +175,8 @@ def test_mariadb_restart_answers_503_and_keeps_every_state_and_log_line(
         ]
     finally:
         server.stop()
+        if isinstance(server, PrivatePostgreSQL):
+            server.remove()
 
 
 def insert_task(database_url: str, repo: GitRepo, sha: str, created: str, **state: str) -> int:

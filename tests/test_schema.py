@@ -1,5 +1,5 @@
-"""The schema in real MariaDB: ``sql/schema.sql``, the models and the migrations agree, and a
-0.1 database is upgraded in place with its builds."""
+"""The schema in real MariaDB and PostgreSQL: ``sql/schema.sql``, the models and the migrations
+agree, and a 0.1 database is upgraded in place with its builds."""
 
 from __future__ import annotations
 
@@ -8,10 +8,11 @@ import sys
 from pathlib import Path
 
 import pymysql
+import pytest
 import requests
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
-from conftest import ROOT, mysql_connect
+from conftest import DATABASES, ROOT, mysql_connect
 from sqlalchemy import create_engine, inspect
 
 from cicd.models import Base
@@ -81,8 +82,9 @@ def test_ddl_keeps_delivery_ids_unique(make_database):
             raise AssertionError("a repeated delivery id was accepted")
 
 
-def test_init_db_creates_the_same_schema(make_database):
-    _, url = make_database("opscd_initdb")
+@pytest.mark.parametrize("dialect", DATABASES)
+def test_init_db_creates_the_same_schema(make_database, dialect):
+    _, url = make_database("opscd_initdb", dialect)
     env = {"PATH": "/usr/bin:/bin", "CICD_DATABASE_URL": url, "CICD_BROKER_URL": "redis://x"}
     result = subprocess.run(
         [sys.executable, "-m", "cicd.cli", "init-db"], env=env, capture_output=True, text=True
@@ -102,6 +104,24 @@ def test_schema_sql_is_what_the_migrations_generate():
     assert SCHEMA.read_text() == migrations.sql("mysql"), (
         "sql/schema.sql is stale: run  cicd migrate --sql > sql/schema.sql"
     )
+
+
+def test_the_postgresql_sql_applies_to_an_empty_database_and_matches_the_models(make_database):
+    """``cicd migrate --sql --dialect postgresql``, applied as a DBA would."""
+    _, url = make_database("opscd_pgsql", "postgresql")
+    written = subprocess.run(
+        [sys.executable, "-m", "cicd.cli", "migrate", "--sql", "--dialect", "postgresql"],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    assert "Apply it to an empty PostgreSQL database" in written.stdout
+    engine = create_engine(url)
+    with engine.begin() as connection:
+        connection.exec_driver_sql(written.stdout.replace("BEGIN;", "").replace("COMMIT;", ""))
+    with engine.connect() as connection:
+        context = MigrationContext.configure(connection, opts={"compare_type": True})
+        assert compare_metadata(context, Base.metadata) == []
+        assert context.get_current_revision() == migrations_head()
+    engine.dispose()
 
 
 def fill_with_a_build(database: str) -> int:

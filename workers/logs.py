@@ -275,7 +275,10 @@ def task_log_store(task_id: int, stage: Stage, attempt: int, step: str | None = 
             literal(utcnow(), TaskLog.created_at.type), literal(text, TaskLog.content.type),
         ).where(TaskStatus.task_id == task_id, TaskStatus.attempt == attempt)  # fmt: skip
         with db.session() as session:
-            stored = session.execute(insert_into(TaskLog).from_select(columns, row)).rowcount
+            statement = insert_into(TaskLog).from_select(columns, row)
+            # An INSERT's rowcount is kept only when asked for (psycopg's is lost otherwise).
+            options = {"preserve_rowcount": True}
+            stored = session.execute(statement, execution_options=options).rowcount
             session.commit()
         return stored == 1
 

@@ -62,7 +62,9 @@ def _record(
                 select(TaskStatus, TaskStage)
                 .outerjoin(TaskStage, this_stage)
                 .where(TaskStatus.task_id == task_id)
-                .with_for_update()
+                # The build's row is the lock (PostgreSQL locks no outer join's nullable
+                # side; MariaDB ignores OF and locks the stage row too).
+                .with_for_update(of=TaskStatus)
             ).first()
             if found is None or found[0].attempt != attempt:
                 return

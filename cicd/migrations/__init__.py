@@ -61,14 +61,31 @@ def upgrade(engine: Engine) -> tuple[str | None, str]:
 
 SQL_HEADER = """\
 -- OpsCD's schema, generated from its migrations (cicd/migrations) by:
---   cicd migrate --sql > sql/schema.sql
--- Apply it to an empty MariaDB/MySQL database: mysql opscd < sql/schema.sql
+--   cicd migrate --sql{option} > {file}
+-- Apply it to an empty {database} database: {client}
 -- To upgrade a database in place, run `cicd migrate` (it keeps every row).
 """
+
+
+_CLIENTS = {
+    "mysql": {
+        "database": "MariaDB/MySQL",
+        "client": "mysql opscd < sql/schema.sql",
+        "option": "",
+        "file": "sql/schema.sql",
+    },
+    "postgresql": {
+        "database": "PostgreSQL",
+        "client": "psql -d opscd -f schema.sql",
+        "option": " --dialect postgresql",
+        "file": "schema.sql",
+    },
+}
 
 
 def sql(dialect: str = "mysql") -> str:
     """Every migration as SQL for ``dialect``, from an empty database to :func:`head`."""
     output = io.StringIO()
     command.upgrade(_config(dialect=dialect, output=output), "head", sql=True)
-    return SQL_HEADER + "".join(line.rstrip() + "\n" for line in output.getvalue().splitlines())
+    header = SQL_HEADER.format(**_CLIENTS[dialect])
+    return header + "".join(line.rstrip() + "\n" for line in output.getvalue().splitlines())

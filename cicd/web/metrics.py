@@ -42,6 +42,8 @@ def _duration_seconds(dialect: str) -> ColumnElement[float]:
             )
             / 1_000_000.0
         )
+    if dialect == "postgresql":
+        return func.extract("epoch", TaskStatus.finished_at - TaskStatus.started_at)
     return (
         func.julianday(TaskStatus.finished_at) - func.julianday(TaskStatus.started_at)
     ) * 86400.0

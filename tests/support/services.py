@@ -1,4 +1,5 @@
-"""Private Redis and MariaDB servers that a test may stop and start, on loopback ports.
+"""Private Redis, MariaDB and PostgreSQL servers that a test may stop and start, on loopback
+ports.
 
 The session's MariaDB and Redis are shared by every test; faults (a restart,
 an outage, a password) are rehearsed on servers of the test's own. Given a
@@ -8,15 +9,18 @@ listening on its address.
 
 from __future__ import annotations
 
+import os
+import secrets
 import shutil
 import signal
 import subprocess
+import tempfile
 from pathlib import Path
 
 from .hosts import Host
 from .processes import free_port, port_open, wait_until
 
-__all__ = ["PrivateRedis", "PrivateMariaDB"]
+__all__ = ["PrivateRedis", "PrivateMariaDB", "PrivatePostgreSQL"]
 
 
 class _Placed:
@@ -117,3 +121,66 @@ class PrivateMariaDB(_Placed):
             self.process.send_signal(signal.SIGTERM)
             self.process.wait(60)
         self.process = None
+
+
+def _postgresql_bin(tool: str) -> str:
+    """A PostgreSQL server tool (``initdb``, ``pg_ctl``): Debian keeps them off the PATH."""
+    found = shutil.which(tool)
+    versions = sorted(Path("/usr/lib/postgresql").glob("*/bin"), key=lambda p: int(p.parent.name))
+    if not found and versions:
+        found = str(versions[-1] / tool)
+    if not found or not Path(found).exists():
+        raise RuntimeError(f"{tool} not found: apt-get install -y postgresql")
+    return found
+
+
+class PrivatePostgreSQL:
+    """A PostgreSQL cluster of its own (``initdb`` + ``pg_ctl``) on a free loopback port.
+
+    TCP logins need a password (SCRAM), as on a production server: the
+    administrator is ``postgres`` with :attr:`password` (:meth:`url`). The
+    server refuses to run as root, so the cluster belongs to the ``postgres``
+    system user, in a directory of its own under the system's temporary
+    directory (a test's ``tmp_path`` is root's alone).
+    """
+
+    def __init__(self, user: str = "postgres") -> None:
+        self.user = user
+        self.port = free_port()
+        self.password = secrets.token_hex(12)
+        self.root = Path(tempfile.mkdtemp(prefix="opscd-postgresql-"))
+        self.datadir = self.root / "data"
+        shutil.chown(self.root, user)
+        secret = self.root / "password"
+        secret.write_text(self.password + "\n")
+        shutil.chown(secret, user)
+        os.chmod(secret, 0o600)
+        self._as_owner(_postgresql_bin("initdb"), "-D", str(self.datadir), "-U", "postgres",
+                       "--auth-local=trust", "--auth-host=scram-sha-256",
+                       f"--pwfile={secret}", "-E", "UTF8", "--no-sync")  # fmt: skip
+
+    def _as_owner(self, *args: str) -> None:
+        subprocess.run(["runuser", "-u", self.user, "--", *args], check=True,
+                       capture_output=True, cwd=self.root)  # fmt: skip
+
+    def url(self, database: str, user: str = "postgres", password: str | None = None) -> str:
+        return (f"postgresql+psycopg://{user}:{password or self.password}@127.0.0.1:"
+                f"{self.port}/{database}")  # fmt: skip
+
+    def start(self) -> PrivatePostgreSQL:
+        options = f"-p {self.port} -c listen_addresses=127.0.0.1 -k {self.root} -c fsync=off"
+        log = str(self.root / "postgresql.log")
+        self._as_owner(_postgresql_bin("pg_ctl"), "-D", str(self.datadir), "-o", options,
+                       "-l", log, "-w", "-t", "60", "start")  # fmt: skip
+        wait_until(lambda: port_open(self.port), 30, "postgresql to listen")
+        return self
+
+    def stop(self, mode: str = "fast") -> None:
+        """Stop the server; ``immediate`` is a crash (recovery at the next start)."""
+        if (self.datadir / "postmaster.pid").exists():
+            self._as_owner(_postgresql_bin("pg_ctl"), "-D", str(self.datadir), "-m", mode,
+                           "-w", "stop")  # fmt: skip
+
+    def remove(self) -> None:
+        self.stop("immediate")
+        shutil.rmtree(self.root, ignore_errors=True)
