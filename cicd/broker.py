@@ -25,6 +25,7 @@ from typing import Any
 from celery import Celery
 from celery.app.amqp import task_message
 from celery.utils.nodenames import worker_direct
+from kombu import Queue
 from kombu.exceptions import KombuError
 from kombu.transport import TRANSPORT_ALIASES
 from redis.exceptions import RedisError
@@ -43,6 +44,8 @@ __all__ = [
     "FAST_FAIL_RETRY_POLICY",
     "celery_options",
     "language_queue",
+    "node_queue",
+    "NODE_QUEUE_TTL_SECONDS",
     "BrokerUnavailable",
     "BROKER_DOWN",
     "send_task",
@@ -58,6 +61,35 @@ __all__ = [
 
 #: The queue every build's first stage goes to; any node may take it.
 BUILD_QUEUE = "opscd.builds"
+
+
+#: Seconds a stage may wait, not yet delivered, in its node's own queue on RabbitMQ: the
+#: node takes it at once (its own queue is never paused), so one still there this long
+#: after it was sent, or given back by RabbitMQ when the node's connection dropped, is
+#: dead-lettered to the build queue, where any node reruns the build (:func:`node_queue`).
+NODE_QUEUE_TTL_SECONDS = 5
+
+
+def node_queue(hostname: str) -> Queue:
+    """A node's own queue (Celery's ``worker_direct``), where a build's stages after its clone
+    go: the checkout is on that node's disk.
+
+    On RabbitMQ the queue dead-letters what expires in it into the build queue:
+    an unacknowledged stage goes back to its queue the moment its node's
+    connection drops (a node killed, a host lost), where only that node would
+    ever take it; expired, it reaches a live node, which runs the build again
+    (``workers.stages.StageTask``) within seconds, without waiting for the
+    reaper. On Redis the reaper does that (a dead node's heartbeats stop).
+    """
+    queue = worker_direct(hostname)
+    if _configured is None or _configured.broker_kind != "amqp":
+        return queue
+    arguments = {
+        "x-message-ttl": NODE_QUEUE_TTL_SECONDS * 1000,
+        "x-dead-letter-exchange": "",  # the default exchange: routed by queue name
+        "x-dead-letter-routing-key": BUILD_QUEUE,
+    }
+    return Queue(queue.name, queue.exchange, queue.routing_key, queue_arguments=arguments)
 
 
 def language_queue(language: str) -> str:
@@ -77,12 +109,9 @@ REPORT_TASK = "opscd.report_statuses"
 STAGE_TASKS = {"clone": "opscd.clone", "build": "opscd.build", "publish": "opscd.publish"}
 
 
-def celery_options(settings: Settings) -> dict[str, Any]:
-    """Celery configuration derived from OpsCD's settings; each option says why it is set."""
-    settings.require("broker_url")
+def _redis_options(settings: Settings) -> dict[str, Any]:
+    """Redis: it redelivers after a timeout; OpsCD's transport watches its connections."""
     return {
-        "broker_url": settings.broker_url,
-        "broker_connection_retry_on_startup": True,
         "broker_transport_options": {
             # Redis redelivers an unacknowledged message after this many seconds.
             # With acks_late a stage is acknowledged when it ends, so this must
@@ -105,6 +134,38 @@ def celery_options(settings: Settings) -> dict[str, Any]:
             "socket_keepalive": True,
             "health_check_interval": 2,
         },
+    }
+
+
+def _amqp_options(settings: Settings) -> dict[str, Any]:
+    """RabbitMQ: durable quorum queues, publisher confirms, and a redelivery that needs no
+    timeout (an unacknowledged message goes back the moment its consumer's connection drops)."""
+    return {
+        # Every queue OpsCD declares (the build queue, the language queues) is a quorum
+        # queue: on disk, replicated in a cluster, and it survives the loss of a node.
+        "task_default_queue_type": "quorum",
+        "task_create_missing_queue_type": "quorum",
+        "broker_transport_options": {
+            # A send returns only once RabbitMQ has the message (publisher confirms): the
+            # webhook's 202 means the broker has it, or the send fails and it answers 503.
+            "confirm_publish": True,
+        },
+        # The webhook must answer within GitLab's few seconds when RabbitMQ is away.
+        "broker_connection_timeout": 2,
+        # A connection whose peer vanished (a host lost, a cut link) is noticed by both
+        # sides within seconds (Celery's default: 2 min): RabbitMQ then gives the dead
+        # node's unacknowledged stages to others, and a node reconnects.
+        "broker_heartbeat": 10,
+    }
+
+
+def celery_options(settings: Settings) -> dict[str, Any]:
+    """Celery configuration derived from OpsCD's settings; each option says why it is set."""
+    settings.require("broker_url")
+    return {
+        "broker_url": settings.broker_url,
+        "broker_connection_retry_on_startup": True,
+        **(_amqp_options(settings) if settings.broker_kind == "amqp" else _redis_options(settings)),
         # A worker handing a build to its next stage waits out a broker restart
         # (about two minutes) rather than drop the chain. The web process does
         # not wait: it sends with FAST_FAIL_RETRY_POLICY and answers 503.
@@ -139,7 +200,7 @@ def celery_options(settings: Settings) -> dict[str, Any]:
         "worker_direct": True,
         # Backstop behind the executors' own timeouts: a stage stuck outside
         # its script (e.g. a hung git) is killed, never holds a slot forever.
-        "task_time_limit": settings.max_build_timeout + settings.clone_timeout + 600,
+        "task_time_limit": settings.stage_time_limit,
         # Task events let Flower follow builds from the moment a worker takes
         # them. ("sent" events are off: one more Redis publish per webhook, and
         # OpsCD's own pages show queued builds.)
@@ -272,7 +333,7 @@ def send_publish(task_id: int, node: str, ctx: dict) -> None:
         STAGE_TASKS["publish"], args=(ctx,), task_id=stage_task_id(task_id, "publish")
     )
     try:
-        signature.apply_async(queue=worker_direct(node), retry_policy=FAST_FAIL_RETRY_POLICY)
+        signature.apply_async(queue=node_queue(node), retry_policy=FAST_FAIL_RETRY_POLICY)
     except (KombuError, RedisError, OSError) as error:
         raise BrokerUnavailable(f"could not send publish of {task_id}: {error}") from None
 

@@ -28,6 +28,12 @@ from cicd.errors import ConfigError
 __all__ = ["Settings", "load_settings", "settings_from", "basic_authorization"]
 
 
+#: URL schemes of RabbitMQ (kombu's py-amqp transport); every other broker URL is Redis.
+AMQP_SCHEMES = ("amqp", "amqps", "pyamqp")
+#: Seconds a stage may run past its build and clone timeouts before Celery kills it.
+STAGE_MARGIN = 600
+
+
 class Settings(BaseSettings):
     """Every setting OpsCD reads. Credentials are ``SecretStr`` so they never print."""
 
@@ -38,7 +44,9 @@ class Settings(BaseSettings):
         description="SQLAlchemy URL of the database, e.g. mysql+pymysql://opscd:pw@db/opscd",
     )
     broker_url: str | None = Field(
-        default=None, description="Celery broker URL, e.g. redis://127.0.0.1:6379/0"
+        default=None,
+        description="Celery broker URL: redis://127.0.0.1:6379/0, or RabbitMQ's "
+        "amqp://user:pw@host:5672/vhost",
     )
     broker_prefix: str = Field(
         default="",
@@ -150,6 +158,13 @@ class Settings(BaseSettings):
         description="Seconds before Redis redelivers an unacknowledged stage; "
         "default max_build_timeout + 1 h, must exceed max_build_timeout",
     )
+    broker_consumer_timeout: int = Field(
+        default=1800,
+        ge=1,
+        description="Seconds of RabbitMQ's consumer_timeout (rabbitmq.conf, in ms there; 30 "
+        "min by default): a stage's message stays unacknowledged while it runs, and RabbitMQ "
+        "closes the channel of one held longer, so it must exceed the longest stage",
+    )
     secrets_key: SecretStr | None = Field(
         default=None,
         description="Key that encrypts project secret variables at rest: any long random "
@@ -228,7 +243,8 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _visibility_above_timeout(self) -> Settings:
         if (
-            self.visibility_timeout is not None
+            self.broker_kind != "amqp"  # RabbitMQ redelivers when a connection drops
+            and self.visibility_timeout is not None
             and self.visibility_timeout <= self.max_build_timeout
         ):
             raise ValueError(
@@ -237,6 +253,35 @@ class Settings(BaseSettings):
                 "a stage that is still running and it runs twice"
             )
         return self
+
+    @model_validator(mode="after")
+    def _consumer_timeout_above_stages(self) -> Settings:
+        if self.broker_kind == "amqp" and self.broker_consumer_timeout <= self.stage_time_limit:
+            raise ValueError(
+                f"RabbitMQ's consumer_timeout (CICD_BROKER_CONSUMER_TIMEOUT, "
+                f"{self.broker_consumer_timeout} s) must exceed the longest stage, "
+                f"{self.stage_time_limit} s (CICD_MAX_BUILD_TIMEOUT + CICD_CLONE_TIMEOUT + "
+                f"{STAGE_MARGIN}): RabbitMQ closes the channel of a longer one and delivers "
+                "it again. Set  consumer_timeout = "
+                f"{(self.stage_time_limit + 600) * 1000}  in rabbitmq.conf and "
+                f"CICD_BROKER_CONSUMER_TIMEOUT={self.stage_time_limit + 600} on every OpsCD "
+                "process, or lower CICD_MAX_BUILD_TIMEOUT"
+            )
+        return self
+
+    @property
+    def broker_kind(self) -> str | None:
+        """``redis`` or ``amqp`` (RabbitMQ), by the broker URL's scheme; None if unset."""
+        if not self.broker_url:
+            return None
+        scheme = self.broker_url.split("://", 1)[0].lower()
+        return "amqp" if scheme in AMQP_SCHEMES else "redis"
+
+    @property
+    def stage_time_limit(self) -> int:
+        """The most seconds one stage may take (Celery's hard limit, behind the executors'
+        own timeouts): how long a stage's message may stay unacknowledged."""
+        return self.max_build_timeout + self.clone_timeout + STAGE_MARGIN
 
     @property
     def broker_visibility_timeout(self) -> int:

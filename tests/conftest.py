@@ -50,7 +50,16 @@ PG_USER = os.environ.get("OPSCD_TEST_PG_USER", "postgres")
 PG_PASSWORD = os.environ.get("OPSCD_TEST_PG_PASSWORD", "")
 #: The databases OpsCD supports in production; the tests that touch the database run on each.
 DATABASES = ("mariadb", "postgresql")
+#: The brokers OpsCD supports; the fault tests run on each.
+BROKERS = ("redis", "rabbitmq")
 REDIS_URL = os.environ.get("OPSCD_TEST_REDIS_URL", "redis://127.0.0.1:6379/13")
+#: The machine's RabbitMQ (scripts/test starts one where none runs); each test session gets
+#: a virtual host of its own on it, made and removed with rabbitmqctl.
+AMQP_URL = os.environ.get("OPSCD_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
+#: What an installation on the machine's RabbitMQ (its consumer_timeout: RabbitMQ's default,
+#: 30 min) must say so that no stage outlives it: 10 + 5 + 10 minutes at most.
+AMQP_SETTINGS = {"CICD_BROKER_CONSUMER_TIMEOUT": "1800", "CICD_MAX_BUILD_TIMEOUT": "600",
+                 "CICD_CLONE_TIMEOUT": "300"}  # fmt: skip
 #: ``post_gitlab``'s default token: the secret of the project the payload names, which it
 #: registers first if it must.
 REGISTERED = "registered"
@@ -127,6 +136,49 @@ def database_url(make_database) -> str:
     return make_database()[1]
 
 
+def rabbitmqctl(*args: str) -> str:
+    """The machine's RabbitMQ administered as root does it (``rabbitmqctl``)."""
+    done = subprocess.run(["rabbitmqctl", "-q", *args], capture_output=True, text=True,
+                          timeout=60)  # fmt: skip
+    if done.returncode != 0:
+        raise AssertionError(f"rabbitmqctl {' '.join(args)}: {done.stderr or done.stdout}")
+    return done.stdout
+
+
+@pytest.fixture(scope="session")
+def amqp_vhost() -> Iterator[str]:
+    """A virtual host of this session's own on the machine's RabbitMQ, removed at the end."""
+    from urllib.parse import urlsplit
+
+    name = f"opscd-test-{SESSION}"
+    rabbitmqctl("add_vhost", name)
+    rabbitmqctl("set_permissions", "-p", name, urlsplit(AMQP_URL).username or "guest",
+                ".*", ".*", ".*")  # fmt: skip
+    yield name
+    rabbitmqctl("delete_vhost", name)
+
+
+@pytest.fixture(scope="session")
+def amqp_url(amqp_vhost: str) -> str:
+    return AMQP_URL.rstrip("/") + "/" + amqp_vhost
+
+
+@pytest.fixture(params=BROKERS)
+def broker(request, tmp_path) -> Iterator[dict[str, str]]:
+    """An installation's broker, for tests that fault it: ``{}`` (the session's Redis), or a
+    RabbitMQ node of the test's own (``CICD_BROKER_URL`` and the settings it needs)."""
+    if request.param == "redis":
+        yield {}
+        return
+    from support.services import PrivateRabbitMQ
+
+    node = PrivateRabbitMQ(tmp_path / "rabbitmq").start()  # RabbitMQ's default consumer_timeout
+    try:
+        yield {"CICD_BROKER_URL": node.url, **AMQP_SETTINGS}
+    finally:
+        node.stop()
+
+
 @pytest.fixture(scope="session")
 def broker_url() -> Iterator[str]:
     client = redis.Redis.from_url(REDIS_URL)
@@ -159,8 +211,10 @@ def repo(git_server: GitHttpServer) -> GitRepo:
 
 
 def opscd_environment(database_url: str, broker_url: str, tmp_path_factory,
-                      broker_prefix: str = f"opscd-test-{SESSION}:") -> dict[str, str]:  # fmt: skip
-    """The environment of an installation's OpsCD processes; its schema is created here."""
+                      broker_prefix: str = f"opscd-test-{SESSION}:",
+                      **settings: str) -> dict[str, str]:  # fmt: skip
+    """The environment of an installation's OpsCD processes (``settings`` added to the
+    tests' defaults); its schema is created here."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("CICD_")}
     env.update(
         CICD_DATABASE_URL=database_url,
@@ -181,6 +235,7 @@ def opscd_environment(database_url: str, broker_url: str, tmp_path_factory,
         CICD_REGISTRY="127.0.0.1:9/opscd",
         PYTHONUNBUFFERED="1",
     )
+    env.update(settings)
     subprocess.run([sys.executable, "-m", "cicd.cli", "init-db"], env=env, check=True, cwd=ROOT)
     return env
 

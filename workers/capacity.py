@@ -28,13 +28,13 @@ import logging
 import time
 from typing import Any
 
-from celery.utils.nodenames import worker_direct
 from celery.worker.request import Request
 from sqlalchemy import delete, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from cicd import agents, db, lifecycle
+from cicd.broker import node_queue
 from cicd.models import AgentState, Stage, StageState, TaskStage, TaskState, TaskStatus, utcnow
 
 __all__ = ["Claim", "Node", "StageRequest", "builds_in_flight", "claim_slot", "node"]
@@ -149,7 +149,7 @@ class Node:
 
     def _shared_queues(self) -> list[str]:
         """The queues this node consumes that other nodes consume too (all but its own)."""
-        own = worker_direct(self.hostname).name
+        own = node_queue(self.hostname).name
         consuming = self._consumer.app.amqp.queues.consume_from or {}
         return [name for name in consuming if name != own]
 

@@ -37,7 +37,14 @@ class Consumer(CeleryConsumer):
 
     Celery's own backs off to 30 s between attempts, so a node would go on
     taking no builds for up to half a minute after the broker came back.
+    Without native delayed delivery: on quorum queues (RabbitMQ) Celery would
+    declare its 28 levels of delay exchanges and queues at every start, for
+    ETA tasks, which OpsCD never sends.
     """
+
+    class Blueprint(CeleryConsumer.Blueprint):
+        default_steps = [step for step in CeleryConsumer.Blueprint.default_steps
+                         if not step.endswith(":DelayedDelivery")]  # fmt: skip
 
     def ensure_connected(self, conn: Any) -> Any:
         conn.ensure_connection = functools.partial(
@@ -55,12 +62,19 @@ def _consume_language_queues(sender: str, instance: Any, **_: Any) -> None:
     """Each node also takes builds handed on for the languages it builds (all, by default).
 
     Only nodes that take builds at all: one started with ``-Q other`` stays out.
+    The node's own queue is declared as :func:`cicd.broker.node_queue` says (on
+    RabbitMQ, with its dead-lettering), not as Celery's plain ``worker_direct``.
     """
     queues = instance.app.amqp.queues
+    own = broker.node_queue(sender)
+    if own.name in (queues.consume_from or {}):
+        queues.select_add(own)
     if queues.consume_from is not None and BUILD_QUEUE not in queues.consume_from:
         return
     for language in settings.languages or LANGUAGES:
-        queues.select_add(language_queue(language))
+        # Declared as a sender that does not consume it declares it (a quorum queue on
+        # RabbitMQ): two declarations of one queue must agree, or RabbitMQ refuses one.
+        queues.select_add(queues.new_missing(language_queue(language)))
 
 
 # The stage tasks register themselves with the app; the signal handlers connect.

@@ -104,6 +104,13 @@ def rerun_lost_build(task_id: int, node: str, attempt: int) -> bool:
     return _rerun(task_id, node, attempt, load_settings().max_attempts, "lost its next stage")
 
 
+def rerun_dropped_build(task_id: int, node: str, attempt: int) -> bool:
+    """A stage the broker took back from ``node`` (its connection dropped: the node died or
+    lost the broker) and gave to another: run the build again, unless that happened already."""
+    return _rerun(task_id, node, attempt, load_settings().max_attempts,
+                  "lost its broker connection")  # fmt: skip
+
+
 def rerun_fenced_build(task_id: int, node: str, attempt: int) -> bool:
     """A build ``node`` stopped itself because its lease expired: run it again, unless another
     node's reaper already did."""

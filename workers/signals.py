@@ -109,6 +109,8 @@ def on_stage_start(sender: Any = None, args: Any = None, **_: Any) -> None:
     if stage is Stage.CLONE:
         return  # a clone starts by claiming a slot on the node (StageTask.before_start)
     hostname = sender.request.hostname
+    if args[0].get("node") not in (None, hostname):
+        return  # another node's stage, given back by the broker: StageTask.before_start
     _record(build, StageState.RUNNING, hostname,
             lambda s: lifecycle.start_stage(s, task_id, attempt, stage, hostname))  # fmt: skip
 

@@ -7,12 +7,16 @@ broker are the only places that know the whole fleet.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections.abc import Iterator
 
+import kombu
 import redis
+from amqp.exceptions import ChannelError
 from flask import Blueprint, Response, current_app
+from kombu.exceptions import KombuError
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
@@ -21,7 +25,7 @@ from sqlalchemy.sql.elements import ColumnElement
 
 from cicd import db
 from cicd.broker import BUILD_QUEUE, language_queue
-from cicd.config import Settings
+from cicd.config import AMQP_SCHEMES, Settings
 from cicd.languages import LANGUAGES
 from cicd.models import AgentState, StepState, TaskState, TaskStatus, TaskStep
 
@@ -118,12 +122,15 @@ class OpsCDCollector(Collector):
 
 
 def _queue_lengths(broker_url: str, prefix: str = "") -> list[tuple[str, int]]:
-    """Messages waiting in each build queue (Redis lists), or nothing for other brokers."""
+    """Messages waiting in each build queue (Redis lists, RabbitMQ queues), or nothing when
+    the broker cannot be asked."""
+    names = [BUILD_QUEUE, *(language_queue(language) for language in LANGUAGES)]
+    if broker_url.split("://", 1)[0] in AMQP_SCHEMES:
+        return _amqp_queue_lengths(broker_url, names)
     if broker_url.startswith("redis+socket://"):
         broker_url = "unix://" + broker_url.removeprefix("redis+socket://")
     if not broker_url.startswith(("redis://", "rediss://", "unix://")):
         return []
-    names = [BUILD_QUEUE, *(language_queue(language) for language in LANGUAGES)]
     try:
         client = redis.Redis.from_url(broker_url, socket_connect_timeout=1, socket_timeout=2)
         with client.pipeline() as pipe:
@@ -132,6 +139,26 @@ def _queue_lengths(broker_url: str, prefix: str = "") -> list[tuple[str, int]]:
             return list(zip(names, pipe.execute(), strict=True))
     except redis.RedisError:
         return []
+
+
+def _amqp_queue_lengths(broker_url: str, names: list[str]) -> list[tuple[str, int]]:
+    """A passive declare of each queue tells its ready messages; one not declared yet (no node
+    consumed it so far) has none."""
+    lengths = []
+    try:
+        with kombu.Connection(broker_url, connect_timeout=1) as connection:
+            for name in names:
+                channel = connection.channel()
+                try:
+                    lengths.append((name, channel.queue_declare(name, passive=True).message_count))
+                except ChannelError:  # no such queue: RabbitMQ closed this channel
+                    lengths.append((name, 0))
+                finally:
+                    with contextlib.suppress(Exception):
+                        channel.close()
+    except (KombuError, OSError):
+        return []
+    return lengths
 
 
 #: A scrape's answer is reused this long: the counts scan task_states, and any number of

@@ -1,5 +1,5 @@
-"""Private Redis, MariaDB and PostgreSQL servers that a test may stop and start, on loopback
-ports.
+"""Private Redis, MariaDB, PostgreSQL and RabbitMQ servers that a test may stop and start, on
+loopback ports.
 
 The session's MariaDB and Redis are shared by every test; faults (a restart,
 an outage, a password) are rehearsed on servers of the test's own. Given a
@@ -20,7 +20,7 @@ from pathlib import Path
 from .hosts import Host
 from .processes import free_port, port_open, wait_until
 
-__all__ = ["PrivateRedis", "PrivateMariaDB", "PrivatePostgreSQL"]
+__all__ = ["PrivateRedis", "PrivateMariaDB", "PrivatePostgreSQL", "PrivateRabbitMQ"]
 
 
 class _Placed:
@@ -184,3 +184,72 @@ class PrivatePostgreSQL:
     def remove(self) -> None:
         self.stop("immediate")
         shutil.rmtree(self.root, ignore_errors=True)
+
+
+class PrivateRabbitMQ:
+    """A RabbitMQ node of its own: its own node name, AMQP and distribution ports (free ones),
+    data and log directories, and configuration (``settings``: ``rabbitmq.conf`` lines, e.g.
+    ``consumer_timeout = 20000``); no plugins. Login ``guest``/``guest`` from anywhere.
+
+    Never the machine's shared node: a test that restarts the broker restarts this one.
+    """
+
+    def __init__(self, root: Path, *settings: str) -> None:
+        self.root = root
+        self.port, self.dist_port = free_port(), free_port()
+        self.name = f"opscd-test-{secrets.token_hex(4)}@localhost"
+        self.process: subprocess.Popen | None = None
+        root.mkdir(parents=True, exist_ok=True)
+        (root / "rabbitmq.conf").write_text("\n".join(["loopback_users = none", *settings]) + "\n")
+        (root / "enabled_plugins").write_text("[].\n")
+
+    @property
+    def url(self) -> str:
+        return f"amqp://guest:guest@127.0.0.1:{self.port}//"
+
+    def _environment(self) -> dict[str, str]:
+        root = str(self.root)
+        return {
+            "PATH": "/usr/bin:/bin:/usr/sbin:/sbin", "HOME": root,  # its own Erlang cookie
+            "RABBITMQ_CONF_ENV_FILE": "/dev/null",  # not the machine's node's settings
+            "RABBITMQ_NODENAME": self.name, "RABBITMQ_NODE_IP_ADDRESS": "127.0.0.1",
+            "RABBITMQ_NODE_PORT": str(self.port), "RABBITMQ_DIST_PORT": str(self.dist_port),
+            "RABBITMQ_MNESIA_BASE": f"{root}/mnesia", "RABBITMQ_LOG_BASE": f"{root}/log",
+            "RABBITMQ_CONFIG_FILE": f"{root}/rabbitmq.conf",
+            "RABBITMQ_ENABLED_PLUGINS_FILE": f"{root}/enabled_plugins",
+            "RABBITMQ_PID_FILE": f"{root}/rabbitmq.pid", "ERL_EPMD_ADDRESS": "127.0.0.1",
+        }  # fmt: skip
+
+    def start(self) -> PrivateRabbitMQ:
+        server = shutil.which("rabbitmq-server", path="/usr/lib/rabbitmq/bin") or shutil.which(
+            "rabbitmq-server"
+        )
+        if server is None:
+            raise RuntimeError("rabbitmq-server not found: apt-get install -y rabbitmq-server")
+        self.process = subprocess.Popen(
+            [server], env=self._environment(), start_new_session=True,
+            stdout=(self.root / "server.log").open("ab"), stderr=subprocess.STDOUT,
+        )  # fmt: skip
+
+        def listening() -> bool:
+            if self.process.poll() is not None:
+                log = (self.root / "server.log").read_text(errors="replace")[-3000:]
+                raise RuntimeError(f"rabbitmq-server exited:\n{log}")
+            return port_open(self.port)
+
+        wait_until(listening, 90, "rabbitmq to listen")
+        return self
+
+    def ctl(self, *args: str) -> str:
+        """``rabbitmqctl`` on this node (its own cookie), e.g. ``list_queues name type``."""
+        tool = shutil.which("rabbitmqctl", path="/usr/lib/rabbitmq/bin") or "rabbitmqctl"
+        done = subprocess.run([tool, "-n", self.name, "-q", *args], env=self._environment(),
+                              capture_output=True, text=True, timeout=60, check=True)  # fmt: skip
+        return done.stdout
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        """Stop the node (SIGTERM: a clean stop that keeps durable queues; SIGKILL: a crash)."""
+        if self.process is not None and self.process.poll() is None:
+            os.killpg(self.process.pid, sig)
+            self.process.wait(60)
+        self.process = None

@@ -275,7 +275,20 @@ class StageTask(Task):
         if "task_id" not in ctx:
             return
         if is_stale(ctx, self.stage):
-            remove_workspace(ctx.get("workspace"))
+            if ctx.get("node") in (None, self.request.hostname):
+                remove_workspace(ctx.get("workspace"))
+            raise Ignore()
+        node = ctx.get("node")
+        if self.stage is not Stage.CLONE and node and node != self.request.hostname:
+            # Another node's stage, dead-lettered out of its queue (RabbitMQ gave it back when
+            # that node's connection dropped; cicd.broker.node_queue): its checkout is there,
+            # so the build runs again from its clone, on any node.
+            task_id, attempt = int(ctx["task_id"]), int(ctx.get("attempt", 1))
+            rerun = db.retrying(lambda: reaper.rerun_dropped_build(task_id, node, attempt),
+                                f"task {task_id}: running it again")  # fmt: skip
+            moved_on = "" if rerun else "; the build had moved on already"
+            log.info("task %s: a stage of run %s on %s came back from the broker%s",
+                     task_id, attempt, node, moved_on)  # fmt: skip
             raise Ignore()
         if not lease.wait_renewed(lease.lease_length(load_settings())):
             # This node's heartbeats do not reach the database: it must not start a build,

@@ -24,11 +24,10 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from celery.exceptions import Ignore
-from celery.utils.nodenames import worker_direct
 from sqlalchemy import delete
 
 from cicd import db, lifecycle, projects
-from cicd.broker import STAGE_TASKS, app, language_queue
+from cicd.broker import STAGE_TASKS, app, language_queue, node_queue
 from cicd.ciyaml import Pipeline, StepSpec, load_pipeline
 from cicd.config import basic_authorization, load_settings
 from cicd.errors import PipelineError, StageError
@@ -105,11 +104,12 @@ def clone(self: StageTask, ctx: dict[str, Any]) -> dict[str, Any]:
             raise Ignore()
 
     # The checkout is on this host's disk: send build and publish to this
-    # node's own queue (worker_direct), whatever queue the chain came from.
+    # node's own queue, whatever queue the chain came from.
     if self.request.hostname:
-        queue = worker_direct(self.request.hostname).name
+        queue = node_queue(self.request.hostname).name
         for step in self.request.chain or ():
             step.setdefault("options", {})["queue"] = queue
+        ctx["node"] = self.request.hostname  # where the checkout is (StageTask.before_start)
     return ctx
 
 
