@@ -22,6 +22,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
+from amqp.exceptions import MessageNacked
 from celery import Celery
 from celery.app.amqp import task_message
 from celery.utils.nodenames import worker_direct
@@ -58,6 +59,10 @@ __all__ = [
     "REPORT_TASK",
     "wake_reporter",
 ]
+
+#: What a send raises when the broker did not take the message: unreachable (Redis, RabbitMQ),
+#: or RabbitMQ refused it (a publisher confirm's nack: a queue over its limit, say).
+SEND_ERRORS = (KombuError, RedisError, OSError, MessageNacked)
 
 #: The queue every build's first stage goes to; any node may take it.
 BUILD_QUEUE = "opscd.builds"
@@ -255,7 +260,7 @@ def enqueue_build(task_id: int, attempt: int = 1, queue: str = BUILD_QUEUE) -> N
         ):
             app.amqp.send_task_message(producer, STAGE_TASKS["clone"], message, queue=queue,
                                        retry_policy=FAST_FAIL_RETRY_POLICY)  # fmt: skip
-    except (KombuError, RedisError, OSError) as error:
+    except SEND_ERRORS as error:
         raise BrokerUnavailable(f"could not send build {task_id} to the broker: {error}") from None
 
 
@@ -334,7 +339,7 @@ def send_publish(task_id: int, node: str, ctx: dict) -> None:
     )
     try:
         signature.apply_async(queue=node_queue(node), retry_policy=FAST_FAIL_RETRY_POLICY)
-    except (KombuError, RedisError, OSError) as error:
+    except SEND_ERRORS as error:
         raise BrokerUnavailable(f"could not send publish of {task_id}: {error}") from None
 
 
@@ -343,7 +348,7 @@ def wake_reporter() -> None:
     few seconds, so a wake-up the broker did not take only delays them)."""
     try:
         app.send_task(REPORT_TASK, queue=STATUS_QUEUE, retry=False)
-    except (KombuError, RedisError, OSError):
+    except SEND_ERRORS:
         pass
 
 
@@ -356,7 +361,7 @@ def messages_held(queues: list[str]) -> set[str] | None:
             if not isinstance(channel, redis_transport.Channel):
                 return None
             return redis_transport.message_ids(channel, queues)
-    except (KombuError, RedisError, OSError) as error:
+    except SEND_ERRORS as error:
         raise BrokerUnavailable(f"could not look into the broker's queues: {error}") from None
 
 
@@ -368,7 +373,7 @@ def revoke_build(task_id: int) -> None:
     """
     try:
         app.control.revoke([stage_task_id(task_id, stage) for stage in STAGE_TASKS])
-    except (KombuError, RedisError, OSError):
+    except SEND_ERRORS:
         pass
 
 

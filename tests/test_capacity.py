@@ -53,9 +53,10 @@ def peak_overlap(spans: list[tuple[dt.datetime, dt.datetime]]) -> int:
 
 
 def test_two_nodes_never_carry_more_than_their_cap_of_builds(
-    isolated_env, start_web, git_server, tmp_path
+    broker, isolated_env, start_web, git_server, tmp_path
 ):
-    env = isolated_env("capacity", CICD_AGENT_OFFLINE_AFTER="20")
+    name = "capacity-amqp" if broker else "capacity"
+    env = isolated_env(name, CICD_AGENT_OFFLINE_AFTER="20", **broker)
     web = start_web(**{k: v for k, v in env.items() if k.startswith("CICD_")})
     tag = uuid.uuid4().hex[:4]
     nodes = [

@@ -9,18 +9,26 @@ each node's direct queue, language queues, cancel (revoke), retry, the capacity 
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Iterator
 
 import pytest
+import requests
 from conftest import (
     AMQP_SETTINGS,
+    GitRepo,
     Process,
+    gitlab_payload,
     opscd_environment,
+    post_gitlab,
     rabbitmqctl,
     serve_web,
     start_nodes,
+    task_log,
+    wait_for_task,
     worker_args,
 )
+from support.services import PrivateRabbitMQ
 from test_monitoring import (  # noqa: F401 (collected here, on RabbitMQ)
     test_cancel_stops_a_running_build,
     test_live_log_streams_lines_before_the_build_ends,
@@ -87,3 +95,49 @@ def test_a_worker_refuses_to_start_when_a_stage_could_outlive_the_consumer_timeo
     output = node.output()
     assert "consumer_timeout" in output and "CICD_BROKER_CONSUMER_TIMEOUT" in output, output
     assert "consumer_timeout = 16200000" in output  # the rabbitmq.conf line to add
+
+
+def test_a_build_rabbitmq_refuses_is_answered_503_and_built_when_delivered_again(
+    make_database, git_server, tmp_path, tmp_path_factory
+):
+    """Publisher confirms: a 202 means RabbitMQ has the build. A queue that refuses it (here
+    a policy capping the build queue, with no node to empty it) nacks the send and the
+    webhook answers 503, so GitLab delivers it again; without confirms it would be dropped
+    after a 202. Every build that got a 202 is built once a node comes."""
+    node = PrivateRabbitMQ(tmp_path / "rabbitmq").start()
+    processes = []
+    try:
+        node.ctl("set_policy", "--apply-to", "queues", "full", r"^opscd\.builds$",
+                 '{"max-length": 1, "overflow": "reject-publish"}')  # fmt: skip
+        _, url = make_database("opscd_nack")
+        env = opscd_environment(url, node.url, tmp_path_factory, **AMQP_SETTINGS)
+        web_process, web = serve_web(env, tmp_path)
+        processes.append(web_process)
+        repo = GitRepo.create(git_server.root, f"nack/app-{uuid.uuid4().hex[:6]}")
+        repo.clone_url = git_server.repo_url(repo.project_path)
+        accepted, refused = [], None
+        for n in range(6):  # a quorum queue applies its limit within a message or two
+            sha = repo.commit({"ci.yaml": f"build:\n  script: echo confirmed {n}\n"})
+            payload = gitlab_payload("push-event.json", repo, "refs/heads/main", sha)
+            delivery = str(uuid.uuid4())
+            answer = post_gitlab(web, payload, delivery=delivery)
+            if answer.status_code == 503:
+                refused = (payload, delivery, answer.json()["task_id"])
+                break
+            assert answer.status_code == 202, answer.text
+            accepted.append(answer.json()["task_id"])
+        assert refused is not None and accepted, accepted
+        payload, delivery, task_id = refused
+        task = requests.get(f"{web}/api/tasks/{task_id}", timeout=5).json()
+        assert task["state"] == "failed" and "broker" in task["error"], task
+        node.ctl("clear_policy", "full")
+        again = post_gitlab(web, payload, delivery=delivery)  # GitLab's redelivery
+        assert again.status_code == 202 and again.json()["task_id"] == task_id
+        processes.extend(start_nodes(env, tmp_path, names=("confirmed",)))
+        for built in [*accepted, task_id]:
+            done = wait_for_task(web, built, timeout=60)
+            assert done["state"] == "success", task_log(web, built)
+    finally:
+        for process in processes:
+            process.stop()
+        node.stop()
