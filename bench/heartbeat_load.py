@@ -5,8 +5,11 @@
 ``first + agents - 1``, each every ``interval`` seconds, their phases spread
 evenly over the interval across all ``total`` agents (as independent nodes
 would be), from ``start-at`` for ``seconds``, after one unmeasured heartbeat
-each (the row exists, the connections are open). Prints one JSON line: calls,
-errors, call latencies and how late calls started against their schedule.
+each (the row exists, the connections are open), as a node's heartbeat thread
+does (a heartbeat that finds nothing changed writes only every
+``workers.lease.touch_interval``). Prints one JSON line: heartbeats, rows
+written, errors, write latencies and how late heartbeats started against
+their schedule.
 Several such processes stand for many hosts; a thread pool per process
 stands for the nodes' own concurrency.
 """
@@ -48,23 +51,26 @@ def main() -> None:
 
     from cicd import db
     from cicd.config import load_settings
-    from workers.heartbeats import Node, record_heartbeat
+    from workers import lease
+    from workers.heartbeats import Beat, Node, record_heartbeat
 
     db.configure(load_settings())  # as a worker node does at its start
+    touch_every = lease.touch_interval(load_settings())  # as a node's heartbeat thread
 
     errors = _ErrorCounter()
     logging.getLogger("workers.heartbeats").addHandler(errors)
     nodes = [Node(f"simagent{args.first + i:04d}@bench", 3) for i in range(args.agents)]
-    latencies: list[float] = []
+    latencies: list[float] = []  # of the heartbeats that wrote the row
     lateness: list[float] = []
     lock = threading.Lock()
 
     def beat(index: int, due: float) -> None:
         started = time.time()
-        record_heartbeat(nodes[index])
+        done = record_heartbeat(nodes[index], touch_every=touch_every)
         took = time.time() - started
         with lock:
-            latencies.append(took)
+            if done is Beat.WRITTEN:
+                latencies.append(took)
             lateness.append(started - due)
 
     # Before the clock starts: each agent's row exists and the connection pool is warm.
@@ -88,7 +94,8 @@ def main() -> None:
     print(
         json.dumps(
             {
-                "calls": len(latencies),
+                "calls": len(lateness),
+                "written": len(latencies),
                 "errors": errors.count,
                 "latency": latencies,
                 "lateness": lateness,

@@ -170,6 +170,19 @@ def _targets(results: dict[str, Any]) -> list[dict[str, Any]]:
                 "met": own <= 20,
             }
         )
+    if "heartbeats" in found:
+        beats = found["heartbeats"]
+        for data in (beats, beats.get("postgresql", {})):
+            if "runs" not in data or "database_cpu_percent" not in data["summary"]:
+                continue
+            cpu = data["summary"]["database_cpu_percent"]["median"]
+            out.append(
+                {
+                    "target": f"200 agents heartbeating cost {data['database']} ≤ 5 % of a core",
+                    "measured": f"{cpu:.1f} %",
+                    "met": cpu <= 5,
+                }
+            )
     memory = found.get("memory", {})
     if "worker_opscd" in memory and "worker_noop" in memory:
         ours, noop = memory["worker_opscd"]["load_pss_mib"], memory["worker_noop"]["load_pss_mib"]

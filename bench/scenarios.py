@@ -10,7 +10,8 @@
    and 4 worker nodes (``-c 3``), beside raw Celery chains of three no-op
    tasks and (one node) chains doing the same git fetch and ``sh`` without
    OpsCD's bookkeeping.
-4. :func:`heartbeats`: 200 simulated agents writing ``agent_states`` every 2 s.
+4. :func:`heartbeats`: 200 simulated agents writing ``agent_states`` every 2 s, on
+   MariaDB and on PostgreSQL.
 5. Memory is sampled during 1 and 3 (``memory``, filled in place).
 7. and 8. :mod:`bench.caches`: a Maven build's dependency cache (cold, then warm) and
    warm checkouts of a long history.
@@ -32,7 +33,7 @@ from typing import Any
 
 import requests
 
-from bench.services import find_process, tree_cpu_seconds, tree_pss, tree_rss
+from bench.services import PostgreSQL, find_process, tree_cpu_seconds, tree_pss, tree_rss
 from bench.stack import RssSampler, Stack, epoch
 from bench.stats import latency_summary, percentile, spread
 from cicd import processes
@@ -536,13 +537,68 @@ STATUS_VARIABLES = (
 )
 
 
-def _status(stack: Stack) -> dict[str, int]:
-    names = ",".join(f"'{name}'" for name in STATUS_VARIABLES)
-    rows = stack.sql(f"SHOW GLOBAL STATUS WHERE Variable_name IN ({names})")
-    return {name: int(value) for name, value in rows}
+class _MariaDBProbe:
+    """What the heartbeat runs read of MariaDB: its global status and its process's CPU."""
+
+    name = "MariaDB"
+
+    def __init__(self, stack: Stack) -> None:
+        self.stack, self.pid = stack, find_process("mariadbd", "mysqld")
+
+    def counters(self) -> dict[str, int]:
+        names = ",".join(f"'{name}'" for name in STATUS_VARIABLES)
+        rows = self.stack.sql(f"SHOW GLOBAL STATUS WHERE Variable_name IN ({names})")
+        return {name: int(value) for name, value in rows}
+
+    def running(self) -> tuple[int, int]:
+        status = self.counters()
+        return status["Threads_running"], status["Threads_connected"]
+
+    def statements(self, before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
+        return {"all": after["Questions"] - before["Questions"],
+                **{name.removeprefix("Com_"): after[name] - before[name]
+                   for name in STATUS_VARIABLES if name.startswith("Com_")}}  # fmt: skip
 
 
-def _heartbeat_run(stack: Stack, plan: Plan, mariadb: int | None) -> dict[str, Any]:
+class _PostgreSQLProbe:
+    """The same of PostgreSQL: its statistics of the bench database, its postmaster's tree."""
+
+    name = "PostgreSQL"
+
+    def __init__(self, server: PostgreSQL, database: str) -> None:
+        self.server, self.database, self.pid = server, database, server.server_pid()
+        self.connection = server.connect()  # one, as the MariaDB probe's: no backend per read
+
+    def own_cpu_seconds(self) -> float:
+        """CPU of the probe's own backend (its reads of the statistics), not the agents'."""
+        return tree_cpu_seconds(self.connection.info.backend_pid)
+
+    def query(self, sql: str, params: tuple) -> list[tuple]:
+        return list(self.connection.execute(sql, params).fetchall())
+
+    def counters(self) -> dict[str, int]:
+        ((commits, rollbacks, updated, fetched),) = self.query(
+            "SELECT xact_commit, xact_rollback, tup_updated, tup_fetched FROM pg_stat_database"
+            " WHERE datname = %s",
+            params=(self.database,),
+        )
+        return {"transactions": commits + rollbacks, "update": updated, "fetched": fetched}
+
+    def running(self) -> tuple[int, int]:
+        ((active, connected),) = self.query(
+            "SELECT count(*) FILTER (WHERE state = 'active'), count(*) FROM pg_stat_activity"
+            " WHERE datname = %s",
+            params=(self.database,),
+        )
+        return active, connected
+
+    def statements(self, before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
+        # Each heartbeat statement runs in autocommit: a transaction of its own.
+        return {"all": after["transactions"] - before["transactions"],
+                "rows_updated": after["update"] - before["update"]}  # fmt: skip
+
+
+def _heartbeat_run(plan: Plan, env: dict[str, str], probe: Any) -> dict[str, Any]:
     per_process = -(-plan.agents // plan.agent_processes)
     start_at = time.time() + 4.0  # meanwhile the processes import OpsCD and warm up
     children = []
@@ -566,23 +622,24 @@ def _heartbeat_run(stack: Stack, plan: Plan, mariadb: int | None) -> dict[str, A
         ]
         children.append(
             subprocess.Popen(
-                args, env=stack.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+                args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
             )
         )
     time.sleep(max(0.0, start_at - time.time()))
-    before = _status(stack)
-    cpu_before = tree_cpu_seconds(mariadb) if mariadb else 0.0
+    before = probe.counters()
+    own = getattr(probe, "own_cpu_seconds", lambda: 0.0)
+    cpu_before = (tree_cpu_seconds(probe.pid) - own()) if probe.pid else 0.0
     began = time.time()
     running, connected = [], []
     while time.time() < start_at + plan.heartbeat_seconds:
-        status = _status(stack)
-        running.append(status["Threads_running"])
-        connected.append(status["Threads_connected"])
+        active, open_connections = probe.running()
+        running.append(active)
+        connected.append(open_connections)
         time.sleep(0.25)
-    after = _status(stack)
+    after = probe.counters()
     elapsed = time.time() - began
-    cpu = (tree_cpu_seconds(mariadb) - cpu_before) if mariadb else None
-    calls = errors = 0
+    cpu = (tree_cpu_seconds(probe.pid) - own() - cpu_before) if probe.pid else None
+    calls = written = errors = 0
     latency: list[float] = []
     lateness: list[float] = []
     for child in children:
@@ -591,54 +648,83 @@ def _heartbeat_run(stack: Stack, plan: Plan, mariadb: int | None) -> dict[str, A
             raise RuntimeError(f"simulated agents failed:\n{err}")
         result = json.loads(out.strip().splitlines()[-1])
         calls += result["calls"]
+        written += result["written"]
         errors += result["errors"]
         latency += result["latency"]
         lateness += result["lateness"]
+    statements = probe.statements(before, after)
     return {
-        "writes_per_second": round(calls / plan.heartbeat_seconds, 1),
+        "heartbeats_per_second": round(calls / plan.heartbeat_seconds, 1),
+        "writes_per_second": round(written / plan.heartbeat_seconds, 1),
         "expected_per_second": round(plan.agents / plan.heartbeat_interval, 1),
         "errors": errors,
         "write_p50_ms": round(percentile(latency, 50) * 1000, 2),
         "write_p99_ms": round(percentile(latency, 99) * 1000, 2),
         "late_p99_ms": round(percentile(lateness, 99) * 1000, 2),
-        "questions_per_second": round((after["Questions"] - before["Questions"]) / elapsed, 1),
+        "questions_per_second": round(statements.pop("all") / elapsed, 1),
         "statements_per_second": {
-            name.removeprefix("Com_"): round((after[name] - before[name]) / elapsed, 1)
-            for name in STATUS_VARIABLES
-            if name.startswith("Com_")
+            name: round(count / elapsed, 1) for name, count in statements.items()
         },
         "threads_running_mean": round(sum(running) / len(running), 2),
         "threads_running_max": max(running),
         "threads_connected_max": max(connected),
-        "mariadb_cpu_percent": round(100 * cpu / elapsed, 1) if cpu is not None else None,
+        "database_cpu_percent": round(100 * cpu / elapsed, 1) if cpu is not None else None,
+    }
+
+
+_HEARTBEAT_KEYS = (
+    "heartbeats_per_second",
+    "writes_per_second",
+    "write_p50_ms",
+    "write_p99_ms",
+    "questions_per_second",
+    "threads_running_mean",
+    "threads_running_max",
+    "database_cpu_percent",
+)
+
+
+def _heartbeat_runs(plan: Plan, env: dict[str, str], probe: Any) -> dict[str, Any]:
+    runs = [_heartbeat_run(plan, env, probe) for _ in range(plan.runs)]
+    return {
+        "database": probe.name,
+        "runs": runs,
+        "summary": {
+            key: spread([r[key] for r in runs], 2)
+            for key in _HEARTBEAT_KEYS
+            if runs[0][key] is not None
+        },
     }
 
 
 def heartbeats(stack: Stack, plan: Plan) -> dict[str, Any]:
+    """The agents-scale scenario on MariaDB (the bench's database), then on PostgreSQL (a
+    database of its own there, with OpsCD's schema), with the same simulated agents."""
     stack.stop_nodes()  # only the simulated agents write agent_states now
-    mariadb = find_process("mariadbd", "mysqld")
-    runs = [_heartbeat_run(stack, plan, mariadb) for _ in range(plan.runs)]
+    result = _heartbeat_runs(plan, stack.env, _MariaDBProbe(stack))
     rows = stack.sql("SELECT COUNT(*) FROM agent_states WHERE hostname LIKE 'simagent%%'")[0][0]
-    keys = (
-        "writes_per_second",
-        "write_p50_ms",
-        "write_p99_ms",
-        "questions_per_second",
-        "threads_running_mean",
-        "threads_running_max",
-        "mariadb_cpu_percent",
-    )
-    return {
-        "agents": plan.agents,
-        "interval_s": plan.heartbeat_interval,
-        "seconds": plan.heartbeat_seconds,
-        "processes": plan.agent_processes,
-        "agent_rows": rows,
-        "runs": runs,
-        "summary": {
-            key: spread([r[key] for r in runs], 2) for key in keys if runs[0][key] is not None
-        },
-    }
+    result.update(agents=plan.agents, interval_s=plan.heartbeat_interval,
+                  seconds=plan.heartbeat_seconds, processes=plan.agent_processes,
+                  agent_rows=rows)  # fmt: skip
+    server = PostgreSQL.from_environment()
+    try:
+        database = server.create_database()
+    except Exception as error:  # reported in the results and the report, not hidden
+        result["postgresql"] = {"skipped": f"PostgreSQL is not reachable: {error}"}
+        return result
+    try:
+        env = {**stack.env, "CICD_DATABASE_URL": server.url(database)}
+        subprocess.run([sys.executable, "-m", "cicd.cli", "migrate"], env=env, check=True,
+                       capture_output=True)  # fmt: skip
+        probe = _PostgreSQLProbe(server, database)
+        result["postgresql"] = _heartbeat_runs(plan, env, probe)
+        probe.connection.close()
+        result["postgresql"]["agent_rows"] = server.query(
+            "SELECT COUNT(*) FROM agent_states WHERE hostname LIKE %s", database, ("simagent%",)
+        )[0][0]
+    finally:
+        server.drop_database(database)
+    return result
 
 
 def plan_dict(plan: Plan) -> dict[str, Any]:

@@ -109,6 +109,58 @@ class MySQL:
         self.query(f"DROP DATABASE IF EXISTS {name}")
 
 
+@dataclass(frozen=True)
+class PostgreSQL:
+    """How to reach PostgreSQL: ``OPSCD_BENCH_PG_*``, else the tests' ``OPSCD_TEST_PG_*``."""
+
+    host: str
+    port: int
+    user: str
+    password: str
+
+    @classmethod
+    def from_environment(cls) -> PostgreSQL:
+        def get(name: str, default: str) -> str:
+            return os.environ.get(
+                f"OPSCD_BENCH_PG_{name}", os.environ.get(f"OPSCD_TEST_PG_{name}", default)
+            )
+
+        return cls(get("HOST", "127.0.0.1"), int(get("PORT", "5432")), get("USER", "postgres"),
+                   get("PASSWORD", ""))  # fmt: skip
+
+    def connect(self, database: str = "postgres") -> Any:
+        import psycopg
+
+        return psycopg.connect(host=self.host, port=self.port, user=self.user,
+                               password=self.password or None, dbname=database,
+                               autocommit=True)  # fmt: skip
+
+    def query(self, sql: str, database: str = "postgres", params: tuple = ()) -> list[tuple]:
+        with self.connect(database) as connection:
+            cursor = connection.execute(sql, params)
+            return list(cursor.fetchall()) if cursor.description else []
+
+    def url(self, database: str) -> str:
+        credentials = self.user + (f":{self.password}" if self.password else "")
+        return f"postgresql+psycopg://{credentials}@{self.host}:{self.port}/{database}"
+
+    def create_database(self) -> str:
+        name = f"opscd_bench_{uuid.uuid4().hex[:10]}"
+        self.query(f"CREATE DATABASE {name} ENCODING 'UTF8' TEMPLATE template0")
+        return name
+
+    def drop_database(self, name: str) -> None:
+        self.query(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+    def server_pid(self) -> int | None:
+        """The postmaster's pid (its process tree is every backend's CPU)."""
+        path = self.query("SHOW data_directory")[0][0]
+        try:
+            return int((Path(path) / "postmaster.pid").read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            return None
+
+
 def _log(message: str) -> None:
     print(f"[bench] {message}", file=sys.stderr, flush=True)
 

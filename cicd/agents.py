@@ -51,7 +51,7 @@ from typing import Any
 from urllib.parse import quote, urlsplit, urlunsplit
 
 import redis
-from sqlalchemy import String, bindparam, select, text
+from sqlalchemy import String, bindparam, exists, select, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session
 
@@ -72,6 +72,9 @@ __all__ = [
     "sync",
     "identity",
     "refusal",
+    "refusal_of",
+    "WHO_AM_I",
+    "WHO_AM_I_COLUMNS",
     "broker_view",
 ]
 
@@ -224,14 +227,33 @@ def identity(session: Session) -> Agent | None:
 def refusal(session: Session, agent: Agent | None) -> str | None:
     """Why the node whose login is ``agent``'s (:func:`identity`) may start no build, or None."""
     if agent is not None:
-        return None if agent.enabled else f"agent {agent.name} is disabled"
+        return refusal_of(agent.name, agent.enabled, True)
     registered = session.scalar(select(Agent.name).where(Agent.revoked_at.is_(None)).limit(1))
-    if registered is None:
+    return refusal_of(None, False, registered is not None)
+
+
+def refusal_of(name: str | None, enabled: bool, registered: bool) -> str | None:
+    """:func:`refusal` from what a query read: the login's agent (``name``, None for none) and
+    whether it is enabled, and whether this server has any agent registered."""
+    if name is not None:
+        return None if enabled else f"agent {name} is disabled"
+    if not registered:
         return None  # no agent registered: every node on the shared credentials builds
     return (
         "its database login is no registered agent's, and this server has registered "
         "agents: start it with the settings of `cicd agents add`"
     )
+
+
+#: What :func:`refusal_of` needs, as columns of one query (or of an UPDATE's RETURNING): the
+#: name of the agent whose account is the ``account`` parameter, whether it is enabled, and
+#: whether any agent is registered.
+WHO_AM_I_COLUMNS = (
+    select(Agent.name).where(Agent.account == bindparam("account")).scalar_subquery(),
+    select(Agent.enabled).where(Agent.account == bindparam("account")).scalar_subquery(),
+    exists().where(Agent.revoked_at.is_(None)),
+)
+WHO_AM_I = select(*WHO_AM_I_COLUMNS)
 
 
 # --- the database user ------------------------------------------------------------------------

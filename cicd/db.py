@@ -17,19 +17,30 @@ import time
 import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import TypeVar
+from typing import Any, TypeVar
 
-from sqlalchemy import Engine, PoolResetState, create_engine, event, text
+from sqlalchemy import (
+    Connection,
+    Engine,
+    PoolResetState,
+    create_engine,
+    event,
+    func,
+    literal,
+    literal_column,
+    text,
+)
 from sqlalchemy.exc import DisconnectionError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.sql.elements import ColumnElement
 
 from cicd.config import Settings
 from cicd.errors import ConfigError
-from cicd.models import utcnow
+from cicd.models import Timestamp, utcnow
 
 __all__ = [
-    "configure", "engine", "session", "held_session", "clock", "login", "retrying",
-    "retry_conflicts", "reset", "migrate",
+    "configure", "engine", "autocommit_engine", "session", "held_session", "clock", "now_in_sql",
+    "login", "retrying", "retry_conflicts", "reset", "migrate",
 ]  # fmt: skip
 
 log = logging.getLogger(__name__)
@@ -50,6 +61,25 @@ def configure(settings: Settings) -> None:
 def engine() -> Engine:
     """The process's engine; a pooled connection is pinged before use (so a database restart
     costs no request), on MySQL/MariaDB only once it has been idle (:func:`_ping_if_idle`)."""
+    return _create_engine()
+
+
+@functools.cache
+def autocommit_engine() -> Engine:
+    """An engine whose statements commit as they run, for the one-statement writes of the
+    agents' heartbeats: a COMMIT per heartbeat is a round trip per agent every 2 s. Its
+    connections are a pool of their own (a node's one heartbeat thread uses one), never
+    pinged: a connection the server dropped fails its statement, and the caller runs
+    it again on a new one (:func:`workers.heartbeats.record_heartbeat`). On PostgreSQL
+    its commits do not wait for the disk (``synchronous_commit = off``): a heartbeat
+    lost in a crash of the server only makes its node look a little older."""
+    # Nothing is ever left open to roll back: SQLAlchemy would end each use with the
+    # driver's rollback() all the same, which PyMySQL sends as a ROLLBACK, a round trip.
+    return _create_engine(isolation_level="AUTOCOMMIT", ping=False, durable=False,
+                          pool_reset_on_return=None, skip_autocommit_rollback=True)  # fmt: skip
+
+
+def _create_engine(ping: bool = True, durable: bool = True, **overrides: Any) -> Engine:
     url = _url
     if url is None:
         raise ConfigError("the database is not configured: the process must call db.configure()")
@@ -69,17 +99,22 @@ def engine() -> Engine:
         # As on MariaDB: a database that is down fails a request in seconds.
         options.update(pool_size=10, max_overflow=20)
         options["connect_args"] = {"connect_timeout": 3}
+        if not durable:
+            options["connect_args"]["options"] = "-c synchronous_commit=off"
     if url.startswith("sqlite"):
         # Web threads, workers and their pool processes all write: wait for the lock.
         options["connect_args"] = {"timeout": 30}
-    created = create_engine(url, **options)
+    if not ping:
+        options["pool_pre_ping"] = False
+    created = create_engine(url, **{**options, **overrides})
     if url.startswith("sqlite"):
         event.listen(created, "connect", _sqlite_pragmas)
     if mysql:
         event.listen(created, "reset", _rollback_if_open)
         event.listen(created, "connect", _mark_idle)
         event.listen(created, "checkin", _mark_idle)
-        event.listen(created, "checkout", functools.partial(_ping_if_idle, created.dialect))
+        if ping:
+            event.listen(created, "checkout", functools.partial(_ping_if_idle, created.dialect))
     return created
 
 
@@ -186,6 +221,16 @@ _NOW_IN_UTC = {"mysql": "SELECT UTC_TIMESTAMP(6)", "mariadb": "SELECT UTC_TIMEST
                "postgresql": "SELECT timezone('UTC', now())"}  # fmt: skip
 
 
+def now_in_sql(dialect: str) -> ColumnElement[dt.datetime]:
+    """The database's "now" in UTC as an SQL expression, for a statement that writes it
+    without asking first (SQLite's is this host's clock, bound as a value)."""
+    if dialect in ("mysql", "mariadb"):
+        return func.utc_timestamp(literal_column("6"), type_=Timestamp)
+    if dialect == "postgresql":
+        return func.timezone("UTC", func.now(), type_=Timestamp)
+    return literal(utcnow(), Timestamp)
+
+
 def clock(db: Session) -> dt.datetime:
     """Now on the database's clock (UTC, naive, like every timestamp column).
 
@@ -210,14 +255,14 @@ _LOGIN = {"mysql": "SELECT SUBSTRING_INDEX(CURRENT_USER(), '@', 1)",
 _LOGINS: weakref.WeakKeyDictionary[Engine, str] = weakref.WeakKeyDictionary()
 
 
-def login(db: Session) -> str | None:
+def login(db: Session | Connection) -> str | None:
     """The database account this session is logged in as, as the server knows it (asked
     once per engine: every heartbeat and every clone's claim would ask again).
 
     An agent's identity is its account (:mod:`cicd.agents`): the server
     authenticated it, so no node can claim another's by saying so.
     """
-    bind = db.get_bind()
+    bind = db.get_bind() if isinstance(db, Session) else db
     engine_of = getattr(bind, "engine", bind)
     if engine_of in _LOGINS:
         return _LOGINS[engine_of]
@@ -285,9 +330,10 @@ def retry_conflicts(operation: Callable[[], T], what: str, attempts: int = 5) ->
 
 def reset() -> None:
     """Forget the engine of the parent process after a fork, without closing its sockets."""
-    if engine.cache_info().currsize:
-        engine().dispose(close=False)
-    engine.cache_clear()
+    for made in (engine, autocommit_engine):
+        if made.cache_info().currsize:
+            made().dispose(close=False)
+        made.cache_clear()
     _sessionmaker.cache_clear()
 
 

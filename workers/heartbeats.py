@@ -30,23 +30,24 @@ broker connection is up (a rerun is sent through it).
 from __future__ import annotations
 
 import datetime as dt
+import enum
 import logging
 import os
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from celery.worker.state import active_requests, all_total_count, reserved_requests
-from sqlalchemy import select
+from sqlalchemy import func, insert, select, update
+from sqlalchemy.exc import DBAPIError
 
 from cicd import __version__, agents, db
 from cicd.config import load_settings
 from cicd.models import AgentState, TaskState, TaskStatus, utcnow
 from workers import capacity, lease, reaper
-from workers.capacity import builds_in_flight
 
 __all__ = [
-    "CELERY_HEARTBEAT", "Heartbeat", "Node", "record_heartbeat", "record_and_renew",
+    "CELERY_HEARTBEAT", "Beat", "Heartbeat", "Node", "record_heartbeat", "record_and_renew",
     "record_offline",
 ]  # fmt: skip
 
@@ -56,12 +57,33 @@ log = logging.getLogger(__name__)
 CELERY_HEARTBEAT = 2.0
 
 
+#: Seconds between two reads of what the node may do (its agent enabled, agents registered):
+#: a disabled agent's nodes stop taking builds within this (its clones' claims refuse it
+#: at once), and the other heartbeats are one UPDATE each.
+WHO_AM_I_EVERY = 6.0
+
+
 @dataclass
 class Node:
-    """A worker node, as its heartbeats describe it."""
+    """A worker node, as its heartbeats describe it, and what its last read of
+    :data:`cicd.agents.WHO_AM_I` said (the agent's name, enabled, any registered) and when."""
 
     hostname: str
     concurrency: int
+    who: tuple[str | None, bool, bool] | None = field(default=None, compare=False)
+    who_read_at: float = field(default=0.0, compare=False)
+    #: What the last row written said that the node knows without asking (builds it
+    #: processed and runs, its broker connection), and when it was written (monotonic).
+    written: tuple[int, int, bool] | None = field(default=None, compare=False)
+    written_at: float = field(default=0.0, compare=False)
+
+
+class Beat(enum.Enum):
+    """What one heartbeat did."""
+
+    WRITTEN = "written"  # the row reached the database: the lease is renewed
+    SKIPPED = "skipped"  # nothing changed and the row is recent: nothing sent
+    FAILED = "failed"  # the database did not take it (logged)
 
 
 def _load_average() -> str | None:
@@ -71,49 +93,116 @@ def _load_average() -> str | None:
         return None
 
 
-def record_heartbeat(current: Node, broker_up: bool = True) -> bool:
-    """Upsert this node's row: online, builds in flight, processed, load, version, now (the
-    database's), and since when the broker is unreachable if ``broker_up`` is false.
+def record_heartbeat(
+    current: Node, broker_up: bool = True, touch_every: float | None = None
+) -> Beat:
+    """Write this node's row: online, builds in flight, processed, load, version, now (the
+    database's), which registered agent's login wrote it, and since when the broker is
+    unreachable if ``broker_up`` is false.
 
-    Returns whether the row was written; a failure is logged, never raised.
+    One UPDATE that computes what it can in the database (the count, the
+    clock, the login's agent), committed as it runs: 200 agents make 100
+    heartbeats a second. What the node may do comes back with it on
+    PostgreSQL (RETURNING), and from one read more every
+    :data:`WHO_AM_I_EVERY` seconds on MariaDB; the node's first heartbeat
+    inserts its row. With ``touch_every``, a heartbeat
+    when nothing the node knows of changed and the row is younger than that
+    sends nothing (:func:`workers.lease.touch_interval`: the lease is renewed
+    all the same before it runs out). A failure is logged, never raised.
     """
-    values = {
-        "online": True,
-        "concurrency": current.concurrency,
-        "processed": all_total_count[0],
-        "loadavg": _load_average(),
-        "sw_version": f"opscd {__version__}",
-    }
-    try:
-        with db.session() as session:
-            now = db.clock(session)
-            values["active"] = builds_in_flight(session, current.hostname)
-            row = session.get(AgentState, current.hostname)
-            if row is None:
-                row = AgentState(hostname=current.hostname, first_seen=now)
-                session.add(row)
-            for key, value in values.items():
-                setattr(row, key, value)
-            agent = agents.identity(session)
-            row.agent = agent.name if agent is not None else None
-            why = agents.refusal(session, agent)
-            row.last_heartbeat = now
-            row.broker_lost_at = None if broker_up else (row.broker_lost_at or now)
-            session.commit()
-    except Exception as error:  # the node keeps building; its row just ages
-        log.error("%s: could not record its heartbeat (%s)", current.hostname, error)
-        return False
-    capacity.node.refuse(why)
-    return True
+    known = _known_state(broker_up)
+    due_to_read = current.who is None or time.monotonic() - current.who_read_at >= WHO_AM_I_EVERY
+    if (
+        touch_every is not None
+        and known is not None
+        and known == current.written
+        # Half a second early: the next heartbeat (2 s on) would be too late for the touch.
+        and time.monotonic() - current.written_at < touch_every - 0.5
+        and not due_to_read
+    ):
+        return Beat.SKIPPED
+    for attempt in (1, 2):
+        try:
+            sent = time.monotonic()
+            name, enabled, registered = _write_heartbeat(current, broker_up)
+            current.written, current.written_at = known, sent
+            break
+        except DBAPIError as error:
+            if attempt == 1 and error.connection_invalidated:
+                continue  # a pooled connection the server dropped: once more, on a new one
+            log.error("%s: could not record its heartbeat (%s)", current.hostname, error)
+        except Exception as error:  # the node keeps building; its row just ages
+            log.error("%s: could not record its heartbeat (%s)", current.hostname, error)
+        current.who, current.written = None, None  # read again: an outage may be a revoke
+        return Beat.FAILED
+    capacity.node.refuse(agents.refusal_of(name, bool(enabled), bool(registered)))
+    return Beat.WRITTEN
 
 
-def record_and_renew(current: Node, broker_up: bool = True) -> bool:
-    """:func:`record_heartbeat`, and renew the node's lease if it got through."""
+def _known_state(broker_up: bool) -> tuple[int, int, bool] | None:
+    held = _held_builds()
+    return None if held is None else (all_total_count[0], len(held), broker_up)
+
+
+def _write_heartbeat(current: Node, broker_up: bool) -> tuple[str | None, bool, bool]:
+    with db.autocommit_engine().connect() as connection:
+        account = {"account": db.login(connection)}
+        # PostgreSQL says what the node may do in the UPDATE's own answer (RETURNING);
+        # MariaDB cannot, and is asked every WHO_AM_I_EVERY seconds.
+        returning = connection.dialect.update_returning
+        due = current.who is None or time.monotonic() - current.who_read_at >= WHO_AM_I_EVERY
+        if due and not returning:
+            current.who = tuple(connection.execute(agents.WHO_AM_I, account).one())
+            current.who_read_at = time.monotonic()
+        now = db.now_in_sql(connection.dialect.name)
+        values = {
+            "online": True,
+            "concurrency": current.concurrency,
+            "processed": all_total_count[0],
+            "loadavg": _load_average(),
+            "sw_version": f"opscd {__version__}",
+            "active": _IN_FLIGHT.where(TaskStatus.worker == current.hostname).scalar_subquery(),
+            "agent": agents.WHO_AM_I_COLUMNS[0],
+            "last_heartbeat": now,
+            "broker_lost_at": None if broker_up else func.coalesce(AgentState.broker_lost_at,
+                                                                   now),
+        }  # fmt: skip
+        statement = update(AgentState).where(AgentState.hostname == current.hostname)
+        if returning:
+            statement = statement.returning(*agents.WHO_AM_I_COLUMNS)
+        result = connection.execute(statement.values(values), account)
+        if returning:
+            row = result.first()
+            written = row is not None
+            if written:
+                current.who, current.who_read_at = tuple(row), time.monotonic()
+        else:
+            written = bool(result.rowcount)
+        if not written:  # the node's first heartbeat
+            connection.execute(insert(AgentState).values(
+                {**values, "hostname": current.hostname, "first_seen": now,
+                 "broker_lost_at": None if broker_up else now}), account)  # fmt: skip
+            current.who = tuple(connection.execute(agents.WHO_AM_I, account).one())
+            current.who_read_at = time.monotonic()
+    return current.who
+
+
+#: The builds running on a node, counted in the heartbeat's UPDATE (the agents page's figure).
+_IN_FLIGHT = (
+    select(func.count()).select_from(TaskStatus).where(TaskStatus.state == TaskState.RUNNING)
+)
+
+
+def record_and_renew(
+    current: Node, broker_up: bool = True, touch_every: float | None = None
+) -> bool:
+    """:func:`record_heartbeat`, and renew the node's lease if it reached the database; False
+    if it failed (a heartbeat that sent nothing leaves the lease as it is)."""
     sent = time.monotonic()  # before the write: the database records it later
-    if not record_heartbeat(current, broker_up):
-        return False
-    lease.renew(sent, lease.lease_length(load_settings()))
-    return True
+    beat = record_heartbeat(current, broker_up, touch_every)
+    if beat is Beat.WRITTEN:
+        lease.renew(sent, lease.lease_length(load_settings()))
+    return beat is not Beat.FAILED
 
 
 def record_offline(current: Node) -> None:
@@ -149,6 +238,7 @@ class Heartbeat(threading.Thread):
         super().__init__(name=f"opscd-heartbeat-{node.hostname}", daemon=True)
         self.node = node
         self.interval = lease.heartbeat_interval(load_settings())
+        self.touch_every = lease.touch_interval(load_settings())
         self._stopped = threading.Event()
         self._sweep_due = threading.Event()
         #: Since when (monotonic) every heartbeat reached the database; None after a failure.
@@ -227,7 +317,7 @@ class Heartbeat(threading.Thread):
         """One heartbeat and the lease it renews; the reaper's sweep once the database
         answered long enough and the broker connection is up."""
         broker_up = self.broker_up()
-        if not record_and_renew(self.node, broker_up):
+        if not record_and_renew(self.node, broker_up, self.touch_every):
             self._healthy_since = None
             return
         now = time.monotonic()

@@ -52,6 +52,12 @@ def heartbeat_interval(settings: Settings) -> float:
     return min(2.0, settings.agent_offline_after / 5)
 
 
+def touch_interval(settings: Settings) -> float:
+    """Seconds a node may go without writing its row while nothing in it changed: two
+    heartbeats, or half a lease, so that the lease is still renewed twice over."""
+    return min(2 * heartbeat_interval(settings), lease_length(settings) / 2)
+
+
 def fence_margin(settings: Settings) -> float:
     """How much sooner than the reaper the node stops its builds: 1 s, or a fifth of the bound.
 
