@@ -35,9 +35,12 @@ QUEUE = "bench.noop"
 STAMPS_KEY = "bench:stamps"
 DONE_KEY = "bench:done"
 
+#: Where the tasks report (RPUSH), whatever the broker is.
+REDIS_URL = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/12")
+
 app = Celery("bench")
 app.conf.update(
-    broker_url=os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/12"),
+    broker_url=os.environ.get("BENCH_BROKER_URL") or REDIS_URL,
     broker_connection_retry_on_startup=True,
     broker_transport_options={"visibility_timeout": 3600 * 5, "socket_connect_timeout": 2},
     task_ignore_result=True,
@@ -56,7 +59,7 @@ app.conf.update(
 
 @functools.cache
 def _redis() -> redis.Redis:
-    return redis.Redis.from_url(app.conf.broker_url)
+    return redis.Redis.from_url(REDIS_URL)
 
 
 @app.task(name="bench.stamp")
@@ -137,3 +140,17 @@ def work_publish(ctx: dict[str, Any]) -> None:
     """Nothing to publish: remove the folder and record when the chain ended."""
     shutil.rmtree(ctx["workspace"], ignore_errors=True)
     _redis().rpush(DONE_KEY, repr(time.time()))
+
+
+def use_broker(url: str) -> None:
+    """Run on ``url``, with OpsCD's options for that broker (on RabbitMQ: quorum queues and
+    publisher confirms, as ``cicd.broker`` sets them). Before the first task is sent: a bench
+    process measures one broker (``python -m bench --broker-url``)."""
+    app.conf.broker_url = url
+    if url.startswith(("amqp", "pyamqp")):
+        app.conf.update(task_default_queue_type="quorum", task_create_missing_queue_type="quorum",
+                        broker_transport_options={"confirm_publish": True})  # fmt: skip
+
+
+if os.environ.get("BENCH_BROKER_URL"):
+    use_broker(os.environ["BENCH_BROKER_URL"])

@@ -198,6 +198,51 @@ def _heartbeats(data: dict[str, Any]) -> str:
     )
 
 
+def _brokers(scenarios: dict[str, Any]) -> str:
+    """Dispatch, one node's builds/s and a killed node's rerun, per broker, from one run."""
+    rabbit = scenarios["brokers"]["scenarios"]
+    both = {"Redis": scenarios, "RabbitMQ": rabbit}
+
+    def dispatch(found: dict[str, Any], key: str) -> str:
+        if "dispatch" not in found:
+            return "-"
+        figures = found["dispatch"]["summary"][key]
+        return f"{_fig(figures['p50_ms'], ' ms')} / {_fig(figures['p99_ms'], ' ms')}"
+
+    def per_second(found: dict[str, Any], key: str) -> str:
+        one = found.get("pipelines", {}).get("by_nodes", {}).get("1")
+        return _fig(one["summary"][key]) if one else "-"
+
+    def again(found: dict[str, Any]) -> str:
+        kill = found.get("node_kill")
+        return _fig(kill["summary"]["again_s"], " s", 2) if kill else "-"
+
+    rows = [
+        ["dispatch p50 / p99: request → first stage", *(dispatch(f, "first_stage")
+                                                        for f in both.values())],
+        ["dispatch p50 / p99: Celery's own no-op", *(dispatch(f, "celery") for f in both.values())],
+        ["builds per second, 1 node (-c 3)", *(per_second(f, "opscd") for f in both.values())],
+        ["raw no-op chains per second, 1 node", *(per_second(f, "raw_chain")
+                                                  for f in both.values())],
+        ["SIGKILL of a node → its build running on the other", *(again(f)
+                                                                 for f in both.values())],
+    ]  # fmt: skip
+    table = _table(["figure", *both], rows)
+    return (
+        f"{table}\n\nThe RabbitMQ figures come from a bench process of their own on a "
+        "RabbitMQ node the bench starts (free ports, its own data), with the same scenarios "
+        "and plan as the Redis ones of this run: durable quorum queues and publisher "
+        "confirms, as OpsCD runs on RabbitMQ. The kill: a build runs "
+        f"{rabbit.get('node_kill', {}).get('running_before_kill_s', 8):.0f} s on one of two "
+        "idle nodes, then that node (main process and pool) gets SIGKILL; measured until "
+        "the build's next run holds a slot on the other node. On Redis the reaper does "
+        "that once the node's heartbeats are overdue (CICD_AGENT_OFFLINE_AFTER, 10 s, and "
+        "its sweep every CICD_REAPER_INTERVAL, 10 s); on RabbitMQ the broker gives the "
+        "stage back when the connection drops and the node's queue hands it to a live node "
+        "(cicd.broker.node_queue).\n"
+    )
+
+
 def _memory(data: dict[str, Any]) -> str:
     labels = {
         "web_opscd": "OpsCD web (gunicorn master + 2 workers)",
@@ -368,6 +413,7 @@ def render(results: dict[str, Any]) -> str:
         ("host_kill", "6. An agent host killed under a build", _host_kill),
         ("maven_cache", "7. Dependency cache: a Maven build, cold then warm", _maven_cache),
         ("history", "8. Warm checkouts of a long history", _history),
+        ("brokers", "9. The broker: Redis and RabbitMQ", lambda data: _brokers(scenarios)),
     )
     for key, title, section in sections:
         if scenarios.get(key):

@@ -305,6 +305,7 @@ class BenchRepo:
 CI_YAML = {
     "main": 'build:\n  script: "true"\n',
     "stamp": 'build:\n  script: "date +%s.%N"\n',
+    "sleep": "build:\n  script: sleep 120\n",  # a build in flight, to kill its node under
 }
 
 

@@ -88,10 +88,17 @@ class RssSampler:
 class Stack:
     """Everything one bench run needs, on loopback; ``close()`` removes it all."""
 
-    def __init__(self, redis_db: int, log: Callable[[str], None]) -> None:
+    def __init__(
+        self, redis_db: int, log: Callable[[str], None], broker_url: str | None = None,
+        **settings: str,
+    ) -> None:  # fmt: skip
+        """``broker_url``: another broker than the Redis database (RabbitMQ), with the
+        ``settings`` it needs; Redis still carries the bench's own reports."""
         self.log = log
         self.mysql = MySQL.from_environment()
         self.redis_url = f"redis://127.0.0.1:6379/{redis_db}"
+        self.broker_url = broker_url or self.redis_url
+        self.extra_settings = settings
         self.tmp = Path(tempfile.mkdtemp(prefix="opscd-bench-"))
         self.log_dir = self.tmp / "logs"
         self.log_dir.mkdir()
@@ -115,11 +122,11 @@ class Stack:
         self._stops += ensure_services(self.mysql, self.redis_url, self.tmp)
         self.redis.flushdb()
         self.database = self.mysql.create_database()
-        self.log(f"database {self.database}, broker {self.redis_url}, files in {self.tmp}")
+        self.log(f"database {self.database}, broker {self.broker_url}, files in {self.tmp}")
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("CICD_")}
         self.env.update(
             CICD_DATABASE_URL=self.mysql.url(self.database),
-            CICD_BROKER_URL=self.redis_url,
+            CICD_BROKER_URL=self.broker_url,
             CICD_GIT_USERNAME=GIT_USER,
             CICD_GIT_PASSWORD=self.git_password,
             CICD_WORKSPACE_DIR=str(self.tmp / "workspaces"),
@@ -127,8 +134,10 @@ class Stack:
             CICD_EXECUTOR="shell",
             CICD_SHELL_UNSAFE="1",  # the bench runs as root, with nothing worth stealing
             BENCH_REDIS_URL=self.redis_url,
+            BENCH_BROKER_URL=self.broker_url,
             PYTHONPATH=str(ROOT),
             PYTHONUNBUFFERED="1",
+            **self.extra_settings,
         )
         # This process runs OpsCD's code too (schema, the web app in-process, raw chains):
         # configured with the settings the child processes get, not through os.environ.
@@ -140,7 +149,7 @@ class Stack:
         db.configure(self.settings)
         broker.configure(self.settings)
         db.migrate()
-        noop_app.app.conf.broker_url = self.redis_url
+        noop_app.use_broker(self.broker_url)
 
         self._git_server = CountingGitServer(self.tmp / "git", GIT_USER, self.git_password)
         self._git_server.start()

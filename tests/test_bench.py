@@ -19,7 +19,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 SCENARIOS = {
     "webhook", "dispatch", "pipelines", "heartbeats", "host_kill", "maven_cache", "history",
-    "memory",
+    "node_kill", "brokers", "memory",
 }  # fmt: skip
 BENCH_REDIS_DB = "11"  # the tests use 13 to 15; a full bench run uses 12
 
@@ -32,13 +32,13 @@ def smoke(tmp_path_factory) -> tuple[dict, str, subprocess.CompletedProcess]:
     done = subprocess.run(
         [sys.executable, "-m", "bench", "--smoke", "--redis-db", BENCH_REDIS_DB,
          "--output", str(output), "--doc", str(doc)],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=420,
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert done.returncode == 0, f"bench failed:\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
     return json.loads(output.read_text()), doc.read_text(), done
 
 
-@pytest.mark.timeout(450)
+@pytest.mark.timeout(650)
 def test_smoke_run_writes_every_scenario(smoke) -> None:
     results, doc, _ = smoke
     assert set(results["scenarios"]) == SCENARIOS
@@ -48,18 +48,20 @@ def test_smoke_run_writes_every_scenario(smoke) -> None:
     for package in ("python", "celery", "kombu", "redis_server", "mariadb", "flask", "gunicorn"):
         assert results["versions"][package]
     assert {t["target"].split(" ")[0] for t in results["targets"]} == {
-        "webhook", "dispatch", "builds/s", "OpsCD's", "worker", "maven", "history:",
+        "webhook", "dispatch", "builds/s", "OpsCD's", "worker", "maven", "history:", "200",
+        "RabbitMQ:",
     }  # fmt: skip
     targets = {t["target"] for t in results["targets"]}
     assert "webhook requests/s ≥ 0.7x the durable baseline (INSERT + RPUSH)" in targets
     assert "webhook gunicorn CPU per delivery ≤ 1.5 ms" in targets
     for title in ("Webhook throughput", "Dispatch latency", "Pipeline throughput", "heartbeating",
                   "Memory", "Machine and versions", "agent host killed", "durable Flask",
-                  "Dependency cache", "Warm checkouts"):  # fmt: skip
+                  "Dependency cache", "Warm checkouts", "The broker: Redis and RabbitMQ",
+                  "PostgreSQL"):  # fmt: skip
         assert title in doc
 
 
-@pytest.mark.timeout(450)
+@pytest.mark.timeout(650)
 def test_smoke_run_measured_the_real_path(smoke) -> None:
     """Each scenario did what it says: requests answered, builds succeeded, rows written."""
     results, _, _ = smoke
@@ -85,7 +87,20 @@ def test_smoke_run_measured_the_real_path(smoke) -> None:
 
     heartbeats = scenarios["heartbeats"]
     assert heartbeats["agent_rows"] == heartbeats["agents"] == 200
-    assert all(run["errors"] == 0 for run in heartbeats["runs"])
+    assert heartbeats["postgresql"]["agent_rows"] == 200, heartbeats["postgresql"]
+    for database in (heartbeats, heartbeats["postgresql"]):
+        assert all(run["errors"] == 0 and run["writes_per_second"] > 0 for run in
+                   database["runs"]), database  # fmt: skip
+
+    # A killed node's build ran again on the other node, on each broker; RabbitMQ's run
+    # had its own dispatch and builds.
+    rabbit = scenarios["brokers"]["scenarios"]
+    assert scenarios["node_kill"]["broker"] == "redis"
+    assert rabbit["node_kill"]["broker"] == "rabbitmq"
+    for kill in (scenarios["node_kill"], rabbit["node_kill"]):
+        assert len(kill["runs"]) == 1 and kill["runs"][0] > 0, kill
+    assert rabbit["dispatch"]["pooled"]["first_stage"]["n"] > 0
+    assert scenarios["brokers"]["meta"]["broker_url"].startswith("amqp://")
 
     # The rerun started, and not before the bound counted from the victim's last heartbeat
     # (at most one heartbeat interval, a fifth of the bound, before the kill).
