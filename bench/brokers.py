@@ -30,6 +30,7 @@ from bench.services import ROOT
 from bench.stack import Stack
 from bench.stats import spread
 from cicd import processes
+from tests.support.processes import wait_until
 from tests.support.services import PrivateRabbitMQ
 
 __all__ = ["node_kill", "rabbitmq", "AMQP_SETTINGS"]
@@ -54,19 +55,10 @@ def _running_on(stack: Stack, task_id: int) -> tuple[str, int] | None:
     return (rows[0][0], rows[0][1]) if rows else None
 
 
-def _wait(predicate: Any, timeout: float, what: str, poll: float = 0.02) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(poll)
-    raise TimeoutError(f"{what} not within {timeout} s")
-
-
 def _one_kill(stack: Stack, url: str, session: requests.Session, body: bytes) -> float:
     task_id = int(stack.post(session, url, body)["task_id"])
-    worker, attempt = _wait(lambda: _running_on(stack, task_id), 60, "the build to start")
+    started = wait_until(lambda: _running_on(stack, task_id), 60, "the build to start", 0.02)
+    worker, attempt = started
     time.sleep(RUNNING_BEFORE_KILL)
     victim = worker.split("@")[0]
     stack.processes[victim].stop(signal.SIGKILL)  # the node and its pool: a host lost
@@ -79,7 +71,7 @@ def _one_kill(stack: Stack, url: str, session: requests.Session, body: bytes) ->
         )
         return bool(rows) and rows[0][1] > attempt and not rows[0][0].startswith(victim + "@")
 
-    _wait(claimed_elsewhere, 120, "the build to run again on the other node")
+    wait_until(claimed_elsewhere, 120, "the build to run again on the other node", 0.02)
     again = time.time() - killed
     session.post(f"{url}/api/tasks/{task_id}/cancel", headers={"X-Requested-With": "bench"},
                  timeout=10)  # fmt: skip

@@ -332,6 +332,28 @@ def start_nodes(env: dict[str, str], log_dir: Path, names=("node1", "node2")) ->
     return nodes
 
 
+def installation_fixtures(label: str) -> tuple[Callable, Callable]:
+    """``web`` and ``workers`` fixtures of a module's installation of its own: a gunicorn and
+    two worker nodes started with the module's ``opscd_env``. A module that assigns them
+    (``web, workers = installation_fixtures("pg")``) runs the tests it holds, the ones it
+    imports from other modules included, against that installation."""
+
+    @pytest.fixture(scope="module")
+    def web(opscd_env, tmp_path_factory) -> Iterator[str]:
+        process, base = serve_web(opscd_env, tmp_path_factory.mktemp(f"{label}-web"))
+        yield base
+        process.stop()
+
+    @pytest.fixture(scope="module")
+    def workers(opscd_env, web, tmp_path_factory) -> Iterator[list[Process]]:
+        nodes = start_nodes(opscd_env, tmp_path_factory.mktemp(f"{label}-workers"))
+        yield nodes
+        for node in nodes:
+            node.stop()
+
+    return web, workers
+
+
 @pytest.fixture(scope="session")
 def workers(opscd_env: dict[str, str], tmp_path_factory) -> Iterator[list[Process]]:
     """Two real worker nodes, ``node1@<host>`` and ``node2@<host>``, concurrency 3 each."""

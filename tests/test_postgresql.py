@@ -13,10 +13,8 @@ accounts and a database restart are parametrised in their own modules
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
-from conftest import SESSION, opscd_environment, serve_web, start_nodes
+from conftest import SESSION, installation_fixtures, opscd_environment
 from test_monitoring import (  # noqa: F401 (collected here, on PostgreSQL)
     test_cancel_stops_a_running_build,
     test_live_log_streams_lines_before_the_build_ends,
@@ -45,19 +43,7 @@ def opscd_env(make_database, broker_url, tmp_path_factory) -> dict[str, str]:
     return opscd_environment(url, broker_url, tmp_path_factory, f"opscd-test-{SESSION}-pg:")
 
 
-@pytest.fixture(scope="module")
-def web(opscd_env, tmp_path_factory) -> Iterator[str]:
-    process, base = serve_web(opscd_env, tmp_path_factory.mktemp("pg-web"))
-    yield base
-    process.stop()
-
-
-@pytest.fixture(scope="module")
-def workers(opscd_env, web, tmp_path_factory) -> Iterator[list]:
-    nodes = start_nodes(opscd_env, tmp_path_factory.mktemp("pg-workers"))
-    yield nodes
-    for node in nodes:
-        node.stop()
+web, workers = installation_fixtures("pg")
 
 
 def test_this_installation_runs_on_postgresql(web, opscd_env):

@@ -10,7 +10,6 @@ each node's direct queue, language queues, cancel (revoke), retry, the capacity 
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
 
 import pytest
 import requests
@@ -19,6 +18,7 @@ from conftest import (
     GitRepo,
     Process,
     gitlab_payload,
+    installation_fixtures,
     opscd_environment,
     post_gitlab,
     rabbitmqctl,
@@ -54,19 +54,7 @@ def opscd_env(make_database, amqp_url, tmp_path_factory) -> dict[str, str]:
     return opscd_environment(url, amqp_url, tmp_path_factory, **AMQP_SETTINGS)
 
 
-@pytest.fixture(scope="module")
-def web(opscd_env, tmp_path_factory) -> Iterator[str]:
-    process, base = serve_web(opscd_env, tmp_path_factory.mktemp("amqp-web"))
-    yield base
-    process.stop()
-
-
-@pytest.fixture(scope="module")
-def workers(opscd_env, web, tmp_path_factory) -> Iterator[list]:
-    nodes = start_nodes(opscd_env, tmp_path_factory.mktemp("amqp-workers"))
-    yield nodes
-    for node in nodes:
-        node.stop()
+web, workers = installation_fixtures("amqp")
 
 
 def test_build_queues_are_durable_quorum_queues_and_node_queues_dead_letter(amqp_vhost, workers):
