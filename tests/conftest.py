@@ -262,9 +262,30 @@ def start_web(opscd_env: dict[str, str], tmp_path_factory) -> Iterator:
         started.append(process)
         return base
 
+    start.started = started  # type: ignore[attr-defined]  # (_stop_what_the_test_started)
     yield start
     for process in started:
         process.stop()
+
+
+@pytest.fixture(autouse=True)
+def _stop_what_the_test_started(request) -> Iterator[None]:
+    """The web processes and stacks a test starts end with the test (each holds connections
+    of the shared MariaDB, whose 151 would run out over a session); those of fixtures of a
+    wider scope, set up before this one, stay until those fixtures end."""
+    factories = {name: request.getfixturevalue(name) for name in ("start_stack", "start_web")
+                 if name in request.fixturenames}  # fmt: skip
+    before = {name: len(_started_by(factory)) for name, factory in factories.items()}
+    yield
+    for name, factory in factories.items():  # stacks' workers first, then the webs
+        started = _started_by(factory)
+        for item in reversed(started[before[name] :]):
+            (item.worker if isinstance(item, Stack) else item).stop()
+        del started[before[name] :]
+
+
+def _started_by(factory: Any) -> list:
+    return factory.stacks if hasattr(factory, "stacks") else factory.started
 
 
 def serve_web(env: dict[str, str], log_dir: Path) -> tuple[Process, str]:
@@ -456,6 +477,7 @@ def start_stack(isolated_env, start_web, tmp_path_factory) -> Iterator:
         stacks.append(stack)
         return stack
 
+    start.stacks = stacks  # type: ignore[attr-defined]  # (_stop_what_the_test_started)
     yield start
     for stack in stacks:
         stack.worker.stop()
