@@ -456,7 +456,9 @@ def test_ci_yaml_values_never_travel_in_broker_messages_or_approvals(web, repo, 
     ((context,),) = mysql_admin(f"SELECT context FROM task_approvals WHERE task_id = {task_id}",
                                 database=database)  # fmt: skip
     assert marker not in context
-    assert set(json.loads(context)) <= {"task_id", "attempt", "workspace", "checkout", "handed_on"}
+    # Ids and this agent's own paths and name (where the checkout is), never ci.yaml values.
+    assert set(json.loads(context)) <= {"task_id", "attempt", "workspace", "checkout", "handed_on",
+                                        "node"}  # fmt: skip
     assert change("post", f"{web}/api/tasks/{task_id}/reject", timeout=10).status_code == 200
 
 
