@@ -163,6 +163,19 @@ def amqp_url(amqp_vhost: str) -> str:
     return AMQP_URL.rstrip("/") + "/" + amqp_vhost
 
 
+def private_broker(kind: str, tmp_path: Path) -> tuple[Any, dict[str, str]]:
+    """A broker server of the test's own, started (Redis keeps its data, AOF; RabbitMQ its
+    durable queues, with its default consumer_timeout), and the settings of an installation
+    on it."""
+    from support.services import PrivateRabbitMQ, PrivateRedis
+
+    if kind == "rabbitmq":
+        node = PrivateRabbitMQ(tmp_path / "rabbitmq").start()
+        return node, {"CICD_BROKER_URL": node.url, **AMQP_SETTINGS}
+    server = PrivateRedis(tmp_path / "redis", persistent=True).start()
+    return server, {"CICD_BROKER_URL": server.url}
+
+
 @pytest.fixture(params=BROKERS)
 def broker(request, tmp_path) -> Iterator[dict[str, str]]:
     """An installation's broker, for tests that fault it: ``{}`` (the session's Redis), or a
@@ -170,11 +183,9 @@ def broker(request, tmp_path) -> Iterator[dict[str, str]]:
     if request.param == "redis":
         yield {}
         return
-    from support.services import PrivateRabbitMQ
-
-    node = PrivateRabbitMQ(tmp_path / "rabbitmq").start()  # RabbitMQ's default consumer_timeout
+    node, settings = private_broker("rabbitmq", tmp_path)
     try:
-        yield {"CICD_BROKER_URL": node.url, **AMQP_SETTINGS}
+        yield settings
     finally:
         node.stop()
 

@@ -20,7 +20,6 @@ import pymysql
 import pytest
 import requests
 from conftest import (
-    AMQP_SETTINGS,
     BROKERS,
     DATABASES,
     GitRepo,
@@ -28,6 +27,7 @@ from conftest import (
     gitlab_payload,
     mysql_admin,
     post_gitlab,
+    private_broker,
     procfile_worker,
     task_log,
     wait_for_task,
@@ -35,7 +35,7 @@ from conftest import (
     wait_until,
     worker_args,
 )
-from support.services import PrivateMariaDB, PrivatePostgreSQL, PrivateRabbitMQ, PrivateRedis
+from support.services import PrivateMariaDB, PrivatePostgreSQL
 
 
 def new_repo(git_server, name: str) -> GitRepo:
@@ -126,16 +126,6 @@ def test_a_worker_host_that_restarts_runs_its_build_again_once(start_stack, git_
     # Sooner than the offline bound: the node itself reruns what its former life left
     # running; Redis's redelivery of the old attempt (visibility timeout) is ignored.
     assert "restarted during the build" in log
-
-
-def private_broker(kind: str, tmp_path) -> tuple[PrivateRedis | PrivateRabbitMQ, dict[str, str]]:
-    """A broker server of the test's own, started (Redis keeps its data, AOF; RabbitMQ its
-    durable queues), and the settings of an installation on it."""
-    if kind == "rabbitmq":
-        node = PrivateRabbitMQ(tmp_path / "rabbitmq").start()
-        return node, {"CICD_BROKER_URL": node.url, **AMQP_SETTINGS}
-    server = PrivateRedis(tmp_path / "redis", persistent=True).start()
-    return server, {"CICD_BROKER_URL": server.url}
 
 
 @pytest.mark.parametrize("kind", BROKERS)

@@ -25,7 +25,7 @@ from sqlalchemy.sql.elements import ColumnElement
 
 from cicd import db
 from cicd.broker import BUILD_QUEUE, language_queue
-from cicd.config import AMQP_SCHEMES, Settings
+from cicd.config import Settings
 from cicd.languages import LANGUAGES
 from cicd.models import AgentState, StepState, TaskState, TaskStatus, TaskStep
 
@@ -116,16 +116,17 @@ class OpsCDCollector(Collector):
         queue = GaugeMetricFamily(
             "opscd_queue_length", "Builds waiting in a broker queue", labels=["queue"]
         )
-        for name, length in _queue_lengths(settings.broker_url, settings.broker_prefix):
+        for name, length in _queue_lengths(settings):
             queue.add_metric([name], length)
         yield queue
 
 
-def _queue_lengths(broker_url: str, prefix: str = "") -> list[tuple[str, int]]:
+def _queue_lengths(settings: Settings) -> list[tuple[str, int]]:
     """Messages waiting in each build queue (Redis lists, RabbitMQ queues), or nothing when
     the broker cannot be asked."""
+    broker_url, prefix = settings.broker_url or "", settings.broker_prefix
     names = [BUILD_QUEUE, *(language_queue(language) for language in LANGUAGES)]
-    if broker_url.split("://", 1)[0] in AMQP_SCHEMES:
+    if settings.broker_kind == "amqp":
         return _amqp_queue_lengths(broker_url, names)
     if broker_url.startswith("redis+socket://"):
         broker_url = "unix://" + broker_url.removeprefix("redis+socket://")
